@@ -109,13 +109,13 @@ class NumpyModel:
         self.opt_state = optim.init_state(self.params)
 
     def logits(self, tokens):
-        return spec.model_logits(self.cfg, self.params, tokens)
+        return spec.model_logits(self.cfg, self.params, tokens, self.dtype)
 
     def loss_and_grads(self, batch):
-        return spec.model_loss_and_grads(self.cfg, self.params, batch)
+        return spec.model_loss_and_grads(self.cfg, self.params, batch, self.dtype)
 
     def token_losses(self, batch):
-        return spec.token_losses(self.cfg, self.params, batch)
+        return spec.token_losses(self.cfg, self.params, batch, self.dtype)
 
     def train_step(self, batch, lr):
         batch = np.asarray(batch)
@@ -154,7 +154,7 @@ class NumpyBackend:
         return NumpyModel(cfg, params, optim, self.dtype)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
-        return spec.attention_vjp(cfg, layer, params, x, grad_out)
+        return spec.attention_vjp(cfg, layer, params, x, grad_out, dtype=np.dtype(self.dtype))
 
     def describe(self):
         return {"backend": "numpy", "numpy": np.__version__, "device": "cpu", "dtype": self.dtype}
