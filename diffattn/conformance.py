@@ -135,7 +135,7 @@ def check_case(backend, case: Case) -> list[tuple[str, float]]:
 
 def run(paths, backend, tol: float, out=sys.stdout) -> bool:
     ok = True
-    print(f"{'case':16s} {'kind':14s} {'layout':24s} {"tensor":24s} {'rel.err':>9s}", file=out)
+    print(f"{'case':16s} {'kind':14s} {'layout':24s} {'tensor':24s} {'rel.err':>9s}", file=out)
     for path in paths:
         for case in read_cases(path):
             c = case.cfg
