@@ -1,0 +1,45 @@
+"""Causal attention cores of the three variants, each in three implementations.
+
+    vanilla_attention(q, k, v, impl)          q (B,L,H,d)   k, v (B,L,G,d)             -> (B,L,H,d)
+    diff_v1_attention(q, k, v, lam, impl)     q (B,L,2H,d)  k (B,L,2G,d)  v (B,L,G,2d) -> (B,L,H,2d)
+    diff_v2_attention(q, k, v, lam, impl)     q (B,L,2H,d)  k, v (B,L,G,d), lam (B,L,H) -> (B,L,H,d)
+
+Inputs are already RoPE'd, in the (batch, position, head, dim) layout the projections give (any
+strides); scale is 1/sqrt(d); the output is contiguous in q's dtype. `lam` is a 0-dim tensor for
+DIFF V1 and the sigmoid'd token-wise lambda for V2; gradients flow to q, k, v and lam.
+impl: "naive" (materialized softmax, the paper's form), "composed" (PyTorch SDPA + elementwise),
+"fused" (Triton; for vanilla, SDPA's own fused kernel: there is no DIFF-specific work to fuse).
+"""
+from .checks import IMPLS, check_impl
+from .vanilla import naive as _vanilla_naive, composed as _vanilla_composed
+from .diff_v1 import naive as _v1_naive, composed as _v1_composed
+from .diff_v2 import naive as _v2_naive, composed as _v2_composed
+
+__all__ = ["IMPLS", "vanilla_attention", "diff_v1_attention", "diff_v2_attention"]
+
+
+def vanilla_attention(q, k, v, impl="composed"):
+    check_impl(impl, q)
+    if impl == "naive":
+        return _vanilla_naive.attention(q, k, v)
+    return _vanilla_composed.attention(q, k, v)
+
+
+def diff_v1_attention(q, k, v, lam, impl="composed"):
+    check_impl(impl, q)
+    if impl == "naive":
+        return _v1_naive.attention(q, k, v, lam)
+    if impl == "composed":
+        return _v1_composed.attention(q, k, v, lam)
+    from .diff_v1 import fused
+    return fused.attention(q, k, v, lam)
+
+
+def diff_v2_attention(q, k, v, lam, impl="composed"):
+    check_impl(impl, q)
+    if impl == "naive":
+        return _v2_naive.attention(q, k, v, lam)
+    if impl == "composed":
+        return _v2_composed.attention(q, k, v, lam)
+    from .diff_v2 import fused
+    return fused.attention(q, k, v, lam)

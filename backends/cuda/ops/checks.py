@@ -1,0 +1,58 @@
+"""Argument checks shared by every implementation: one-line errors, and the head grouping."""
+import os
+
+IMPLS = ("naive", "composed", "fused")
+
+
+def check_impl(impl, q):
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "fused" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl 'fused' needs a CUDA tensor (or TRITON_INTERPRET=1 for the Triton interpreter on CPU)")
+
+
+def _shape_error(what, **shapes):
+    got = ", ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
+    return ValueError(f"{what}: got {got}")
+
+
+def vanilla_heads(q, k, v):
+    """Returns (B, L, H, G, d) after checking q (B,L,H,d), k, v (B,L,G,d)."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise _shape_error("vanilla attention wants q (B,L,H,d), k and v (B,L,G,d)", q=q.shape, k=k.shape, v=v.shape)
+    B, L, H, d = q.shape
+    G = k.shape[2]
+    if H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    return B, L, H, G, d
+
+
+def diff_v1_heads(q, k, v, lam):
+    """Returns (B, L, H, G, d) after checking q (B,L,2H,d), k (B,L,2G,d), v (B,L,G,2d), lam 0-dim."""
+    ok = q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
+    ok = ok and q.shape[2] % 2 == 0 and k.shape[2] == 2 * v.shape[2] and q.shape[3] == k.shape[3]
+    ok = ok and v.shape[3] == 2 * q.shape[3]
+    if not ok:
+        raise _shape_error("DIFF V1 attention wants q (B,L,2H,d), k (B,L,2G,d), v (B,L,G,2d)", q=q.shape, k=k.shape, v=v.shape)
+    if lam.dim() != 0:
+        raise ValueError(f"DIFF V1 lambda must be a 0-dim tensor, got shape {tuple(lam.shape)}")
+    B, L, H2, d = q.shape
+    H, G = H2 // 2, v.shape[2]
+    if H % G:
+        raise ValueError(f"DIFF heads ({H}) must be a multiple of kv heads ({G})")
+    return B, L, H, G, d
+
+
+def diff_v2_heads(q, k, v, lam):
+    """Returns (B, L, H, G, d) after checking q (B,L,2H,d), k, v (B,L,G,d), lam (B,L,H)."""
+    ok = q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and q.shape[:2] == k.shape[:2]
+    ok = ok and q.shape[2] % 2 == 0 and q.shape[3] == k.shape[3]
+    if not ok:
+        raise _shape_error("DIFF V2 attention wants q (B,L,2H,d), k and v (B,L,G,d)", q=q.shape, k=k.shape, v=v.shape)
+    B, L, H2, d = q.shape
+    H, G = H2 // 2, k.shape[2]
+    if tuple(lam.shape) != (B, L, H):
+        raise ValueError(f"DIFF V2 lambda must have shape (B, L, H) = {(B, L, H)}, got {tuple(lam.shape)}")
+    if H % G:  # so both query heads of a pair read the same kv head
+        raise ValueError(f"output heads ({H}) must be a multiple of kv heads ({G})")
+    return B, L, H, G, d

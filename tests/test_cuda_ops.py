@@ -1,0 +1,183 @@
+"""Attention cores of backends/cuda/ops against a float64 numpy oracle built from diffattn.spec.
+
+Relative error ||a - ref|| / ||ref|| of the output and of every gradient. Tolerances: float64
+1e-10, float32 1e-5 (accumulation over L * d terms in float32), bfloat16 2e-2 (8-bit mantissa
+inputs and outputs). The Triton kernels run through the interpreter on CPU (TRITON_INTERPRET=1,
+set here before triton is imported) at tiny shapes; GPU tests are marked `gpu`.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffattn import spec  # noqa: E402
+from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention, vanilla_attention  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+# ---- the oracle: float64 numpy, (B, L, heads, d) in and out --------------------------------------
+
+def _hf(t):  # (B, L, n, d) -> (B, n, L, d)
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
+
+
+def _lf(t):  # (B, n, L, d) -> (B, L, n, d)
+    return np.ascontiguousarray(t.transpose(0, 2, 1, 3))
+
+
+def vanilla_oracle(q, k, v, do):
+    q, k, v, do = map(_hf, (q, k, v, do))
+    group = q.shape[1] // k.shape[1]
+    kr, vr, scale = spec.repeat_kv(k, group), spec.repeat_kv(v, group), 1 / math.sqrt(q.shape[-1])
+    o, p = spec.causal_attention(q, kr, vr, scale)
+    dq, dkr, dvr = spec.causal_attention_backward(q, kr, vr, p, do, scale)
+    return dict(out=_lf(o), q=_lf(dq), k=_lf(spec.repeat_kv_backward(dkr, group)),
+                v=_lf(spec.repeat_kv_backward(dvr, group)))
+
+
+def diff_v1_oracle(q, k, v, lam, do):
+    """out_i = A1 v_g - lam A2 v_g over sub-heads (2i, 2i+1) of q and (2g, 2g+1) of k."""
+    q, k, v, do = map(_hf, (q, k, v, do))
+    group = q.shape[1] // 2 // v.shape[1]
+    scale = 1 / math.sqrt(q.shape[-1])
+    vr = spec.repeat_kv(v, group)
+    k1r, k2r = spec.repeat_kv(k[:, 0::2], group), spec.repeat_kv(k[:, 1::2], group)
+    o1, p1 = spec.causal_attention(q[:, 0::2], k1r, vr, scale)
+    o2, p2 = spec.causal_attention(q[:, 1::2], k2r, vr, scale)
+    dq1, dk1r, dv1 = spec.causal_attention_backward(q[:, 0::2], k1r, vr, p1, do, scale)
+    dq2, dk2r, dv2 = spec.causal_attention_backward(q[:, 1::2], k2r, vr, p2, -lam * do, scale)
+    dq, dk = np.empty_like(q), np.empty_like(k)
+    dq[:, 0::2], dq[:, 1::2] = dq1, dq2
+    dk[:, 0::2], dk[:, 1::2] = spec.repeat_kv_backward(dk1r, group), spec.repeat_kv_backward(dk2r, group)
+    return dict(out=_lf(o1 - lam * o2), q=_lf(dq), k=_lf(dk), v=_lf(spec.repeat_kv_backward(dv1 + dv2, group)),
+                lam=np.array(-np.sum(do * o2)))
+
+
+def diff_v2_oracle(q, k, v, lam, do):
+    """out_i = a_{2i} - lam_i a_{2i+1}, query head j on kv head j // (2H / G)."""
+    q, k, v, do = map(_hf, (q, k, v, do))
+    group = q.shape[1] // k.shape[1]
+    scale = 1 / math.sqrt(q.shape[-1])
+    lam_h = lam.transpose(0, 2, 1)[..., None]  # (B, H, L, 1)
+    kr, vr = spec.repeat_kv(k, group), spec.repeat_kv(v, group)
+    a, p = spec.causal_attention(q, kr, vr, scale)
+    da = np.empty_like(a)
+    da[:, 0::2], da[:, 1::2] = do, -lam_h * do
+    dq, dkr, dvr = spec.causal_attention_backward(q, kr, vr, p, da, scale)
+    dlam = -np.sum(do * a[:, 1::2], -1).transpose(0, 2, 1)  # (B, L, H)
+    return dict(out=_lf(a[:, 0::2] - lam_h * a[:, 1::2]), q=_lf(dq), k=_lf(spec.repeat_kv_backward(dkr, group)),
+                v=_lf(spec.repeat_kv_backward(dvr, group)), lam=dlam)
+
+
+# ---- running an implementation -------------------------------------------------------------------
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def inputs(variant, B, L, H, G, d, seed):
+    """Float64 numpy inputs in the projection layout; lam for V1 a scalar, for V2 in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    n = lambda *s: rng.standard_normal(s)  # noqa: E731
+    if variant == "vanilla":
+        return dict(q=n(B, L, H, d), k=n(B, L, G, d), v=n(B, L, G, d))
+    if variant == "diff_v1":
+        return dict(q=n(B, L, 2 * H, d), k=n(B, L, 2 * G, d), v=n(B, L, G, 2 * d), lam=np.array(rng.uniform(0.1, 0.9)))
+    return dict(q=n(B, L, 2 * H, d), k=n(B, L, G, d), v=n(B, L, G, d), lam=rng.uniform(0.05, 0.95, (B, L, H)))
+
+
+OPS = {"vanilla": (vanilla_attention, vanilla_oracle), "diff_v1": (diff_v1_attention, diff_v1_oracle),
+       "diff_v2": (diff_v2_attention, diff_v2_oracle)}
+
+
+def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False):
+    """Forward + backward of one implementation vs the oracle; returns {name: relative error}."""
+    op, oracle = OPS[variant]
+    x = inputs(variant, B, L, H, G, d, seed)
+    do = np.random.default_rng(seed + 1).standard_normal(out_shape(variant, x))
+    ref = oracle(**x, do=do)
+    ts = {}
+    for name, a in x.items():
+        lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # V1's lambda is a float32 parameter
+        t = torch.tensor(a, dtype=lam_dtype if name == "lam" and a.ndim == 0 else dtype, device=device)
+        if strided and a.ndim == 4:  # a non-contiguous view with the same values, as projections give
+            t = torch.cat([t, t], dim=-1)[..., : a.shape[-1]]
+        ts[name] = t.requires_grad_(True)
+    out = op(**ts, impl=impl)
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == ref["out"].shape
+    out.backward(torch.tensor(do, dtype=dtype, device=device))
+    errs = {"out": rel(out.detach().double().cpu(), ref["out"])}
+    for name, t in ts.items():
+        errs["d" + name] = rel(t.grad.double().cpu(), ref[name])
+    return errs
+
+
+def out_shape(variant, x):
+    q, v = x["q"], x["v"]
+    if variant == "vanilla":
+        return q.shape
+    return (*q.shape[:2], q.shape[2] // 2, v.shape[3])
+
+
+def assert_close(errs, dtype):
+    tol = TOL[dtype]
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors over {tol}: {bad} (all: {errs})"
+
+
+# ---- CPU: naive and composed ----------------------------------------------------------------------
+
+SHAPES = [  # B, L, H, G, d: MHA, GQA, MQA; L not a multiple of 16
+    (2, 13, 2, 2, 8),
+    (1, 21, 4, 2, 16),
+    (2, 9, 2, 1, 8),
+]
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "diff_v1", "diff_v2"])
+@pytest.mark.parametrize("impl", ["naive", "composed"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_impls_match_oracle(variant, impl, shape, dtype):
+    assert_close(check(variant, impl, *shape, dtype, strided=True), dtype)
+
+
+def test_oracle_v1_lambda_gradient_is_finite_difference():
+    """The oracle's d lambda agrees with a central difference of <dO, out>."""
+    x = inputs("diff_v1", 1, 7, 2, 1, 4, seed=3)
+    do = np.random.default_rng(4).standard_normal((1, 7, 2, 8))
+    g = diff_v1_oracle(**x, do=do)["lam"]
+    eps = 1e-6
+    f = lambda lam: np.sum(do * diff_v1_oracle(**{**x, "lam": lam}, do=do)["out"])  # noqa: E731
+    assert abs(g - (f(x["lam"] + eps) - f(x["lam"] - eps)) / (2 * eps)) <= 1e-6 * max(1.0, abs(g))
+
+
+@pytest.mark.parametrize("impl", ["bogus", "flash"])
+def test_unknown_impl_is_a_one_line_error(impl):
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        vanilla_attention(q, q, q, impl)
+
+
+def test_bad_shapes_are_one_line_errors():
+    q, k, v = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 1, 8)  # v should be 2d wide
+    with pytest.raises(ValueError, match="DIFF V1 attention wants"):
+        diff_v1_attention(q, k, v, torch.tensor(0.5), "naive")
+    with pytest.raises(ValueError, match="DIFF V2 lambda must have shape"):
+        diff_v2_attention(q, k[:, :, :1], k[:, :, :1], torch.zeros(1, 4, 3), "composed")
