@@ -1,0 +1,340 @@
+"""The `diffattn` command.
+
+    diffattn train --backend mlx|cuda|numpy [--preset tiny] [--attention diff] [--data builtin:pydoc]
+                   [--steps N | --tokens N | --minutes M] [--out DIR] [--resume] [--json]
+    diffattn paired --backend ... [same options]      DIFF vs its vanilla twin, paired init
+    diffattn agree --preset tiny --steps 50           MLX vs PyTorch, CPU float32
+    diffattn conformance ...                          (diffattn.conformance)
+    diffattn report ...                               (diffattn.report)
+
+Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input (one line on
+stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+# Defaults of README command one (`diffattn train --backend X`): the tiny DIFF model on the
+# pydoc prose, sized to finish in a few minutes on a 2-core CPU with MLX or PyTorch. The numpy
+# reference backend is ~10x slower, so it trains fewer steps by default.
+DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte",
+                batch_size=16, seq_len=64, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50,
+                eval_every=100, eval_batches=8, seed=0, data_seed=0)
+DEFAULT_STEPS = {"numpy": 150, "mlx": 1000, "cuda": 1000}
+BUDGET_MAX_STEPS = 10 ** 9
+
+
+class UsageError(ValueError):
+    """Bad command-line input (message is one line)."""
+
+
+def _bad_input_errors():
+    from diffattn.backend import BackendError
+    from diffattn.config import ConfigError
+    from diffattn.data import DataError
+    from diffattn.harness import CheckpointError
+    from diffattn.params import ParamsError
+
+    return (UsageError, ConfigError, DataError, CheckpointError, ParamsError, BackendError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", required=backend_required, help="numpy | mlx | cuda")
+    g.add_argument("--device", default=None, help="cpu | gpu | cuda (backend default if omitted)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (backend default if omitted)")
+    g.add_argument("--kernels", default="auto", help="auto | fused | composed | naive")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None, help=f"tiny | small | stage0 | stage1 (default {DEFAULTS['preset']})")
+    g.add_argument("--attention", default=None, help="diff | vanilla | diff_v2 (default diff)")
+    for flag in ("d-model", "n-layers", "n-heads", "n-kv-heads", "vocab-size"):
+        g.add_argument(f"--{flag}", type=int, default=None, help="override the preset")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="builtin:pydoc (default) | builtin:stdlib | builtin:recall | "
+                   "builtin:needle | PATH (text file/folder, .bin shards) | hf:NAME[:CONFIG]")
+    g.add_argument("--tokenizer", default=None, help="byte (default) | bpe:N (trained locally)")
+    g.add_argument("--hf-split", default="train")
+    g.add_argument("--hf-column", default="text")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default by backend: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    length.add_argument("--tokens", type=float, default=None, help="train on this many tokens")
+    length.add_argument("--minutes", type=float, default=None, help="wall-clock budget for training steps")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--seq-len", type=int, default=None)
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr-ratio", type=float, default=None)
+    g.add_argument("--warmup-steps", type=int, default=None)
+    g.add_argument("--eval-every", type=int, default=None)
+    g.add_argument("--eval-batches", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="parameter init seed")
+    g.add_argument("--data-seed", type=int, default=None, help="batch order seed")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run folder (default runs/<command>-<attention>-<time>)")
+    g.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default eval-every)")
+    g.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    g.add_argument("--json", action="store_true", help="end with one JSON summary line on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="diffattn", description="Differential Transformer benchmark suite (MLX / PyTorch).")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train one model; prints val loss and bits per byte")
+    _run_options(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--resume-from", default=None, help="start from another run's checkpoint (any backend)")
+    p = sub.add_parser("paired", help="DIFF vs its vanilla twin from paired init on the same batches")
+    _run_options(p)
+    a = sub.add_parser("agree", help="the same weights and batches on two backends (CPU float32)")
+    a.add_argument("--backends", default="mlx,cuda", help="two backends, comma separated (default mlx,cuda)")
+    a.add_argument("--preset", default="tiny")
+    a.add_argument("--attention", default="diff")
+    a.add_argument("--data", default="builtin:pydoc")
+    a.add_argument("--steps", type=int, default=50)
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--seq-len", type=int, default=64)
+    a.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    a.add_argument("--warmup-steps", type=int, default=10)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--data-seed", type=int, default=0)
+    a.add_argument("--json", action="store_true")
+    sub.add_parser("conformance", help="check a backend against reference-vector files (see its --help)",
+                   add_help=False)
+    sub.add_parser("report", help="asv results and run logs as tables and plots (see its --help)", add_help=False)
+    return ap
+
+
+# ---- building configs from arguments -------------------------------------------------------
+
+def _pick(args, name):
+    v = getattr(args, name, None)
+    return DEFAULTS[name] if v is None else v
+
+
+def _load_data(args, vocab_size=None, tokenizer_file=None):
+    from diffattn import data
+
+    return data.load(_pick(args, "data"), _pick(args, "tokenizer"), vocab_size=vocab_size,
+                     tokenizer_file=tokenizer_file, hf_split=args.hf_split, hf_column=args.hf_column)
+
+
+def _model_config(args, data):
+    from diffattn.config import preset
+
+    over = {k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads")
+            if getattr(args, k) is not None}
+    over["vocab_size"] = args.vocab_size or data.vocab_size
+    cfg = preset(_pick(args, "preset"), attention=_pick(args, "attention"))
+    seq_len = _pick(args, "seq_len")
+    over["max_seq_len"] = max(cfg.max_seq_len, seq_len)
+    return preset(_pick(args, "preset"), attention=_pick(args, "attention"), **over)
+
+
+def _train_config(args, backend_name):
+    from diffattn.config import TrainConfig
+
+    t = dict(batch_size=_pick(args, "batch_size"), seq_len=_pick(args, "seq_len"),
+             grad_accum=_pick(args, "grad_accum"), lr=_pick(args, "lr"), min_lr_ratio=_pick(args, "min_lr_ratio"),
+             warmup_steps=_pick(args, "warmup_steps"), eval_every=_pick(args, "eval_every"),
+             eval_batches=_pick(args, "eval_batches"), seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
+    per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
+    if args.minutes is not None:
+        if not args.minutes > 0:
+            raise UsageError(f"--minutes {args.minutes} must be positive")
+        steps = BUDGET_MAX_STEPS
+    elif args.tokens is not None:
+        if not args.tokens > 0:
+            raise UsageError(f"--tokens {args.tokens:g} must be positive")
+        steps = math.ceil(args.tokens / per_step)
+    else:
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(backend_name, 1000)
+    t["steps"] = steps
+    t["eval_every"] = min(t["eval_every"], steps) if args.eval_every is None else t["eval_every"]
+    t["warmup_steps"] = min(t["warmup_steps"], steps // 10) if args.warmup_steps is None else t["warmup_steps"]
+    return TrainConfig(**t)
+
+
+def _default_out(command, attention) -> Path:
+    return Path("runs") / f"{command}-{attention}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resume_args(args) -> None:
+    """--resume: take the run's own configs from run.json; explicit flags must agree (checked
+    against the checkpoint by the harness)."""
+    from diffattn import harness
+
+    if args.out is None:
+        raise UsageError("--resume continues the run in --out DIR: give --out")
+    run_file = Path(args.out) / "run.json"
+    try:
+        run = json.loads(run_file.read_text())
+        mc, tc, data_name = run["model_config"], run["train_config"], run["data"]["name"]
+    except OSError:
+        raise UsageError(f"--out {args.out}: no run to resume (no readable run.json)") from None
+    except (ValueError, KeyError, TypeError):
+        raise harness.CheckpointError(f"{run_file}: corrupt run manifest") from None
+    fill = dict(data=data_name, tokenizer=run["data"].get("tokenizer") or "byte",
+                batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
+                min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
+                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
+                attention=mc["attention"], d_model=mc["d_model"], n_layers=mc["n_layers"], n_heads=mc["n_heads"],
+                n_kv_heads=mc["n_kv_heads"], vocab_size=mc["vocab_size"])
+    for k in ("attention", "d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        given = getattr(args, k, None)
+        if given is not None and given != mc[k]:
+            raise harness.CheckpointError(f"--{k.replace('_', '-')} {given} differs from the run being resumed "
+                                          f"({k}={mc[k]!r})")
+    if args.preset is not None and run.get("preset") not in (None, args.preset):
+        raise harness.CheckpointError(f"--preset {args.preset} differs from the run being resumed ({run['preset']})")
+    fill["preset"] = run.get("preset")
+    for k, v in fill.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.steps is None and args.tokens is None and args.minutes is None:
+        if run.get("budget_s"):
+            args.minutes = run["budget_s"] / 60
+        else:
+            args.steps = tc["steps"]
+    args._model_config = mc
+
+
+def _prepare(args, command):
+    """Everything a train/paired run needs, validated before anything is written."""
+    from diffattn.backend import load
+    from diffattn.harness import model_config_from
+
+    resume_from = None
+    if getattr(args, "resume", False):
+        _resume_args(args)
+        resume_from = args.out
+    elif getattr(args, "resume_from", None):
+        resume_from = args.resume_from
+    for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "steps", "ckpt_every"):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    tok_file = Path(args.out) / "tokenizer.json" if resume_from is not None and args.out else None
+    if resume_from is not None and getattr(args, "resume_from", None):
+        tok_file = Path(resume_from) / "tokenizer.json"
+    data = _load_data(args, args.vocab_size, tok_file)
+    if getattr(args, "_model_config", None):
+        cfg = model_config_from(args._model_config)
+    else:
+        cfg = _model_config(args, data)
+    tcfg = _train_config(args, backend.name)
+    out = Path(args.out) if args.out else _default_out(command, cfg.attention)
+    budget = args.minutes * 60 if args.minutes is not None else None
+    return backend, data, cfg, tcfg, out, budget, resume_from
+
+
+def _fmt(v, spec=".4f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def cmd_train(args) -> int:
+    from diffattn import harness
+
+    backend, data, cfg, tcfg, out, budget, resume_from = _prepare(args, "train")
+    if not args.no_progress:
+        print(f"training {cfg.attention} ({_pick(args, 'preset')}, {cfg.num_params():,} params) on "
+              f"{data.name} with {backend.name} ({backend.device}, {backend.dtype}) -> {out}", file=sys.stderr)
+    s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget,
+                      ckpt_every=args.ckpt_every, progress=not args.no_progress,
+                      extra_manifest={"preset": _pick(args, "preset")})
+    tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
+    line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
+            f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
+    if s["accuracy"] is not None:
+        line += f" | accuracy {s['accuracy']:.4f}"
+    print(line)
+    print(f"run folder: {out}")
+    if args.json:
+        summary = {k: v for k, v in s.items() if k != "losses"}
+        print(json.dumps({"command": "train", **summary}, sort_keys=True))
+    return 0
+
+
+def cmd_paired(args) -> int:
+    from diffattn import paired
+
+    backend, data, cfg, tcfg, out, budget, _ = _prepare(args, "paired")
+    r = paired.run_paired(cfg, tcfg, data, backend, out, budget_s=budget, progress=not args.no_progress)
+    print(paired.format_paired(r))
+    print(f"run folder: {out}")
+    if args.json:
+        slim = {k: v for k, v in r.items() if k != "shared"}
+        slim["shared"] = {k: r["shared"][k] for k in ("count", "bytes", "byte_identical_at_init",
+                                                      "byte_identical_in_backend_at_step0")}
+        print(json.dumps({"command": "paired", **slim}, sort_keys=True))
+    return 0
+
+
+def cmd_agree(args) -> int:
+    from diffattn import paired
+    from diffattn.config import TrainConfig, preset
+    from diffattn.data import load
+
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if len(names) != 2:
+        raise UsageError(f"--backends {args.backends!r}: give exactly two, e.g. mlx,cuda")
+    data = load(args.data)
+    cfg = preset(args.preset, attention=args.attention, vocab_size=max(256, data.vocab_size),
+                 max_seq_len=max(args.seq_len, 1))
+    tcfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
+                       warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed, data_seed=args.data_seed)
+    r = paired.run_agree(cfg, tcfg, data, names)
+    print(paired.format_agree(r))
+    if args.json:
+        print(json.dumps({"command": "agree", **{k: v for k, v in r.items() if k != "per_step"}}, sort_keys=True))
+    return 0 if r["ok"] else 1
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        print(f"diffattn: {module} is not available ({e})", file=sys.stderr)
+        return 2
+    return int(mod.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("conformance", "report"):
+        return _delegate(f"diffattn.{argv[0]}", argv[1:])
+    args = build_parser().parse_args(argv)
+    from diffattn.harness import Diverged
+
+    bad_input = _bad_input_errors()
+    try:
+        return {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree}[args.command](args)
+    except bad_input as e:
+        print(f"diffattn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"diffattn {args.command}: diverged: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"diffattn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
