@@ -1,0 +1,380 @@
+"""Triton kernels for causal attention with two softmax maps per output head (DIFF V1 and V2).
+
+Output head i reads query sub-heads 2i (map 1) and 2i+1 (map 2) and kv head g = i // GROUP:
+    out_i = softmax(q1 k1^T s) v - lam * softmax(q2 k2^T s) v
+DIFF V1: k1, k2 are key sub-heads 2g, 2g+1 (K_STEP=2, SHARED_K=False), v is 2d wide, lam one
+scalar (passed with zero strides). DIFF V2: k1 = k2 = key head g (K_STEP=1, SHARED_K=True), v is
+d wide, lam one value per (batch, position, head).
+
+Forward: one pass over the K/V tiles with both maps' online softmax side by side, so each V tile
+is loaded once for both maps; the lambda combine happens in the epilogue. Saved for the backward:
+the combined output, map 2's output o2 (map 1's is out + lam * o2) and each map's log-sum-exp
+(base 2, scale folded in). No L x L tensor is ever stored.
+
+Backward (the method of Triton's fused-attention tutorial, extended to two maps): with
+dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
+    delta1 = rowsum(dO * o1), delta2' = rowsum(dO * o2)            (preprocess kernel)
+    dV  += (P1 - lam P2)^T dO                                        (one matmul for both maps)
+    dS1  = P1 (dP - delta1),   dS2 = -lam P2 (dP - delta2')
+    dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
+dK/dV come from a kernel that keeps one K/V block resident and walks the query blocks of every
+query head of its group (no atomics); dQ from a kernel that keeps a query block resident.
+Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
+lse = +inf so their probabilities are exactly 0.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _fix_interpreter_loop_bounds():
+    """Triton 3.6's interpreter turns a scalar into a loop bound with int() of a 1-element array,
+    which numpy >= 2.4 refuses; use .item() instead (interpreter only, compiled kernels untouched)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "fixed_loop_bounds", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch.fixed_loop_bounds = True
+    interpreter._patch_lang_tensor = patch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_loop_bounds()
+
+
+@triton.jit
+def _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D: tl.constexpr, DV: tl.constexpr,
+              SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key rows start_n.. of both key sub-heads (one, if shared) and of V; rows past L read 0."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = (offs_n < L)[:, None]
+    k1 = tl.load(k1_base + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
+    if SHARED_K:
+        k2 = k1
+    else:
+        k2 = tl.load(k2_base + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svl + tl.arange(0, DV)[None, :], mask=kv_ok, other=0.0)
+    return offs_n, k1, k2, v
+
+
+@triton.jit
+def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base, skl, svl, start_n, offs_m, L,
+              qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n, k1, k2, v = _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N)
+    s1 = tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale
+    s2 = tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale
+    if MASK:
+        future = offs_m[:, None] < offs_n[None, :]
+        s1 = tl.where(future, float("-inf"), s1)
+        s2 = tl.where(future, float("-inf"), s2)
+    m1_new = tl.maximum(m1, tl.max(s1, 1))
+    m2_new = tl.maximum(m2, tl.max(s2, 1))
+    p1 = tl.math.exp2(s1 - m1_new[:, None])
+    p2 = tl.math.exp2(s2 - m2_new[:, None])
+    alpha1 = tl.math.exp2(m1 - m1_new)
+    alpha2 = tl.math.exp2(m2 - m2_new)
+    l1 = l1 * alpha1 + tl.sum(p1, 1)
+    l2 = l2 * alpha2 + tl.sum(p2, 1)
+    acc1 = tl.dot(p1.to(v.dtype), v, acc1 * alpha1[:, None], input_precision=PREC)
+    acc2 = tl.dot(p2.to(v.dtype), v, acc2 * alpha2[:, None], input_precision=PREC)
+    return m1_new, l1, acc1, m2_new, l2, acc2
+
+
+@triton.jit
+def _query_block(Q, sqb, sql, sqh, L, H, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (batch, output head i, kv head g), its query rows and both sub-heads' tiles."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    i = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    q_off = b * sqb + (2 * i) * sqh + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
+    q1 = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(Q + q_off + sqh, mask=row_ok[:, None], other=0.0)
+    return b, i, i // GROUP, pid_m * BLOCK_M, offs_m, row_ok, q_off, q1, q2
+
+
+@triton.jit
+def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
+                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
+                         L, H, GROUP, qk_scale,
+                         D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, L, H, GROUP, D, BLOCK_M)
+    k1_base = K + b * skb + (g * K_STEP) * skh
+    k2_base = k1_base + skh
+    v_base = V + b * svb + g * svh
+
+    m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l1 = tl.zeros([BLOCK_M], tl.float32)
+    l2 = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DV], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, DV], tl.float32)
+    for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base,
+                                               skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
+                                               BLOCK_N, False, PREC)
+    for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):  # the diagonal, masked
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base,
+                                               skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
+                                               BLOCK_N, True, PREC)
+
+    lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+    o1 = acc1 / l1[:, None]
+    o2 = acc2 / l2[:, None]
+    offs_dv = tl.arange(0, DV)
+    o_ptrs = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
+    tl.store(OUT + o_ptrs, (o1 - lam[:, None] * o2).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O2 + o_ptrs, o2.to(O2.dtype.element_ty), mask=row_ok[:, None])
+    lse_base = LSE + (b * H + i) * 2 * L
+    tl.store(lse_base + offs_m, m1 + tl.math.log2(l1), mask=row_ok)
+    tl.store(lse_base + L + offs_m, m2 + tl.math.log2(l2), mask=row_ok)
+
+
+@triton.jit
+def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh, L, H,
+                               DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    i = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    offs_dv = tl.arange(0, DV)
+    o_off = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
+    out = tl.load(OUT + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
+                 other=0.0).to(tl.float32)
+    lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+    base = DELTA + (b * H + i) * 2 * L
+    tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
+    tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
+               start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """One query block's contribution to a resident K/V block, in transposed form (keys on rows)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
+    q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
+    lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
+    delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
+    lam = tl.load(lam_base + offs_m * sll, mask=row_ok, other=0.0).to(tl.float32)
+
+    p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=PREC) * qk_scale - lse1[None, :])
+    p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=PREC) * qk_scale - lse2[None, :])
+    if MASK:
+        visible = offs_m[None, :] >= offs_n[:, None]
+        p1t = tl.where(visible, p1t, 0.0)
+        p2t = tl.where(visible, p2t, 0.0)
+    dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds1t = p1t * (dpt - delta1[None, :])
+    ds2t = -lam[None, :] * p2t * (dpt - delta2[None, :])
+    if SHARED_K:
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
+    else:
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
+                              sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
+                              L, H, GROUP, qk_scale, sm_scale,
+                              D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
+    DK and DV_ have K's and V's strides."""
+    pid_n = tl.program_id(0)
+    bg = tl.program_id(1)
+    G = H // GROUP
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_ok = (offs_n < L)[:, None]
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k_off = b * skb + (g * K_STEP) * skh + offs_n[:, None] * skl + offs_d[None, :]
+    v_off = b * svb + g * svh + offs_n[:, None] * svl + offs_dv[None, :]
+    k1 = tl.load(K + k_off, mask=kv_ok, other=0.0)
+    if SHARED_K:
+        k2 = k1
+    else:
+        k2 = tl.load(K + k_off + skh, mask=kv_ok, other=0.0)
+    v = tl.load(V + v_off, mask=kv_ok, other=0.0)
+    dk1 = tl.zeros([BLOCK_N, D], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], tl.float32)
+    diag = pid_n * BLOCK_N
+    for r in range(0, GROUP):
+        i = g * GROUP + r
+        q_base = Q + b * sqb + (2 * i) * sqh
+        do_base = DO + b * sdb + i * sdh
+        lse_base = LSE + (b * H + i) * 2 * L
+        delta_base = DELTA + (b * H + i) * 2 * L
+        lam_base = LAM + b * slb + i * slh
+        for start_m in range(diag, diag + BLOCK_N, BLOCK_M):  # the diagonal, masked
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, True, PREC)
+        for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, False, PREC)
+    tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    if not SHARED_K:
+        tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl, svl, start_n,
+             offs_m, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n, k1, k2, v = _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N)
+    p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale - lse1[:, None])
+    p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale - lse2[:, None])
+    if MASK:
+        visible = offs_m[:, None] >= offs_n[None, :]
+        p1 = tl.where(visible, p1, 0.0)
+        p2 = tl.where(visible, p2, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds1 = p1 * (dp - delta1[:, None])
+    ds2 = -lam[:, None] * p2 * (dp - delta2[:, None])
+    dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=PREC)
+    dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
+                            sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
+                            L, H, GROUP, qk_scale, sm_scale,
+                            D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
+    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, L, H, GROUP, D, BLOCK_M)
+    do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse_base = LSE + (b * H + i) * 2 * L
+    delta_base = DELTA + (b * H + i) * 2 * L
+    lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
+    delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
+    lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+    k1_base = K + b * skb + (g * K_STEP) * skh
+    k2_base = k1_base + skh
+    v_base = V + b * svb + g * svh
+    dq1 = tl.zeros([BLOCK_M, D], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, diag, BLOCK_N):
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC)
+    for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC)
+    tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + q_off + sqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+# Block shapes per kernel, chosen by (D, DV) and dtype: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# BLOCK_M is the query block, BLOCK_N the key block; the diagonal loops need the resident block to
+# be a multiple of the walked one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0).
+# Register budget: the forward holds two (BLOCK_M, DV) float32 accumulators, so the query block
+# shrinks as DV grows. Benchmarks may replace entries of OVERRIDES to try others.
+OVERRIDES = {}
+
+
+def blocks(kernel, D, DV, dtype):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 16, 4, 1
+    key = (kernel, D, DV, dtype.itemsize)
+    if key in OVERRIDES:
+        return OVERRIDES[key]
+    wide = D * DV >= 128 * 128 or dtype.itemsize == 4
+    if kernel == "fwd":
+        return (64, 64, 4, 2) if wide else (128, 64, 8, 3)
+    if kernel == "delta":
+        return 64, 0, 4, 1
+    if kernel == "dkdv":
+        return (32, 64, 8, 2) if wide else (32, 128, 8, 2)
+    return (64, 32, 8, 2) if wide else (128, 32, 8, 2)  # dq
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 dots in full precision, never tf32
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def forward(q, k, v, lam_rows, k_step, shared_k):
+    """q (B,L,2H,D), k (B,L,KH,D), v (B,L,G,DV), lam_rows (B,L,H) (any strides, last dims contiguous)
+    -> out (B,L,H,DV), o2 (B,L,H,DV), lse (B,H,2,L) float32."""
+    B, L, H2, D = q.shape
+    H, G, DV = H2 // 2, v.shape[2], v.shape[3]
+    out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
+    o2 = torch.empty_like(out)
+    lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype)
+    sm_scale = 1.0 / math.sqrt(D)
+    paired_attention_fwd[(triton.cdiv(L, bm), B * H)](
+        q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
+        L, H, H // G, sm_scale * LOG2E, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k,
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    return out, o2, lse
+
+
+def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
+    """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2)."""
+    B, L, H2, D = q.shape
+    H, G, DV = H2 // 2, v.shape[2], v.shape[3]
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))  # gradients are written with the inputs' strides
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    sm_scale = 1.0 / math.sqrt(D)
+    bm = blocks("delta", D, DV, q.dtype)[0]
+    paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
+        out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
+        DV=DV, BLOCK_M=bm)
+    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
+    strides = [*_strides(q, k, v, do), *lam_rows.stride()]
+    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype)
+    paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
+        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype)
+    paired_attention_bwd_dq[(triton.cdiv(L, bm), B * H)](
+        q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv, delta
