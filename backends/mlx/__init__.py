@@ -1,0 +1,45 @@
+"""The MLX backend: diffattn's spec in MLX (Apple GPUs through Metal; MLX's CUDA build; CPU).
+
+    backend = diffattn.backend.load("mlx", device=None|"cpu"|"gpu", dtype="float32"|"bfloat16"|"float16",
+                                    kernels="auto"|"fused"|"composed"|"naive")
+
+kernels: "composed" runs attention through mx.fast.scaled_dot_product_attention, "naive"
+materialises the softmax, "fused" uses the DIFF V1 kernel of ops/diff_v1 (GPU only), "auto"
+is fused on a GPU and composed on the CPU. Parameters and optimizer state are float32 whatever
+the compute dtype (mixed precision with float32 master weights). No float64: MLX's fast
+ops (SDPA, RoPE, RMSNorm) compute in float32 whatever the input.
+"""
+from __future__ import annotations
+
+from diffattn.backend import BackendError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def create(device=None, dtype=None, kernels="auto"):
+    import mlx.core as mx
+
+    from diffattn.backends.mlx.ops import gpu_dialect
+
+    if device in ("gpu", "cuda", "metal"):
+        if gpu_dialect() is None:
+            raise BackendError(f"backend 'mlx': device={device!r} asked for, but MLX sees no GPU (Metal or CUDA)")
+        mx.set_default_device(mx.gpu)
+    elif device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device is not None:
+        raise BackendError(f"backend 'mlx': unknown device {device!r}, expected cpu or gpu")
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise BackendError(f"backend 'mlx' computes in one of {DTYPES}, not {dtype}")
+    on_gpu = mx.default_device() == mx.gpu and gpu_dialect() is not None
+    if kernels == "auto":
+        kernels = "fused" if on_gpu else "composed"
+    elif kernels == "fused" and not on_gpu:
+        raise BackendError("backend 'mlx': kernels='fused' needs a GPU (Metal or MLX's CUDA build); "
+                           "use kernels='composed' on the CPU")
+    if kernels not in ("fused", "composed", "naive"):
+        raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
+    from diffattn.backends.mlx.backend import MLXBackend
+
+    return MLXBackend(dtype=dtype, kernels=kernels)
