@@ -1,0 +1,111 @@
+"""The PyTorch backend (`diffattn.backend.load("cuda", ...)`): model, training step, Triton kernels.
+
+    create(device=None, dtype=None, kernels="auto", compile=False)
+
+device  None: "cuda" if a GPU is visible, else "cpu" ("gpu" is read as "cuda").
+dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
+        "bfloat16": autocast bf16 with float32 master weights and optimizer state;
+        "float64": for exact checks (naive and composed kernels only).
+kernels "auto": "fused" on CUDA, "composed" on the CPU; "naive" is the materialized softmax
+        (the paper's form); "fused" needs Triton (on the CPU only under TRITON_INTERPRET=1).
+compile torch.compile the model's forward and backward (the harness's load() leaves it off).
+
+Submodules import torch; this file imports it only inside create(), so the package is cheap to
+import and `ops` can be imported without loading the model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from diffattn.backend import BackendError
+from diffattn.config import AdamWConfig, ModelConfig
+
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, device, dtype: str, kernels: str, compile: bool):
+        self.torch_device, self.device, self.dtype, self.kernels, self.compile = \
+            device, device.type, dtype, kernels, compile
+
+    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
+        from diffattn.backends.cuda.train import CudaModel
+
+        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile)
+
+    def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
+                      x: np.ndarray, grad_out: np.ndarray):
+        import torch
+
+        from diffattn.backends.cuda.model import build_attention, load_numpy
+        from diffattn.backends.cuda.train import TORCH_DTYPES
+
+        dt = TORCH_DTYPES[self.dtype]
+        attn = build_attention(cfg, layer, self.kernels).to(self.torch_device, dt)
+        load_numpy(attn, params)
+        xt = torch.tensor(np.asarray(x), dtype=dt, device=self.torch_device, requires_grad=True)
+        go = torch.tensor(np.asarray(grad_out), dtype=dt, device=self.torch_device)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            out = attn(xt)
+        names = [n for n, _ in attn.named_parameters()]
+        grads = torch.autograd.grad(out, [xt, *attn.parameters()], go.to(out.dtype))
+        host = lambda t: t.detach().to("cpu", dt).numpy().copy()  # noqa: E731
+        return host(out), host(grads[0]), {n: host(g) for n, g in zip(names, grads[1:])}
+
+    def describe(self) -> dict:
+        import torch
+
+        info = {"backend": "cuda", "torch": torch.__version__, "device": self.device, "dtype": self.dtype,
+                "kernels": self.kernels, "compile": self.compile}
+        if self.device == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.torch_device)
+            info["cuda"] = torch.version.cuda
+        if importlib.util.find_spec("triton") is not None:
+            import triton
+
+            info["triton"] = triton.__version__
+        return info
+
+
+def create(device=None, dtype=None, kernels="auto", compile=False) -> CudaBackend:
+    import torch
+
+    if device == "gpu":
+        device = "cuda"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackendError(f"backend 'cuda': unknown device {device!r}, expected 'cpu' or 'cuda'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"backend 'cuda' runs on 'cpu' or 'cuda', not device={device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"backend 'cuda': device {device!r} requested but PyTorch {torch.__version__} "
+                           f"sees no CUDA GPU (use --device cpu)")
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise BackendError(f"backend 'cuda' computes in {' / '.join(DTYPES)}, not {dtype!r} "
+                           f"(float16 would need loss scaling, which is not implemented)")
+    if kernels == "auto":
+        kernels = "fused" if dev.type == "cuda" else "composed"
+    if kernels not in ("naive", "composed", "fused"):
+        raise BackendError(f"backend 'cuda': unknown kernels {kernels!r}, expected auto, naive, composed or fused")
+    if kernels == "fused":
+        if importlib.util.find_spec("triton") is None:
+            raise BackendError("backend 'cuda': kernels='fused' needs Triton, which is not installed "
+                               "(pip install 'diffattn[cuda]', or use kernels='composed')")
+        if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError("backend 'cuda': kernels='fused' on the CPU runs only under the Triton "
+                               "interpreter (set TRITON_INTERPRET=1), or use kernels='composed'")
+        if dtype == "float64":
+            raise BackendError("backend 'cuda': kernels='fused' has no float64 path, use float32 or bfloat16")
+    if dtype in ("float32", "float64"):  # IEEE float32 matmuls: no TF32, so float32 parity holds
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return CudaBackend(dev, dtype, kernels, bool(compile))

@@ -1,0 +1,205 @@
+"""The Differential Transformer as a PyTorch nn.Module, built from a ModelConfig.
+
+Its state_dict keys are the canonical parameter names of diffattn.params (embed.weight,
+layers.{i}.attn.q_proj.weight, layers.{i}.attn.lambda_q1, ...), so numpy parameters load
+without a mapping table. The math is diffattn.spec's; attention itself is delegated to
+diffattn.backends.cuda.ops (naive / composed / fused), which take (B, L, heads, dim) tensors
+already rotated by RoPE.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffattn.backends.cuda import ops
+from diffattn.config import ModelConfig
+from diffattn.params import attention_shapes, param_shapes
+
+SUBLN_EPS = 1e-5  # DIFF V1's per-head RMSNorm, fixed by the reference module
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (or float64), returned in x's dtype."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Interleaved (GPT-J) RoPE over heads of `dim`: pairs (2j, 2j+1) rotated by pos * theta^(-2j/dim).
+    Tables are built in float64 and kept as non-persistent buffers (not parameters, not saved)."""
+
+    def __init__(self, dim: int, theta: float, length: int):
+        super().__init__()
+        self.dim, self.theta = dim, theta
+        self._build(length)
+
+    def _build(self, length: int, device=None):
+        inv_freq = self.theta ** (-np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
+        angle = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", torch.from_numpy(np.cos(angle)).to(device), persistent=False)
+        self.register_buffer("sin", torch.from_numpy(np.sin(angle)).to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, heads, dim) -> same shape, position of x[:, t] is t."""
+        L = x.shape[1]
+        if L > self.cos.shape[0]:
+            self._build(L, self.cos.device)
+        cos = self.cos[:L, None, :].to(x.dtype)
+        sin = self.sin[:L, None, :].to(x.dtype)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """One attention layer of any variant; parameter names as in params.attention_shapes."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: str):
+        super().__init__()
+        self.cfg, self.layer, self.kernels = cfg, layer, kernels
+        shapes = attention_shapes(cfg)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out_f, in_f = shapes[name + ".weight"]
+            setattr(self, name, nn.Linear(in_f, out_f, bias=False))
+        if cfg.attention == "diff":
+            for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+                setattr(self, name, nn.Parameter(torch.zeros(shapes[name])))
+            self.subln = RMSNorm(2 * cfg.head_dim, SUBLN_EPS)
+            self.lambda_init = cfg.lambda_init(layer)
+        elif cfg.attention == "diff_v2":
+            self.lambda_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, (B, L, _) = self.cfg, x.shape
+        d = cfg.head_dim
+        # one matmul for q, k, v (and V2's lambda_proj): the weights concatenated, outputs split
+        projs = [self.q_proj, self.k_proj, self.v_proj] + ([self.lambda_proj] if cfg.attention == "diff_v2" else [])
+        outs = F.linear(x, torch.cat([p.weight for p in projs])).split([p.out_features for p in projs], -1)
+        q = self.rotary(outs[0].view(B, L, cfg.q_heads, d))
+        k = self.rotary(outs[1].view(B, L, cfg.k_heads, d))
+        v = outs[2].view(B, L, cfg.kv_heads, cfg.v_head_dim)
+        if cfg.attention == "vanilla":
+            o = ops.vanilla_attention(q, k, v, self.kernels)
+        elif cfg.attention == "diff":
+            o = ops.diff_v1_attention(q, k, v, self.lam(), self.kernels)  # (B, L, H, 2d)
+            o = self.subln(o) * (1.0 - self.lambda_init)
+        else:
+            lam = torch.sigmoid(outs[3])  # (B, L, H), token-wise
+            o = ops.diff_v2_attention(q, k, v, lam, self.kernels)
+        return self.out_proj(o.reshape(B, L, cfg.n_heads * cfg.v_head_dim))
+
+    def lam(self) -> torch.Tensor:
+        """DIFF V1's scalar lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init, in float32 or wider."""
+        dt = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        q1, k1, q2, k2 = (p.to(dt) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 h) * w3 h)."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, ffn, bias=False)
+        self.w3 = nn.Linear(d, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, h):
+        gate, up = F.linear(h, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, -1)  # one matmul
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer, kernels)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Pre-norm decoder. forward(tokens) -> logits; forward(tokens, targets) -> per-token losses
+    (reduction='none') or their mean (reduction='mean'), cross-entropy in nats computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "composed"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i, kernels) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x)
+        h = self.norm(x)
+        head = self.embed.weight if self.cfg.tie_embeddings else self.lm_head.weight
+        logits = F.linear(h, head)
+        if targets is None:
+            return logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return losses if reduction == "mean" else losses.view(targets.shape)
+
+
+def check_names(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The module's parameters are exactly the canonical tensors (a wiring guard, raised at build)."""
+    got = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    if got != shapes:
+        raise AssertionError(f"module parameters differ from the canonical names: "
+                             f"{sorted(set(got.items()) ^ set(shapes.items()))[:4]}")
+
+
+def build_transformer(cfg: ModelConfig, kernels: str) -> Transformer:
+    module = Transformer(cfg, kernels)
+    check_names(module, param_shapes(cfg))
+    return module
+
+
+def build_attention(cfg: ModelConfig, layer: int, kernels: str) -> Attention:
+    module = Attention(cfg, layer, kernels)
+    check_names(module, attention_shapes(cfg))
+    return module
+
+
+@torch.no_grad()
+def load_numpy(module: nn.Module, params: dict[str, np.ndarray]) -> None:
+    """Copy numpy tensors into the module's parameters by canonical name (dtype and device kept)."""
+    for name, p in module.named_parameters():
+        p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])).to(p.dtype))
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Causal forward attention FLOPs per token, all layers: each query head of width head_dim
+    does QK^T (2 L d) and AV (2 L d_v) over L keys, halved for causality."""
+    return cfg.n_layers * cfg.q_heads * seq_len * (cfg.head_dim + cfg.v_head_dim)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * params (forward 2, backward 4 per parameter; the tied
+    embedding counted once, as the LM head matmul) + 3 x causal attention forward FLOPs."""
+    return 6 * cfg.num_params() + 3 * attention_flops_per_token(cfg, seq_len)
+
+
+__all__ = ["Transformer", "Attention", "build_transformer", "build_attention", "load_numpy",
+           "rms_norm", "train_flops_per_token", "attention_flops_per_token"]

@@ -1,0 +1,137 @@
+"""The training side of the CUDA backend: the Model protocol over a Transformer, AdamW, the step.
+
+AdamW is torch.optim.AdamW in two parameter groups (weight decay on matrices only, as
+diffattn.optim.decays) after torch.nn.utils.clip_grad_norm_: together exactly diffattn.optim's
+adamw_step (checked step by step against the numpy backend in tests/test_cuda_backend.py).
+bfloat16 runs under autocast with float32 master weights and optimizer state; float32 and
+float64 run plainly. Gradient accumulation: a (n_micro, B, L+1) batch backpropagates each
+micro-batch's loss / n_micro, then takes one update.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from diffattn import optim as optim_spec
+from diffattn.backend import BackendError
+from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.params import check_params
+from diffattn.backends.cuda.model import build_transformer, load_numpy
+
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
+
+
+def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (decay if optim_spec.decays(name, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+
+
+class CudaModel:
+    """A Transformer with its optimizer, speaking numpy at the Backend protocol's edge."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
+                 device: torch.device, dtype: str, kernels: str, compile: bool = False):
+        check_params(cfg, params)
+        self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
+        self.param_dtype = TORCH_DTYPES[dtype]
+        self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
+        load_numpy(self.module, params)
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda")
+        # compile the loss (forward + its autograd backward); the optimizer step stays eager
+        self.loss_fn = torch.compile(self.module) if compile else self.module
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _tokens(self, a, ndims: tuple[int, ...], what: str) -> torch.Tensor:
+        if isinstance(a, torch.Tensor):
+            t = a.to(self.device, torch.long)
+        else:
+            a = np.asarray(a)
+            if not np.issubdtype(a.dtype, np.integer):
+                raise BackendError(f"{what} must hold integer tokens, got dtype {a.dtype}")
+            t = torch.from_numpy(a.astype(np.int64)).to(self.device)
+        if t.ndim not in ndims or t.shape[-1] < (2 if what == "batch" else 1) or t.numel() == 0:
+            raise BackendError(f"{what} has shape {tuple(t.shape)}, expected {' or '.join(f'{n}-d' for n in ndims)} "
+                               f"{'(B, L+1) or (n_micro, B, L+1) with L >= 1' if what == 'batch' else '(B, L)'}")
+        if int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
+            raise BackendError(f"{what} holds tokens outside [0, {self.cfg.vocab_size})")
+        return t
+
+    def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        with self.autocast():
+            return self.loss_fn(batch[:, :-1], batch[:, 1:], reduction=reduction)
+
+    def _numpy(self, t: torch.Tensor) -> np.ndarray:
+        out = t.detach().to("cpu", torch.float64 if self.dtype == "float64" else torch.float32)
+        return out.numpy().copy()
+
+    # ---- the Model protocol --------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, tokens) -> np.ndarray:
+        t = self._tokens(tokens, (2,), "tokens")
+        with self.autocast():
+            return self._numpy(self.module(t))
+
+    def loss_and_grads(self, batch) -> tuple[float, dict[str, np.ndarray]]:
+        b = self._tokens(batch, (2,), "batch")
+        params = list(self.module.parameters())
+        loss = self._loss(b)
+        grads = torch.autograd.grad(loss, params)
+        return float(loss.detach()), {n: self._numpy(g) for n, g in zip(self.names, grads)}
+
+    @torch.no_grad()
+    def token_losses(self, batch) -> np.ndarray:
+        b = self._tokens(batch, (2,), "batch")
+        return self._numpy(self._loss(b, reduction="none"))
+
+    def train_step(self, batch, lr: float) -> torch.Tensor:
+        b = self._tokens(batch, (2, 3), "batch")
+        micro = b if b.ndim == 3 else b[None]
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device, dtype=torch.float64 if self.dtype == "float64" else torch.float32)
+        for mb in micro:
+            loss = self._loss(mb)
+            (loss / len(micro)).backward()
+            total += loss.detach()
+        if self.optim_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip, foreach=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
+        self.optimizer.step()
+        return total / len(micro)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        params = {n: self._numpy(p) for n, p in self.module.named_parameters()}
+        opt = optim_spec.init_state(params)
+        for n, p in self.module.named_parameters():
+            s = self.optimizer.state.get(p)
+            if s:
+                opt["step"] = int(s["step"])
+                opt["m"][n], opt["v"][n] = self._numpy(s["exp_avg"]), self._numpy(s["exp_avg_sq"])
+        return params, opt
+
+    @torch.no_grad()
+    def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None:
+        check_params(self.cfg, params)
+        load_numpy(self.module, params)
+        self.optimizer.state.clear()
+        step = int(opt_state["step"])
+        if step == 0:
+            return  # a fresh optimizer: torch creates zero moments at the first step
+        fused = self.device.type == "cuda"
+        for n, p in self.module.named_parameters():
+            as_p = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, p.dtype)  # noqa: E731
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step), dtype=torch.float32, device=self.device if fused else "cpu"),
+                "exp_avg": as_p(opt_state["m"][n]), "exp_avg_sq": as_p(opt_state["v"][n])}
