@@ -306,28 +306,30 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
 
 LOG2E = 1.4426950408889634
 
-# Block shapes per kernel, chosen by (D, DV) and dtype: (BLOCK_M, BLOCK_N, num_warps, num_stages).
-# BLOCK_M is the query block, BLOCK_N the key block; the diagonal loops need the resident block to
-# be a multiple of the walked one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0).
-# Register budget: the forward holds two (BLOCK_M, DV) float32 accumulators, so the query block
-# shrinks as DV grows. Benchmarks may replace entries of OVERRIDES to try others.
+# Block shapes per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query block,
+# BLOCK_N the key block. The diagonal loops need the resident block to be a multiple of the walked
+# one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
+# the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
+# (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
+# tiles so K/V stages fit in shared memory. Benchmarks may set OVERRIDES[(kernel, D, DV, itemsize)].
 OVERRIDES = {}
 
 
-def blocks(kernel, D, DV, dtype):
+def blocks(kernel, D, DV, dtype, shared_k):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 4, 1
     key = (kernel, D, DV, dtype.itemsize)
     if key in OVERRIDES:
         return OVERRIDES[key]
-    wide = D * DV >= 128 * 128 or dtype.itemsize == 4
-    if kernel == "fwd":
-        return (64, 64, 4, 2) if wide else (128, 64, 8, 3)
     if kernel == "delta":
         return 64, 0, 4, 1
+    if dtype.itemsize == 4:
+        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
+    if kernel == "fwd":
+        return (128, 64, 8, 2) if 2 * DV <= 256 else (64, 32, 8, 2)
     if kernel == "dkdv":
-        return (32, 64, 8, 2) if wide else (32, 128, 8, 2)
-    return (64, 32, 8, 2) if wide else (128, 32, 8, 2)  # dq
+        return (32, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 64, 8, 2)
+    return (128, 32, 8, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
 
 
 def _precision(dtype):
@@ -346,7 +348,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     o2 = torch.empty_like(out)
     lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype)
+    bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
     sm_scale = 1.0 / math.sqrt(D)
     paired_attention_fwd[(triton.cdiv(L, bm), B * H)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
@@ -363,17 +365,17 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
-    bm = blocks("delta", D, DV, q.dtype)[0]
+    bm = blocks("delta", D, DV, q.dtype, shared_k)[0]
     paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
         out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
         DV=DV, BLOCK_M=bm)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype)
+    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype)
+    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(triton.cdiv(L, bm), B * H)](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)

@@ -1,0 +1,270 @@
+"""The DIFF attention kernel table: fused (Triton) vs composed (SDPA) vs naive, forward and
+forward+backward, for DIFF V1 and V2 (issue 4 item 5, issue 7).
+
+    PYTHONPATH=. python benchmarks/kernels_table.py --out DIR [--commit HASH]
+
+Sizes: B * L = 16384 tokens, L in 1k..16k, 16 output heads (DIFF heads) of head_dim d in {64, 128};
+V1: q 32 sub-heads of d, k 32 of d, v 16 heads of 2d (MHA); V2: q 32 heads of d, k/v 16 heads of d.
+bfloat16, causal. Timing: triton.testing.do_bench, median. FLOPs (causal, FlashAttention's
+convention): forward per DIFF V1 head 2 maps x (2 N^2 d + 2 N^2 (2d)) / 2 = 6 N^2 d, per V2 output
+head 2 query heads x (2 N^2 d + 2 N^2 d) / 2 = 4 N^2 d; backward 2.5x forward, so fwd+bwd 3.5x.
+Error: max over the output (and, for fwd+bwd, every input gradient) of ||x - ref|| / ||ref||, ref the
+composed path in float32 (memory-efficient SDPA, IEEE float32) on the same inputs. Peak memory:
+torch.cuda.max_memory_allocated during the call minus what was allocated before it (inputs).
+Composed is timed with each SDPA backend that accepts the shapes; "best composed" is the fastest.
+--smoke runs a tiny version on CPU through the Triton interpreter (host timer) to test this script.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
+
+TOKENS, HEADS = 16384, 16
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
+OPS = {"diff_v1": diff_v1_attention, "diff_v2": diff_v2_attention}
+
+
+def flops(variant, B, L, d, mode):
+    per_head = (6 if variant == "diff_v1" else 4) * L * L * d
+    return B * HEADS * per_head * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def make_inputs(variant, B, L, d, device, seed):
+    """Float32 inputs and dO; lam a V1 scalar / V2 sigmoid'd per-token values."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    H = HEADS
+    if variant == "diff_v1":
+        x = dict(q=randn(B, L, 2 * H, d), k=randn(B, L, 2 * H, d), v=randn(B, L, H, 2 * d),
+                 lam=torch.tensor(0.6, device=device))
+        return x, randn(B, L, H, 2 * d)
+    x = dict(q=randn(B, L, 2 * H, d), k=randn(B, L, H, d), v=randn(B, L, H, d),
+             lam=torch.sigmoid(randn(B, L, H)))
+    return x, randn(B, L, H, d)
+
+
+def impls(variant, device):
+    """name -> fn(**inputs) for every implementation to time."""
+    op = OPS[variant]
+    out = {"fused": lambda **x: op(**x, impl="fused"), "naive": lambda **x: op(**x, impl="naive")}
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+        if variant == "diff_v2":
+            backends["flash"] = SDPBackend.FLASH_ATTENTION  # V1's v head dim 2d rules flash out
+
+        def composed(backend):
+            def fn(**x):
+                with sdpa_kernel([backend]):
+                    return op(**x, impl="composed")
+            return fn
+        out.update({f"composed:{name}": composed(b) for name, b in backends.items()})
+    else:
+        out["composed"] = lambda **x: op(**x, impl="composed")
+    return out
+
+
+def reference(variant, x, do):
+    """Float32 composed output and gradients (memory-efficient SDPA: IEEE float32, no tf32)."""
+    x = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+    if x["q"].is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            out = OPS[variant](**x, impl="composed")
+    else:
+        out = OPS[variant](**x, impl="composed")
+    out.backward(do)
+    return {"out": out.detach(), **{n: t.grad for n, t in x.items()}}
+
+
+def rel(a, b):
+    return ((a.float() - b).norm() / b.norm()).item()
+
+
+def bench(fn, grad_to_none):
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def measure(fn, variant, x32, do32, dtype, mode, ref):
+    """-> dict(ms, err, peak_mib) for one implementation; raises on OOM / no kernel."""
+    x = {n: (t.to(dtype) if n != "lam" or variant == "diff_v2" else t).detach().requires_grad_(mode == "fwd+bwd")
+         for n, t in x32.items()}
+    do = do32.to(dtype)
+    leaves = list(x.values())
+    cuda = x["q"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    if mode == "fwd":
+        with torch.no_grad():
+            out = fn(**x)
+        errs = [rel(out, ref["out"])]
+    else:
+        out = fn(**x)
+        out.backward(do)
+        errs = [rel(out.detach(), ref["out"])] + [rel(t.grad, ref[n]) for n, t in x.items()]
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else float("nan")
+    del out
+    for t in leaves:
+        t.grad = None
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(**x)
+        else:
+            fn(**x).backward(do)
+    ms = bench(step, leaves if mode == "fwd+bwd" else None)
+    return dict(ms=ms, err=max(errs), peak_mib=peak)
+
+
+def matmul_tflops(device):
+    if device != "cuda":
+        return float("nan")
+    from triton.testing import do_bench
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median") / 1e9
+
+
+def run(variants, dims, lengths, modes, device, dtype, log):
+    rows = []
+    for variant in variants:
+        for d in dims:
+            for L in lengths:
+                B = max(1, TOKENS // L)
+                x32, do32 = make_inputs(variant, B, L, d, device, seed=L + d)
+                ref = reference(variant, x32, do32)
+                for mode in modes:
+                    for name, fn in impls(variant, device).items():
+                        row = dict(variant=variant, d=d, L=L, B=B, mode=mode, impl=name)
+                        try:
+                            row.update(measure(fn, variant, x32, do32, dtype, mode, ref))
+                            row["tflops"] = flops(variant, B, L, d, mode) / row["ms"] / 1e9
+                        except torch.cuda.OutOfMemoryError:
+                            row["note"] = "OOM"
+                        except Exception as e:  # an SDPA backend that refuses these shapes, a compile error
+                            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                        rows.append(row)
+                        log(row)
+                del x32, do32, ref
+    return rows
+
+
+def add_ratios(rows):
+    """ratio = best composed ms / this ms, per (variant, d, L, mode)."""
+    best = {}
+    for r in rows:
+        if r["impl"].startswith("composed") and "ms" in r:
+            k = (r["variant"], r["d"], r["L"], r["mode"])
+            if k not in best or r["ms"] < best[k][0]:
+                best[k] = (r["ms"], r["impl"])
+    for r in rows:
+        k = (r["variant"], r["d"], r["L"], r["mode"])
+        if "ms" in r and k in best:
+            r["vs_best_composed"] = best[k][0] / r["ms"]
+            r["best_composed"] = best[k][1]
+    return best
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def markdown(rows):
+    lines = ["| variant | d | L | B | mode | impl | ms | TFLOP/s | x best composed | max rel err | peak MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['d']} | {r['L']} | {r['B']} | {r['mode']} | {r['impl']} | "
+                     f"{fmt(r.get('ms'), '.3f')} | {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('vs_best_composed'), '.2f')} | "
+                     f"{fmt(r.get('err'), '.1e')} | {fmt(r.get('peak_mib'), '.0f')} | {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def targets(rows, mm):
+    """Issue 7's kernel targets 1-4, each with the numbers it rests on."""
+    get = {(r["variant"], r["d"], r["L"], r["mode"], r["impl"]): r for r in rows}
+    out = []
+
+    def ratio(v, L, mode):
+        r = get.get((v, 64, L, mode, "fused"), {})
+        return r.get("vs_best_composed"), r.get("best_composed")
+    for mode, goal in (("fwd", 1.3), ("fwd+bwd", 1.25)):
+        vals = {L: ratio("diff_v1", L, mode) for L in LENGTHS if L >= 2048}
+        ok = all(v[0] is not None and v[0] >= goal for v in vals.values())
+        out.append(f"1. V1 d64 fused {mode} >= {goal}x best composed at L>=2048: {'MET' if ok else 'NOT MET'} "
+                   + ", ".join(f"L={L}: {fmt(v[0], '.2f')}x vs {v[1]}" for L, v in vals.items()))
+    r = get.get(("diff_v1", 64, 8192, "fwd", "fused"), {})
+    share = r.get("tflops", float("nan")) / mm
+    out.append(f"2. V1 d64 fused fwd at L=8192 >= 50% of bf16 matmul ({mm:.0f} TFLOP/s): "
+               f"{'MET' if share >= 0.5 else 'NOT MET'} {fmt(r.get('tflops'), '.0f')} TFLOP/s = {share:.0%}")
+    vals = {L: ratio("diff_v2", L, "fwd+bwd") for L in LENGTHS}
+    ok = all(v[0] is not None and v[0] >= 1.0 for v in vals.values())
+    out.append(f"3. V2 d64 fused fwd+bwd no slower than one GQA SDPA call + combine: {'MET' if ok else 'NOT MET'} "
+               + ", ".join(f"L={L}: {fmt(v[0], '.2f')}x vs {v[1]}" for L, v in vals.items()))
+    for v in ("diff_v1", "diff_v2"):
+        peaks = {L: get.get((v, 64, L, "fwd+bwd", "fused"), {}).get("peak_mib") for L in LENGTHS}
+        out.append(f"4. {v} d64 fused fwd+bwd peak MiB at fixed B*L (flat = linear in L): "
+                   + ", ".join(f"L={L}: {fmt(p, '.0f')}" for L, p in peaks.items()))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--variants", default="diff_v1,diff_v2")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    a = ap.parse_args(argv)
+    global TOKENS, HEADS
+    if a.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        TOKENS, HEADS = 64, 2
+        device, dtype, dims, lengths = "cpu", torch.float16, [16], [16, 32]
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("kernels_table needs a CUDA GPU (or --smoke)")
+        device, dtype = "cuda", torch.bfloat16
+        dims, lengths = [int(s) for s in a.dims.split(",")], [int(s) for s in a.lengths.split(",")]
+        torch.backends.cuda.matmul.allow_tf32 = False
+    os.makedirs(a.out, exist_ok=True)
+    header = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                  torch=torch.__version__, commit=a.commit, command=" ".join(["python"] + sys.argv),
+                  dtype=str(dtype), tokens=TOKENS, heads=HEADS)
+    try:
+        import triton
+        header["triton"] = triton.__version__
+    except ImportError:
+        pass
+    header["matmul_bf16_tflops"] = mm = matmul_tflops(device)
+    print(json.dumps(header), flush=True)
+    rows = run(a.variants.split(","), dims, lengths, ("fwd", "fwd+bwd"), device, dtype,
+               lambda r: print(json.dumps(r), flush=True))
+    add_ratios(rows)
+    checks = targets(rows, mm)
+    text = "\n".join([f"{k}: {v}" for k, v in header.items()] + ["", markdown(rows), ""] + checks)
+    print(text)
+    with open(os.path.join(a.out, "kernels_table.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(a.out, "kernels_table.json"), "w") as f:
+        json.dump(dict(header=header, rows=rows, targets=checks), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
