@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--resume-from", default=None, help="start from another run's checkpoint (any backend)")
+    t.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps (checkpointed), the schedule still spanning --steps: "
+                        "--resume then continues exactly")
     p = sub.add_parser("paired", help="DIFF vs its vanilla twin from paired init on the same batches")
     _run_options(p)
     a = sub.add_parser("agree", help="the same weights and batches on two backends (CPU float32)")
@@ -173,35 +176,31 @@ def _default_out(command, attention) -> Path:
     return Path("runs") / f"{command}-{attention}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _resume_args(args) -> None:
-    """--resume: take the run's own configs from run.json; explicit flags must agree (checked
-    against the checkpoint by the harness)."""
+def _resume_args(args, source) -> None:
+    """Resuming: the run's configs come from its checkpoint manifest; flags given explicitly
+    must agree with them (train-config ones are checked against the checkpoint by the harness)."""
     from diffattn import harness
 
-    if args.out is None:
-        raise UsageError("--resume continues the run in --out DIR: give --out")
-    run_file = Path(args.out) / "run.json"
+    ckpt = harness.find_checkpoint(source)
     try:
-        run = json.loads(run_file.read_text())
+        run = json.loads((ckpt / "manifest.json").read_text())
         mc, tc, data_name = run["model_config"], run["train_config"], run["data"]["name"]
     except OSError:
-        raise UsageError(f"--out {args.out}: no run to resume (no readable run.json)") from None
+        raise harness.CheckpointError(f"{ckpt}: checkpoint has no readable manifest.json") from None
     except (ValueError, KeyError, TypeError):
-        raise harness.CheckpointError(f"{run_file}: corrupt run manifest") from None
-    fill = dict(data=data_name, tokenizer=run["data"].get("tokenizer") or "byte",
-                batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
-                min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
-                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
-                attention=mc["attention"], d_model=mc["d_model"], n_layers=mc["n_layers"], n_heads=mc["n_heads"],
-                n_kv_heads=mc["n_kv_heads"], vocab_size=mc["vocab_size"])
+        raise harness.CheckpointError(f"{ckpt}/manifest.json: corrupt checkpoint manifest") from None
     for k in ("attention", "d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
         given = getattr(args, k, None)
-        if given is not None and given != mc[k]:
-            raise harness.CheckpointError(f"--{k.replace('_', '-')} {given} differs from the run being resumed "
-                                          f"({k}={mc[k]!r})")
+        if given is not None and given != mc.get(k):
+            raise harness.CheckpointError(f"--{k.replace('_', '-')} {given} differs from the checkpoint "
+                                          f"being resumed ({k}={mc.get(k)!r})")
     if args.preset is not None and run.get("preset") not in (None, args.preset):
-        raise harness.CheckpointError(f"--preset {args.preset} differs from the run being resumed ({run['preset']})")
-    fill["preset"] = run.get("preset")
+        raise harness.CheckpointError(f"--preset {args.preset} differs from the checkpoint being resumed "
+                                      f"({run['preset']})")
+    fill = dict(data=data_name, tokenizer=run["data"].get("tokenizer") or "byte", preset=run.get("preset"),
+                batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
+                min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
+                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"])
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -210,7 +209,8 @@ def _resume_args(args) -> None:
             args.minutes = run["budget_s"] / 60
         else:
             args.steps = tc["steps"]
-    args._model_config = mc
+    args.model_config = mc
+    args.tokenizer_file = ckpt.parent.parent / "tokenizer.json"
 
 
 def _prepare(args, command):
@@ -219,22 +219,25 @@ def _prepare(args, command):
     from diffattn.harness import model_config_from
 
     resume_from = None
+    if getattr(args, "resume", False) and getattr(args, "resume_from", None):
+        raise UsageError("give --resume (continue --out) or --resume-from PATH, not both")
     if getattr(args, "resume", False):
-        _resume_args(args)
+        if args.out is None:
+            raise UsageError("--resume continues the run in --out DIR: give --out")
         resume_from = args.out
     elif getattr(args, "resume_from", None):
         resume_from = args.resume_from
-    for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "steps", "ckpt_every"):
+    if resume_from is not None:
+        _resume_args(args, resume_from)
+    for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "steps", "ckpt_every",
+                 "stop_after"):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
     backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels)
-    tok_file = Path(args.out) / "tokenizer.json" if resume_from is not None and args.out else None
-    if resume_from is not None and getattr(args, "resume_from", None):
-        tok_file = Path(resume_from) / "tokenizer.json"
-    data = _load_data(args, args.vocab_size, tok_file)
-    if getattr(args, "_model_config", None):
-        cfg = model_config_from(args._model_config)
+    data = _load_data(args, args.vocab_size, getattr(args, "tokenizer_file", None))
+    if getattr(args, "model_config", None):
+        cfg = model_config_from(args.model_config)
     else:
         cfg = _model_config(args, data)
     tcfg = _train_config(args, backend.name)
@@ -255,7 +258,7 @@ def cmd_train(args) -> int:
         print(f"training {cfg.attention} ({_pick(args, 'preset')}, {cfg.num_params():,} params) on "
               f"{data.name} with {backend.name} ({backend.device}, {backend.dtype}) -> {out}", file=sys.stderr)
     s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget,
-                      ckpt_every=args.ckpt_every, progress=not args.no_progress,
+                      ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
                       extra_manifest={"preset": _pick(args, "preset")})
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
