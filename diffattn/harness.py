@@ -38,7 +38,8 @@ import numpy as np
 import diffattn
 from diffattn import optim, spec
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
-from diffattn.params import ParamsError, atomic_write, check_params, init_params, load_tensors, save_tensors
+from diffattn.params import (ParamsError, atomic_write, check_params, init_params, load_tensors, param_shapes,
+                             save_tensors)
 
 CHECKPOINT_FORMAT = "diffattn-checkpoint/1"
 KEEP_CHECKPOINTS = 2
@@ -194,7 +195,11 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
         v = {k[2:]: v for k, v in opt.items() if k.startswith("v.")}
         check_params(cfg, m, what=str(ckpt / "optim.safetensors") + " (m)")
         check_params(cfg, v, what=str(ckpt / "optim.safetensors") + " (v)")
-        opt_state = {"step": int(meta["step"]), "m": m, "v": v}
+        # canonical name order, as init_params gives: safetensors files list names sorted, and
+        # a float sum over tensors (the global grad norm) depends on the order it runs in
+        order = list(param_shapes(cfg))
+        params = {k: params[k] for k in order}
+        opt_state = {"step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
     except (ParamsError, ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: unusable checkpoint ({str(e).splitlines()[0]})") from None
     return params, opt_state, manifest, ckpt
