@@ -1,0 +1,183 @@
+"""The `diffattn` command, run as a user runs it (a subprocess): results, resume, and every bad
+input stopping with one line on stderr, exit code 2, and nothing written."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffattn import backend as backend_mod
+from diffattn import data
+
+SMALL = ["--d-model", "32", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
+
+
+def diffattn(*args, env=None, timeout=300):
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "diffattn", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def have(name):
+    try:
+        backend_mod.load(name, device="cpu")
+        return True
+    except backend_mod.BackendError:
+        return False
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_prints_val_bpb_and_a_json_summary(tmp_path):
+    r = diffattn("train", "--backend", "numpy", "--steps", "6", "--eval-every", "3", "--out", tmp_path / "run",
+                 "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("val bpb ")
+    summary = json.loads(lines[-1])
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in x]
+    assert summary["val_bpb"] == evals[-1]["val_bpb"] and summary["steps"] == 6
+    assert f"val bpb {summary['val_bpb']:.4f}" in lines[0]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["preset"] == "tiny" and run["model_config"]["d_model"] == 32 and run["env"]["backend"]["backend"] == "numpy"
+
+
+def test_stop_then_resume_equals_one_straight_run(tmp_path):
+    common = ["train", "--backend", "numpy", "--steps", "8", "--eval-every", "4", *SMALL]
+    assert diffattn(*common, "--out", tmp_path / "a").returncode == 0
+    r = diffattn(*common, "--out", tmp_path / "b", "--stop-after", "4")
+    assert r.returncode == 0, r.stderr
+    r = diffattn("train", "--backend", "numpy", "--out", tmp_path / "b", "--resume", "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["steps"] == 8
+
+    def losses(d):
+        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
+def test_resume_from_a_checkpoint_of_the_other_backend(tmp_path):
+    r = diffattn("train", "--backend", "mlx", "--steps", "8", "--eval-every", "4", "--stop-after", "4",
+                 "--out", tmp_path / "m", *SMALL)
+    assert r.returncode == 0, r.stderr
+    r = diffattn("train", "--backend", "cuda", "--resume-from", tmp_path / "m", "--out", tmp_path / "c",
+                 "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["backend"] == "cuda" and s["steps"] == 8 and s["resumed_from"].endswith("step_000004")
+
+
+def test_paired_prints_deltas_and_records_byte_identical_init(tmp_path):
+    r = diffattn("paired", "--backend", "numpy", "--steps", "3", "--out", tmp_path / "p", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "val loss" in r.stdout and "loss @ pos" in r.stdout
+    s = json.loads(r.stdout.splitlines()[-1])
+    manifest = json.loads((tmp_path / "p" / "paired.json").read_text())
+    assert manifest["shared"]["byte_identical_at_init"] and manifest["shared"]["count"] == s["shared"]["count"] > 10
+    assert s["delta"]["val_loss"] == pytest.approx(s["diff"]["val_loss"] - s["vanilla"]["val_loss"], abs=1e-12)
+
+
+@pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
+def test_agree_tiny_50_steps_within_tolerance():
+    r = diffattn("agree", "--preset", "tiny", "--steps", "50", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["ok"] and s["steps"] == 50
+    assert s["logits_rel_err"] <= 1e-5 and s["max_abs_loss_diff"] <= 1e-4
+
+
+def test_conformance_is_delegated():
+    r = diffattn("conformance", "tests/fixtures/reference_diffattn.safetensors", "--backend", "numpy")
+    assert r.returncode == 0, r.stderr
+    assert "backend=numpy" in r.stdout
+
+
+def test_report_is_delegated_or_a_clear_error():
+    import importlib.util
+
+    r = diffattn("report", "--help")
+    if importlib.util.find_spec("diffattn.report") is None:
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "diffattn.report" in r.stderr
+    else:
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr
+
+
+# ---- bad input: one line, exit 2, nothing written -------------------------------------------
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    data.write_shard(tmp_path / "big_ids.bin", np.array([1, 2, 300] * 200), vocab_size=256)
+    # a real run whose checkpoint is then damaged or mismatched
+    good = tmp_path / "good"
+    r = diffattn("train", "--backend", "numpy", "--steps", "2", "--eval-every", "2", "--out", good, *SMALL)
+    assert r.returncode == 0, r.stderr
+    corrupt = tmp_path / "corrupt"
+    r = diffattn("train", "--backend", "numpy", "--steps", "2", "--eval-every", "2", "--out", corrupt, *SMALL)
+    assert r.returncode == 0, r.stderr
+    f = corrupt / "checkpoints" / "step_000002" / "params.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[:100] + bytes([raw[100] ^ 0xff]) + raw[101:])
+    fake_torch = tmp_path / "no_torch"
+    (fake_torch / "torch").mkdir(parents=True)
+    (fake_torch / "torch" / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    return tmp_path
+
+
+BAD = {
+    "missing data path": (["--data", "{tmp}/nope.txt"], "no such file"),
+    "corpus shorter than one sequence": (["--data", "{tmp}/short.txt"], "fewer than one sequence"),
+    "token ids beyond the vocab": (["--data", "{tmp}/big_ids.bin"], "beyond the vocabulary"),
+    "vocab smaller than the data": (["--vocab-size", "100"], "beyond vocab_size"),
+    "unknown preset": (["--preset", "huge"], "unknown preset"),
+    "invalid head layout": (["--n-heads", "3"], "not divisible"),
+    "unknown attention": (["--attention", "linear"], "attention"),
+    "unknown tokenizer": (["--tokenizer", "wordpiece"], "unknown tokenizer"),
+    "corrupt checkpoint": (["--resume-from", "{tmp}/corrupt"], "corrupt"),
+    "mismatched checkpoint": (["--resume-from", "{tmp}/good", "--d-model", "64"], "differs from the checkpoint"),
+    "resume without a run": (["--resume"], "no checkpoint"),
+    "unknown backend": (["--backend", "tpu"], "unknown backend"),
+    "backend not installed": (["--backend", "cuda"], "not installed"),
+    "negative steps": (["--steps", "-3"], "positive"),
+    "bad flag": (["--stepz", "3"], "unrecognized"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, bad_inputs):
+    tmp = bad_inputs
+    extra, expect = BAD[case]
+    extra = [a.replace("{tmp}", str(tmp)) for a in extra]
+    args = ["train"] + (["--backend", "numpy"] if "--backend" not in extra else []) + extra
+    out = tmp / "good" if case in ("resume without a run",) else tmp / "out"
+    if case == "resume without a run":
+        out = tmp / "fresh"
+    args += ["--out", out, "--steps", "2"] if "--steps" not in extra else ["--out", out]
+    args += ["--no-progress"]
+    env = {"PYTHONPATH": str(tmp / "no_torch")} if case == "backend not installed" else None
+    before = snapshot(tmp)
+    r = diffattn(*args, env=env)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert expect in lines[0], lines[0]
+    assert r.stdout == ""
+    assert snapshot(tmp) == before  # nothing written, nothing overwritten
+
+
+def test_an_existing_run_is_refused_without_resume(bad_inputs):
+    good = bad_inputs / "good"
+    before = snapshot(good)
+    r = diffattn("train", "--backend", "numpy", "--steps", "2", "--out", good, *SMALL)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(good) == before
