@@ -22,9 +22,8 @@ SUBLN_EPS = 1e-5  # DIFF V1's per-head RMSNorm, fixed by the reference module
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (or float64), returned in x's dtype."""
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight).to(x.dtype)
+    xf = x.to(weight.dtype) if x.dtype in (torch.float16, torch.bfloat16) else x
+    return F.rms_norm(xf, xf.shape[-1:], weight, eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -67,7 +66,9 @@ class Attention(nn.Module):
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, nn.Parameter(torch.zeros(shapes[name])))
             self.subln = RMSNorm(2 * cfg.head_dim, SUBLN_EPS)
-            self.lambda_init = cfg.lambda_init(layer)
+            # a buffer, not a Python float: torch.compile then reuses one graph for every layer
+            self.register_buffer("lambda_init", torch.tensor(cfg.lambda_init(layer), dtype=torch.float64),
+                                 persistent=False)
         elif cfg.attention == "diff_v2":
             self.lambda_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
@@ -189,17 +190,4 @@ def load_numpy(module: nn.Module, params: dict[str, np.ndarray]) -> None:
         p.copy_(torch.from_numpy(np.ascontiguousarray(params[name])).to(p.dtype))
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Causal forward attention FLOPs per token, all layers: each query head of width head_dim
-    does QK^T (2 L d) and AV (2 L d_v) over L keys, halved for causality."""
-    return cfg.n_layers * cfg.q_heads * seq_len * (cfg.head_dim + cfg.v_head_dim)
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * params (forward 2, backward 4 per parameter; the tied
-    embedding counted once, as the LM head matmul) + 3 x causal attention forward FLOPs."""
-    return 6 * cfg.num_params() + 3 * attention_flops_per_token(cfg, seq_len)
-
-
-__all__ = ["Transformer", "Attention", "build_transformer", "build_attention", "load_numpy",
-           "rms_norm", "train_flops_per_token", "attention_flops_per_token"]
+__all__ = ["Transformer", "Attention", "build_transformer", "build_attention", "load_numpy", "rms_norm"]

@@ -44,8 +44,9 @@ class CudaModel:
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
         self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda")
-        # compile the loss (forward + its autograd backward); the optimizer step stays eager
-        self.loss_fn = torch.compile(self.module) if compile else self.module
+        if compile:  # each block (forward and its backward); all blocks share one compiled graph
+            for block in self.module.layers:
+                block.compile()
 
     # ---- helpers ---------------------------------------------------------------------------
     def autocast(self):
@@ -54,23 +55,25 @@ class CudaModel:
         return contextlib.nullcontext()
 
     def _tokens(self, a, ndims: tuple[int, ...], what: str) -> torch.Tensor:
-        if isinstance(a, torch.Tensor):
-            t = a.to(self.device, torch.long)
-        else:
+        """numpy tokens are checked on the host; a torch tensor (benchmarks) is taken as it is,
+        without a value check that would synchronize with the GPU every step."""
+        is_tensor = isinstance(a, torch.Tensor)
+        if not is_tensor:
             a = np.asarray(a)
-            if not np.issubdtype(a.dtype, np.integer):
-                raise BackendError(f"{what} must hold integer tokens, got dtype {a.dtype}")
-            t = torch.from_numpy(a.astype(np.int64)).to(self.device)
-        if t.ndim not in ndims or t.shape[-1] < (2 if what == "batch" else 1) or t.numel() == 0:
-            raise BackendError(f"{what} has shape {tuple(t.shape)}, expected {' or '.join(f'{n}-d' for n in ndims)} "
+        if is_tensor and a.is_floating_point() or not is_tensor and not np.issubdtype(a.dtype, np.integer):
+            raise BackendError(f"{what} must hold integer tokens, got dtype {a.dtype}")
+        if a.ndim not in ndims or a.shape[-1] < (2 if what == "batch" else 1) or min(a.shape) == 0:
+            raise BackendError(f"{what} has shape {tuple(a.shape)}, expected {' or '.join(f'{n}-d' for n in ndims)} "
                                f"{'(B, L+1) or (n_micro, B, L+1) with L >= 1' if what == 'batch' else '(B, L)'}")
-        if int(t.min()) < 0 or int(t.max()) >= self.cfg.vocab_size:
+        if is_tensor:
+            return a.to(self.device, torch.long)
+        if a.min() < 0 or a.max() >= self.cfg.vocab_size:
             raise BackendError(f"{what} holds tokens outside [0, {self.cfg.vocab_size})")
-        return t
+        return torch.from_numpy(a.astype(np.int64)).to(self.device)
 
     def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with self.autocast():
-            return self.loss_fn(batch[:, :-1], batch[:, 1:], reduction=reduction)
+            return self.module(batch[:, :-1], batch[:, 1:], reduction=reduction)
 
     def _numpy(self, t: torch.Tensor) -> np.ndarray:
         out = t.detach().to("cpu", torch.float64 if self.dtype == "float64" else torch.float32)

@@ -1,0 +1,197 @@
+"""Whole training steps on a GPU: tokens/s and MFU per preset x variant x torch.compile
+(issue 4 item 2, issue 7 target 5: stage1 at L=2048 >= 40% MFU, DIFF >= 0.92x vanilla tokens/s).
+
+    PYTHONPATH=. python benchmarks/train_step_table.py --out DIR [--commit HASH]
+
+A step = forward, backward, global-norm clip and fused AdamW (the backend's train_step) on a
+(B, L+1) batch of random tokens, bf16 autocast with float32 master weights, kernels="auto"
+(fused Triton DIFF attention, SDPA's fused kernel for vanilla). Timing: after warm-up steps
+(compilation, autotuning), wall time of N steps between two torch.cuda.synchronize() calls, /N.
+
+FLOPs per token (stated in the output):
+    6 * N_params                        (forward 2, backward 4 per parameter; the tied embedding
+                                         counted once, as the LM head matmul)
+  + 3 * n_layers * q_heads * L * (d_qk + d_v)
+                                        (causal attention: per query head QK^T 2 L d_qk and AV
+                                         2 L d_v over L keys, halved for causality; x3 forward
+                                         + backward)
+MFU = FLOPs/token * tokens/s / peak; peak = the datasheet's dense bf16 figure and, second, a
+bf16 8192^3 matmul measured in the same run. PaLM/nanoGPT count attention without the causal
+halving (_common.train_flops_per_token); that convention's MFU is printed too.
+--smoke: tiny preset, CPU, float32, composed kernels, 2 steps (tests this script; no MFU).
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks import _common
+from diffattn.backends.cuda import create
+from diffattn.config import preset
+from diffattn.params import init_params
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token with causal attention (see the module docstring)."""
+    attention = cfg.n_layers * cfg.q_heads * seq_len * (cfg.head_dim + cfg.v_head_dim)
+    return 6.0 * cfg.num_params() + 3.0 * attention
+
+
+def matmul_tflops(n=8192, reps=10) -> float:
+    """Dense bf16 matmul rate on random data (CUDA events, median of reps after 3 warm-ups)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, warmup, steps):
+    cfg = preset(name, attention=variant)
+    batch_size = max(1, tokens // seq_len)
+    model = create(device=device, dtype=dtype, kernels=kernels, compile=compile).build(cfg, init_params(cfg, seed=0))
+    rng = np.random.default_rng(0)
+    batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1))).to(device)
+               for _ in range(4)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    losses = [float(model.train_step(batches[i % 4], 1e-3)) for i in range(warmup)]
+    warm_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = model.train_step(batches[i % 4], 1e-3)
+    sync()
+    step_s = (time.perf_counter() - t0) / steps
+    losses.append(float(loss))
+    if not all(np.isfinite(losses)):
+        raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
+    return dict(preset=name, variant=variant, compile=compile, B=batch_size, L=seq_len,
+                params=cfg.num_params(), step_ms=step_s * 1e3, tokens_s=batch_size * seq_len / step_s,
+                flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+                warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1])
+
+
+def profile_step(name, variant, seq_len, tokens, path):
+    """Top CUDA kernels of a few eager steps, to see what bounds the step."""
+    cfg = preset(name, attention=variant)
+    model = create(device="cuda", dtype="bfloat16").build(cfg, init_params(cfg, seed=0))
+    b = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
+    for _ in range(3):
+        model.train_step(b, 1e-3)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model.train_step(b, 1e-3)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DIFFATTN_COMMIT", "unknown")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="stage1:2048:16384,small:2048:16384",
+                    help="comma-separated preset:seq_len:tokens_per_step")
+    ap.add_argument("--variants", default="diff,vanilla,diff_v2")
+    ap.add_argument("--compile", default="off,on", help="off, on or off,on")
+    ap.add_argument("--compile-presets", default="stage1", help="presets also timed compiled")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
+    ap.add_argument("--profile", default="", help="preset:variant to profile (eager), written to --out")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args(argv)
+    start = time.perf_counter()
+    device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
+    if a.smoke:
+        a.runs, a.compile, a.warmup, a.steps = "tiny:16:32", "off", 1, 2
+    os.makedirs(a.out, exist_ok=True)
+    head = [f"# Training-step throughput ({'smoke, CPU' if a.smoke else torch.cuda.get_device_name()})", "",
+            f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/train_step_table.py', *argv])}`",
+            f"- commit: {a.commit or git_commit()}; torch {torch.__version__}; dtype {dtype}"
+            f"{' (autocast, fp32 master weights)' if dtype == 'bfloat16' else ''}; kernels {kernels}; {a.warmup} warm-up + {a.steps} timed steps, synchronized wall clock",
+            "- FLOPs/token = 6 * params + 3 * n_layers * q_heads * L * (d_qk + d_v) (causal attention, fwd+bwd); "
+            "MFU(PaLM) counts attention without the causal halving (nanoGPT's 12 L H Q T)"]
+    peak = mm = float("nan")
+    if not a.smoke:
+        peak = _common.PEAK_FLOPS.get((next((n for n, _ in _common.PEAK_FLOPS if n in torch.cuda.get_device_name()), ""),
+                                       "bfloat16"), float("nan"))
+        mm = matmul_tflops() * 1e12
+        head.append(f"- peak: datasheet dense bf16 {peak / 1e12:.0f} TFLOP/s; measured bf16 8192^3 matmul "
+                    f"{mm / 1e12:.0f} TFLOP/s (this run)")
+    rows, notes = [], []
+    for run in a.runs.split(","):
+        name, seq_len, tokens = run.split(":")
+        for compile in [c == "on" for c in a.compile.split(",")]:
+            if compile and name not in a.compile_presets.split(","):
+                continue
+            for variant in a.variants.split(","):
+                if time.perf_counter() - start > a.budget_s:
+                    notes.append(f"not run (time budget): {name} {variant} compile={compile}")
+                    continue
+                try:
+                    r = measure(name, variant, int(seq_len), int(tokens), compile, device, dtype, kernels,
+                                a.warmup, a.steps)
+                except Exception as e:  # one failing row must not hide the others
+                    notes.append(f"FAILED {name} {variant} compile={compile}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    continue
+                rows.append(r)
+                print(f"{name} {variant} compile={compile}: {r['step_ms']:.1f} ms/step, {r['tokens_s']:.0f} tok/s", flush=True)
+    table = ["| preset | variant | compile | B x L | params | ms/step | tokens/s | vs vanilla | TFLOP/s | MFU (datasheet) "
+             "| MFU (measured matmul) | MFU (PaLM conv.) | peak GiB | warm-up s | loss first -> last |",
+             "|" + "---|" * 15]
+    for r in rows:
+        base = next((x for x in rows if (x["preset"], x["compile"], x["variant"]) == (r["preset"], r["compile"], "vanilla")), None)
+        tf = r["flops_tok"] * r["tokens_s"]
+        table.append(
+            f"| {r['preset']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {r['B']} x {r['L']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['step_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / base['tokens_s'] if base else float('nan'):.3f} "
+            f"| {tf / 1e12:.0f} | {tf / peak:.1%} | {tf / mm:.1%} | {r['palm_flops_tok'] * r['tokens_s'] / peak:.1%} "
+            f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+    verdict = []
+    for compile in (False, True):
+        d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"]) == ("stage1", var, compile)), None)
+                for var in ("diff", "vanilla"))
+        if d and v:
+            mfu = d["flops_tok"] * d["tokens_s"] / peak
+            verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'}: DIFF MFU "
+                           f"{mfu:.1%} ({'MET' if mfu >= 0.40 else 'NOT MET'}, goal >= 40% of datasheet); DIFF/vanilla "
+                           f"tokens/s {d['tokens_s'] / v['tokens_s']:.3f} ({'MET' if d['tokens_s'] >= 0.92 * v['tokens_s'] else 'NOT MET'}, goal >= 0.92)")
+    text = "\n".join(head + [""] + table + [""] + verdict + [""] + [f"- {n}" for n in notes]) + "\n"
+    print(text)
+    with open(os.path.join(a.out, "train_step_table.md"), "w") as f:
+        f.write(text)
+    if a.profile and not a.smoke and time.perf_counter() - start < a.budget_s + 60:
+        name, variant = a.profile.split(":")
+        profile_step(name, variant, 2048, 16384, os.path.join(a.out, f"profile_{name}_{variant}.txt"))
+    return 0 if rows and not any(n.startswith("FAILED") for n in notes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
