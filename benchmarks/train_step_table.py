@@ -57,7 +57,7 @@ def matmul_tflops(n=8192, reps=10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, warmup, steps):
+def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, warmup, steps, profile=None):
     cfg = preset(name, attention=variant)
     batch_size = max(1, tokens // seq_len)
     model = create(device=device, dtype=dtype, kernels=kernels, compile=compile).build(cfg, init_params(cfg, seed=0))
@@ -77,29 +77,40 @@ def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, war
     sync()
     step_s = (time.perf_counter() - t0) / steps
     losses.append(float(loss))
+    kernel_summary = profile_steps(model, batches[0], profile) if profile else ""
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
     return dict(preset=name, variant=variant, compile=compile, B=batch_size, L=seq_len,
                 params=cfg.num_params(), step_ms=step_s * 1e3, tokens_s=batch_size * seq_len / step_s,
                 flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
-                warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1])
+                warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary)
 
 
-def profile_step(name, variant, seq_len, tokens, path):
-    """Top CUDA kernels of a few eager steps, to see what bounds the step."""
-    cfg = preset(name, attention=variant)
-    model = create(device="cuda", dtype="bfloat16").build(cfg, init_params(cfg, seed=0))
-    b = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq_len), seq_len + 1), device="cuda")
-    for _ in range(3):
-        model.train_step(b, 1e-3)
-    torch.cuda.synchronize()
+KERNEL_KINDS = (("attention", ("attn", "attention", "fmha", "flash", "paired", "cudnn")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma")),
+                ("optimizer", ("adam", "foreach", "multi_tensor")))
+
+
+def profile_steps(model, batch, path, steps=3):
+    """Top CUDA kernels of a few steps, and their time by kind (matmul, attention, optimizer,
+    other = elementwise/normalization/copies), to see what bounds the step."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            model.train_step(b, 1e-3)
+        for _ in range(steps):
+            model.train_step(batch, 1e-3)
         torch.cuda.synchronize()
+    events = prof.key_averages()
+    by_kind = {}
+    for e in events:
+        t = e.self_device_time_total
+        kind = next((k for k, keys in KERNEL_KINDS if any(w in e.key.lower() for w in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0) + t / steps / 1e3  # ms per step
+    total = max(sum(by_kind.values()), 1e-9)
+    summary = ", ".join(f"{k} {v:.1f} ms ({v / total:.0%})" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        f.write(f"GPU kernel time per step: {total:.1f} ms = {summary}\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=40))
+    return f"{total:.1f} ms of kernels: {summary}"
 
 
 def git_commit() -> str:
@@ -122,7 +133,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
-    ap.add_argument("--profile", default="", help="preset:variant to profile (eager), written to --out")
+    ap.add_argument("--profile", default="", help="comma-separated preset:variant to profile (each compile "
+                    "mode), kernel tables written to --out")
     ap.add_argument("--out", default=".")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--smoke", action="store_true")
@@ -156,8 +168,10 @@ def main(argv=None):
                     notes.append(f"not run (time budget): {name} {variant} compile={compile}")
                     continue
                 try:
+                    prof = (os.path.join(a.out, f"profile_{name}_{variant}_compile_{'on' if compile else 'off'}.txt")
+                            if f"{name}:{variant}" in a.profile.split(",") and not a.smoke else None)
                     r = measure(name, variant, int(seq_len), int(tokens), compile, device, dtype, kernels,
-                                a.warmup, a.steps)
+                                a.warmup, a.steps, prof)
                 except Exception as e:  # one failing row must not hide the others
                     notes.append(f"FAILED {name} {variant} compile={compile}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                     continue
@@ -183,13 +197,12 @@ def main(argv=None):
             verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'}: DIFF MFU "
                            f"{mfu:.1%} ({'MET' if mfu >= 0.40 else 'NOT MET'}, goal >= 40% of datasheet); DIFF/vanilla "
                            f"tokens/s {d['tokens_s'] / v['tokens_s']:.3f} ({'MET' if d['tokens_s'] >= 0.92 * v['tokens_s'] else 'NOT MET'}, goal >= 0.92)")
-    text = "\n".join(head + [""] + table + [""] + verdict + [""] + [f"- {n}" for n in notes]) + "\n"
+    kernel_lines = [f"- kernels, {r['preset']} {r['variant']} compile={'on' if r['compile'] else 'off'}: {r['kernels']}"
+                    for r in rows if r["kernels"]]
+    text = "\n".join(head + [""] + table + [""] + verdict + kernel_lines + [""] + [f"- {n}" for n in notes]) + "\n"
     print(text)
     with open(os.path.join(a.out, "train_step_table.md"), "w") as f:
         f.write(text)
-    if a.profile and not a.smoke and time.perf_counter() - start < a.budget_s + 60:
-        name, variant = a.profile.split(":")
-        profile_step(name, variant, 2048, 16384, os.path.join(a.out, f"profile_{name}_{variant}.txt"))
     return 0 if rows and not any(n.startswith("FAILED") for n in notes) else 1
 
 
