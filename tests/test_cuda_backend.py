@@ -100,6 +100,34 @@ def test_fixture_conformance_fused_under_the_triton_interpreter(unseen):
         assert r.returncode == 0 and r.stdout.strip().endswith("PASS"), r.stdout + r.stderr
 
 
+FUSED_TINY_MODEL = """
+import numpy as np
+from diffattn.backend import load
+from diffattn.config import preset
+from diffattn.conformance import rel_err
+from diffattn.params import init_params
+for attention in ("diff", "diff_v2"):
+    cfg = preset("tiny", attention=attention, n_kv_heads=1)
+    p = init_params(cfg, seed=0)
+    batch = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 21))
+    (loss, g), (ref_loss, ref_g) = (load(name, device="cpu", kernels=k).build(cfg, p).loss_and_grads(batch)
+                                    for name, k in (("cuda", "fused"), ("numpy", "auto")))
+    print(attention, abs(loss - ref_loss) / ref_loss, max(rel_err(g[n], ref_g[n]) for n in ref_g if ".lambda_" not in n),
+          max(rel_err(g[n], ref_g[n]) for n in ref_g))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton for the interpreter")
+def test_tiny_model_with_fused_kernels_under_the_triton_interpreter():
+    r = subprocess.run([sys.executable, "-c", FUSED_TINY_MODEL], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.splitlines():  # loss, worst gradient, worst incl. DIFF V1's lambda vectors
+        _, loss_err, grad_err, with_lambda = line.split()
+        assert float(loss_err) <= 1e-5 and float(grad_err) <= 1e-5 and float(with_lambda) <= 2e-4, line
+    assert len(r.stdout.splitlines()) == 2
+
+
 # ---- the whole tiny model against the spec ----------------------------------------------------
 
 @pytest.mark.parametrize("attention", VARIANTS)
