@@ -19,7 +19,7 @@ from diffattn.backends.cuda.ops import paired_softmax as ps
 
 CANDIDATES = {
     "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
-            (64, 32, 8, 2), (128, 128, 8, 2)],
+            (64, 32, 8, 2), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 8, 3)],
     "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2), (32, 128, 4, 3),
              (64, 64, 8, 2)],
     "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3)],
@@ -32,12 +32,14 @@ def main():
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--out", default=".")
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new candidates after this long")
     a = ap.parse_args()
     L, H, dt = a.length, a.heads, torch.bfloat16
     B = max(1, 16384 // L)
     results, start = [], time.time()
-    for variant, d in SHAPES:
+    for variant, d in [(s.split(":")[0], int(s.split(":")[1])) for s in a.shapes.split(",")]:
         v1 = variant == "diff_v1"
         DV = 2 * d if v1 else d
         q = torch.randn(B, L, 2 * H, d, device="cuda", dtype=dt)
@@ -50,7 +52,7 @@ def main():
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        for kernel, cands in CANDIDATES.items():
+        for kernel, cands in ((kn, CANDIDATES[kn]) for kn in a.kernels.split(",")):
             for cfg in cands:
                 if time.time() - start > a.budget_s:
                     break

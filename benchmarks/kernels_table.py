@@ -8,13 +8,15 @@ V1: q 32 sub-heads of d, k 32 of d, v 16 heads of 2d (MHA); V2: q 32 heads of d,
 bfloat16, causal. Timing: triton.testing.do_bench, median. FLOPs (causal, FlashAttention's
 convention): forward per DIFF V1 head 2 maps x (2 N^2 d + 2 N^2 (2d)) / 2 = 6 N^2 d, per V2 output
 head 2 query heads x (2 N^2 d + 2 N^2 d) / 2 = 4 N^2 d; backward 2.5x forward, so fwd+bwd 3.5x.
-Error: max over the output (and, for fwd+bwd, every input gradient) of ||x - ref|| / ||ref||, ref the
-composed path in float32 (memory-efficient SDPA, IEEE float32) on the same inputs. Peak memory:
+Error: max over the output (and, for fwd+bwd, the gradients of q, k, v) of ||x - ref|| / ||ref||,
+ref the composed path in float32 (memory-efficient SDPA, IEEE float32) on the same (bf16-valued)
+inputs; lambda's gradient separately (err dlam). Peak memory:
 torch.cuda.max_memory_allocated during the call minus what was allocated before it (inputs).
 Composed is timed with each SDPA backend that accepts the shapes; "best composed" is the fastest.
 --smoke runs a tiny version on CPU through the Triton interpreter (host timer) to test this script.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -52,34 +54,44 @@ def impls(variant, device):
     """name -> fn(**inputs) for every implementation to time."""
     op = OPS[variant]
     out = {"fused": lambda **x: op(**x, impl="fused"), "naive": lambda **x: op(**x, impl="naive")}
-    if device == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-        if variant == "diff_v2":
-            backends["flash"] = SDPBackend.FLASH_ATTENTION  # V1's v head dim 2d rules flash out
-
-        def composed(backend):
-            def fn(**x):
-                with sdpa_kernel([backend]):
-                    return op(**x, impl="composed")
-            return fn
-        out.update({f"composed:{name}": composed(b) for name, b in backends.items()})
-    else:
+    if device != "cuda":
         out["composed"] = lambda **x: op(**x, impl="composed")
+        return out
+
+    def composed(backend):
+        def fn(**x):
+            with _sdpa_backend(x["q"].device, backend):
+                return op(**x, impl="composed")
+        return fn
+    # every SDPA backend is tried; one that refuses the shapes (flash: V1's v head dim 2d; grouped
+    # heads for V2 on some backends) gets a row saying so
+    for backend in ("cudnn", "efficient", "flash"):
+        out[f"composed:{backend}"] = composed(backend)
     return out
 
 
 def reference(variant, x, do):
-    """Float32 composed output and gradients (memory-efficient SDPA: IEEE float32, no tf32)."""
+    """Float32 composed output and gradients (memory-efficient SDPA: IEEE float32, no tf32). That
+    kernel takes no grouped heads, so V2's k/v heads are repeated for it (inside autograd)."""
+    from diffattn.backends.cuda.ops.vanilla.composed import sdpa
     x = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
-    if x["q"].is_cuda:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            out = OPS[variant](**x, impl="composed")
-    else:
-        out = OPS[variant](**x, impl="composed")
+    with _sdpa_backend(x["q"].device, "efficient"):
+        if variant == "diff_v1":
+            out = diff_v1_attention(**x, impl="composed")
+        else:
+            group = x["q"].shape[2] // x["k"].shape[2]
+            a = sdpa(x["q"], *(x[n].repeat_interleave(group, dim=2) for n in ("k", "v")))
+            out = (a[:, 0::2] - x["lam"].transpose(1, 2)[..., None] * a[:, 1::2]).transpose(1, 2)
     out.backward(do)
     return {"out": out.detach(), **{n: t.grad for n, t in x.items()}}
+
+
+def _sdpa_backend(device, name):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                         "flash": SDPBackend.FLASH_ATTENTION}[name]])
 
 
 def rel(a, b):
@@ -110,11 +122,12 @@ def measure(fn, variant, x32, do32, dtype, mode, ref):
     if mode == "fwd":
         with torch.no_grad():
             out = fn(**x)
-        errs = [rel(out, ref["out"])]
+        errs = {"err": rel(out, ref["out"])}
     else:
         out = fn(**x)
         out.backward(do)
-        errs = [rel(out.detach(), ref["out"])] + [rel(t.grad, ref[n]) for n, t in x.items()]
+        errs = {"err": max([rel(out.detach(), ref["out"])] + [rel(x[n].grad, ref[n]) for n in ("q", "k", "v")]),
+                "err_dlam": rel(x["lam"].grad, ref["lam"])}
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else float("nan")
     del out
     for t in leaves:
@@ -127,7 +140,7 @@ def measure(fn, variant, x32, do32, dtype, mode, ref):
         else:
             fn(**x).backward(do)
     ms = bench(step, leaves if mode == "fwd+bwd" else None)
-    return dict(ms=ms, err=max(errs), peak_mib=peak)
+    return dict(ms=ms, peak_mib=peak, **errs)
 
 
 def matmul_tflops(device):
@@ -146,6 +159,9 @@ def run(variants, dims, lengths, modes, device, dtype, log):
             for L in lengths:
                 B = max(1, TOKENS // L)
                 x32, do32 = make_inputs(variant, B, L, d, device, seed=L + d)
+                # the reference sees the very values the timed dtype holds (V1's lambda stays float32)
+                x32 = {n: t if t.dim() == 0 else t.to(dtype).float() for n, t in x32.items()}
+                do32 = do32.to(dtype).float()
                 ref = reference(variant, x32, do32)
                 for mode in modes:
                     for name, fn in impls(variant, device).items():
@@ -186,12 +202,13 @@ def fmt(v, spec):
 
 
 def markdown(rows):
-    lines = ["| variant | d | L | B | mode | impl | ms | TFLOP/s | x best composed | max rel err | peak MiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | d | L | B | mode | impl | ms | TFLOP/s | x best composed | max rel err | err dlam | peak MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['d']} | {r['L']} | {r['B']} | {r['mode']} | {r['impl']} | "
                      f"{fmt(r.get('ms'), '.3f')} | {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('vs_best_composed'), '.2f')} | "
-                     f"{fmt(r.get('err'), '.1e')} | {fmt(r.get('peak_mib'), '.0f')} | {r.get('note', '')} |")
+                     f"{fmt(r.get('err'), '.1e')} | {fmt(r.get('err_dlam'), '.1e')} | {fmt(r.get('peak_mib'), '.0f')} | "
+                     f"{r.get('note', '')} |")
     return "\n".join(lines)
 
 

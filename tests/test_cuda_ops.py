@@ -107,11 +107,10 @@ OPS = {"vanilla": (vanilla_attention, vanilla_oracle), "diff_v1": (diff_v1_atten
 
 
 def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False):
-    """Forward + backward of one implementation vs the oracle; returns {name: relative error}."""
+    """Forward + backward of one implementation vs the oracle on the same (dtype-rounded) inputs;
+    returns {name: relative error}."""
     op, oracle = OPS[variant]
     x = inputs(variant, B, L, H, G, d, seed)
-    do = np.random.default_rng(seed + 1).standard_normal(out_shape(variant, x))
-    ref = oracle(**x, do=do)
     ts = {}
     for name, a in x.items():
         lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # V1's lambda is a float32 parameter
@@ -119,9 +118,11 @@ def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=Fal
         if strided and a.ndim == 4:  # a non-contiguous view with the same values, as projections give
             t = torch.cat([t, t], dim=-1)[..., : a.shape[-1]]
         ts[name] = t.requires_grad_(True)
+    do = torch.tensor(np.random.default_rng(seed + 1).standard_normal(out_shape(variant, x)), dtype=dtype, device=device)
+    ref = oracle(**{n: t.detach().double().cpu().numpy() for n, t in ts.items()}, do=do.double().cpu().numpy())
     out = op(**ts, impl=impl)
     assert out.dtype == dtype and out.is_contiguous() and out.shape == ref["out"].shape
-    out.backward(torch.tensor(do, dtype=dtype, device=device))
+    out.backward(do)
     errs = {"out": rel(out.detach().double().cpu(), ref["out"])}
     for name, t in ts.items():
         errs["d" + name] = rel(t.grad.double().cpu(), ref[name])
@@ -202,6 +203,15 @@ def test_fused_interpreted_float32(variant, shape):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+def test_fused_forward_in_column_slices(monkeypatch):
+    """The forward split over V's columns (used for V1 at d 128 on the GPU) gives the same result."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.FWD_SLICES, (16, 32, 4), 2)
+    assert_close(check("diff_v1", "fused", 1, 37, 2, 1, 16, torch.float32), torch.float32)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_interpreted_float16(variant):
     # bfloat16 is not tested here: Triton 3.6's interpreter computes bf16 dots wrongly; the GPU tests cover it
@@ -245,11 +255,30 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-@pytest.mark.parametrize("shape", GPU_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, dtype", [(s, t) for s in GPU_CASES for t in (torch.float32, torch.bfloat16)]
+                         + [(GPU_CASES[1], torch.float16)])  # float16 takes bfloat16's path; one shape
 def test_fused_gpu(variant, shape, dtype):
     """Float32 runs every dot in IEEE precision (never tf32), so it must meet 1e-5."""
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_fused_gpu_under_torch_compile(variant):
+    """torch.compile (inductor) traces through the custom ops: same output and gradients as eager."""
+    op = OPS[variant][0]
+    x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
+                         requires_grad=True) for n, a in inputs(variant, 2, 333, 4, 2, 64, 9).items()}
+
+    def loss(q, k, v, lam):
+        return (op(q, k, v, lam, "fused").float() ** 2).sum()
+
+    eager = torch.autograd.grad(loss(**x), list(x.values()))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(**x), list(x.values()))
+    for a, b in zip(compiled, eager):
+        assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 1e-2
 
 
 @gpu

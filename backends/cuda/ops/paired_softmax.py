@@ -91,9 +91,8 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base, skl,
 
 
 @triton.jit
-def _query_block(Q, sqb, sql, sqh, L, H, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's (batch, output head i, kv head g), its query rows and both sub-heads' tiles."""
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     i = bh % H
@@ -111,10 +110,16 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
                          L, H, GROUP, qk_scale,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, L, H, GROUP, D, BLOCK_M)
+    """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
+    when two (BLOCK_M, width) accumulators would not fit in registers): program_id(0) enumerates
+    (query block, column slice); each slice recomputes both maps' scores."""
+    n_slices = tl.num_programs(0) // tl.cdiv(L, BLOCK_M)
+    pid_m = tl.program_id(0) // n_slices
+    col0 = (tl.program_id(0) % n_slices) * DV
+    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
     k1_base = K + b * skb + (g * K_STEP) * skh
     k2_base = k1_base + skh
-    v_base = V + b * svb + g * svh
+    v_base = V + b * svb + g * svh + col0
 
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -134,13 +139,13 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
     o1 = acc1 / l1[:, None]
     o2 = acc2 / l2[:, None]
-    offs_dv = tl.arange(0, DV)
-    o_ptrs = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
+    o_ptrs = b * sob + offs_m[:, None] * sol + i * soh + col0 + tl.arange(0, DV)[None, :]
     tl.store(OUT + o_ptrs, (o1 - lam[:, None] * o2).to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(O2 + o_ptrs, o2.to(O2.dtype.element_ty), mask=row_ok[:, None])
     lse_base = LSE + (b * H + i) * 2 * L
-    tl.store(lse_base + offs_m, m1 + tl.math.log2(l1), mask=row_ok)
-    tl.store(lse_base + L + offs_m, m2 + tl.math.log2(l2), mask=row_ok)
+    first = row_ok & (col0 == 0)  # every slice has the same statistics; one writes them
+    tl.store(lse_base + offs_m, m1 + tl.math.log2(l1), mask=first)
+    tl.store(lse_base + L + offs_m, m2 + tl.math.log2(l2), mask=first)
 
 
 @triton.jit
@@ -277,7 +282,8 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
-    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, L, H, GROUP, D, BLOCK_M)
+    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, tl.program_id(0), L, H, GROUP, D,
+                                                                BLOCK_M)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
     lse_base = LSE + (b * H + i) * 2 * L
@@ -311,25 +317,41 @@ LOG2E = 1.4426950408889634
 # one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
 # the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
 # (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
-# tiles so K/V stages fit in shared memory. Benchmarks may set OVERRIDES[(kernel, D, DV, itemsize)].
+# tiles so K/V stages fit in shared memory. TUNED holds the 16-bit shapes measured best by
+# benchmarks/kernels_sweep.py on the H100 (docs/kernels.md); other shapes follow the rules below.
+# Benchmarks may set OVERRIDES[(kernel, D, DV, itemsize)].
+TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
+    ("fwd", 64, 128): (128, 64, 8, 3),
+    ("fwd", 64, 64): (64, 64, 4, 3),
+    ("fwd", 128, 256): (128, 64, 8, 2),  # per column slice of 128 (FWD_SLICES)
+    ("dkdv", 64, 128): (64, 128, 8, 2),
+    ("dkdv", 64, 64): (64, 128, 8, 2),
+    ("dkdv", 128, 256): (32, 128, 8, 2),
+    ("dq", 64, 128): (64, 64, 4, 2),
+    ("dq", 64, 64): (64, 64, 4, 2),
+}
+# Forward column slices: DIFF V1 at d 128 has V 256 wide, and two (BLOCK_M, 256) accumulators spill;
+# two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
+FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 16, 16, 4, 1
-    key = (kernel, D, DV, dtype.itemsize)
-    if key in OVERRIDES:
-        return OVERRIDES[key]
+    if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
+        return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
     if kernel == "delta":
         return 64, 0, 4, 1
     if dtype.itemsize == 4:
         return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
+    if (kernel, D, DV) in TUNED:
+        return TUNED[(kernel, D, DV)]
     if kernel == "fwd":
-        return (128, 64, 8, 2) if 2 * DV <= 256 else (64, 32, 8, 2)
+        return (128, 64, 8, 3) if 2 * DV <= 256 else (64, 32, 8, 2)
     if kernel == "dkdv":
-        return (32, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 64, 8, 2)
-    return (128, 32, 8, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
+        return (64, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 128, 8, 2)
+    return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
 
 
 def _precision(dtype):
@@ -349,10 +371,11 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     o2 = torch.empty_like(out)
     lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
+    slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
     sm_scale = 1.0 / math.sqrt(D)
-    paired_attention_fwd[(triton.cdiv(L, bm), B * H)](
+    paired_attention_fwd[(triton.cdiv(L, bm) * slices, B * H)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
-        L, H, H // G, sm_scale * LOG2E, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k,
+        L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
         BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
     return out, o2, lse
 
