@@ -37,19 +37,18 @@ class Rotary(nn.Module):
 
     def _build(self, length: int, device=None):
         inv_freq = self.theta ** (-np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
-        angle = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        angle = np.repeat(np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :], 2, axis=1)
+        sign = np.tile([-1.0, 1.0], self.dim // 2)  # out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j+1] cos + x[2j] sin
         self.register_buffer("cos", torch.from_numpy(np.cos(angle)).to(device), persistent=False)
-        self.register_buffer("sin", torch.from_numpy(np.sin(angle)).to(device), persistent=False)
+        self.register_buffer("sin", torch.from_numpy(np.sin(angle) * sign).to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, heads, dim) -> same shape, position of x[:, t] is t."""
         L = x.shape[1]
         if L > self.cos.shape[0]:
             self._build(L, self.cos.device)
-        cos = self.cos[:L, None, :].to(x.dtype)
-        sin = self.sin[:L, None, :].to(x.dtype)
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2j+1], x[2j]) pairs
+        return x * self.cos[:L, None, :].to(x.dtype) + swapped * self.sin[:L, None, :].to(x.dtype)
 
 
 class Attention(nn.Module):
