@@ -125,7 +125,7 @@ def git_commit() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="stage1:2048:16384,small:2048:16384",
+    ap.add_argument("--runs", default="stage1:2048:16384,small:256:16384",
                     help="comma-separated preset:seq_len:tokens_per_step")
     ap.add_argument("--variants", default="diff,vanilla,diff_v2")
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
