@@ -54,7 +54,7 @@ def attention_rows(lengths, dims, tokens, repeats):
             row = dict(d=d, L=L, B=B, H=H, check=err)
             for name, f in (("fused", diff_v1_fused), ("composed", diff_v1_composed)):
                 fwd = timeit(lambda: f(q, k, v, lam), repeats)
-                bwd = timeit(lambda: mx.vjp(f, [q, k, v, lam], [do])[1], repeats)
+                bwd = timeit(lambda: mx.vjp(f, [q, k, v, lam], [do]), repeats)  # output and all grads
                 row[name] = (fwd, bwd)
                 print(f"d={d} L={L} B={B} H={H} {name:8s} fwd {fwd * 1e3:8.2f} ms ({flops / fwd / 1e12:6.2f} TFLOP/s)"
                       f"  fwd+bwd {bwd * 1e3:8.2f} ms ({3.5 * flops / bwd / 1e12:6.2f} TFLOP/s)  rel.err {err:.1e}",

@@ -11,12 +11,17 @@ ops (SDPA, RoPE, RMSNorm) compute in float32 whatever the input.
 """
 from __future__ import annotations
 
+import os
+
 from diffattn.backend import BackendError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def create(device=None, dtype=None, kernels="auto"):
+    # MLX's CUDA build runs float32 matmuls as TF32 (10-bit mantissa, ~5e-4 relative) unless told
+    # otherwise; the spec wants float32. Read once per process, at MLX's first float32 GEMM.
+    os.environ.setdefault("MLX_ENABLE_TF32", "0")
     import mlx.core as mx
 
     from diffattn.backends.mlx.ops import gpu_dialect
