@@ -45,6 +45,23 @@ def test_reference_vectors(kernels):
             assert err <= TOL, (case.name, tensor, err)
 
 
+def test_unseen_reference_vectors(tmp_path):
+    """Files of the fixture's format that this code never saw: the torch re-statement of
+    Microsoft's modules (tests/reference_modules.py) at other shapes, GQA and MQA."""
+    ref = pytest.importorskip("reference_modules", reason="needs torch for the independent reference")
+    path = tmp_path / "unseen.safetensors"
+    ref.write_file(path, {
+        "v1_mqa": dict(kind="diff_v1", D=64, H=4, G=1, B=2, L=13, depth=2, seed=31),
+        "v1_gqa": dict(kind="diff_v1", D=96, H=6, G=2, B=1, L=29, depth=6, seed=32),
+        "vanilla_gqa": dict(kind="vanilla", D=48, H=6, G=3, B=2, L=11, seed=33),
+        "v2_mqa": dict(kind="diff_v2", D=64, H=4, G=1, B=1, L=17, seed=34),
+    })
+    backend = load("mlx", device="cpu", dtype="float32", kernels="composed")
+    for case in conformance.read_cases(path):
+        for tensor, err in conformance.check_case(backend, case):
+            assert err <= TOL, (case.name, tensor, err)
+
+
 @pytest.mark.parametrize("attention,heads,kv", [("vanilla", 4, 1), ("diff", 4, 2), ("diff", 2, 1), ("diff_v2", 2, 1)])
 def test_attention_vjp_matches_spec_under_gqa(cpu, attention, heads, kv):
     cfg = ModelConfig(d_model=64, n_heads=heads, n_kv_heads=kv, attention=attention, n_layers=3)
