@@ -10,7 +10,10 @@ NAME.grad.<ref name>, and a metadata entry NAME -> JSON with `kind` and the cons
 Cases are chosen by `kind`; shapes, head grouping and sequence length come from the file. For
 each case the backend runs forward and backward and the relative error ||a - ref|| / ||ref|| of
 the output, the input gradient and every parameter gradient is printed. Exit status 1 if any
-exceeds the tolerance (default 1e-5; 2e-2 for bfloat16/float16), 2 on bad input.
+exceeds its bound, 2 on bad input. The bound is the tolerance (default 1e-5; 2e-2 for
+bfloat16/float16), except DIFF V1's lambda gradients in bfloat16/float16: a nearly cancelling
+reduction, bounded by 8 u kappa with kappa its amplification computed from the case (see
+`bounds`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ KINDS = {"diff_v1": "diff", "diff_v1_naive": "diff", "vanilla": "vanilla", "diff
 # the reference's own parameter names that differ from ours (V2's module calls out_proj o_proj)
 REF_NAMES = {"o_proj.weight": "out_proj.weight"}
 DEFAULT_TOL = {"float64": 1e-5, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
+# unit roundoff of the low-precision dtypes (8 and 11 significand bits)
+UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+LAMBDA_GRADS = ("grad.lambda_q1", "grad.lambda_k1", "grad.lambda_q2", "grad.lambda_k2")
 
 
 class ConformanceError(ValueError):
@@ -133,18 +139,39 @@ def check_case(backend, case: Case) -> list[tuple[str, float]]:
     return rows
 
 
+def bounds(case: Case, dtype: str, tol: float) -> dict[str, float]:
+    """Per-tensor bounds that differ from tol (none in float32/float64).
+
+    DIFF V1's lambda gradients all scale one scalar, dL/dlambda = -sum(t), t = dO * O2, a sum of
+    B*L*H*2d terms that nearly cancels. In bf16/fp16 each term carries a relative error of a few
+    unit roundoffs u (both factors come out of rounded matmuls and a rounded softmax); independent
+    errors add to about e * kappa relative error, kappa = ||t||_2 / |sum t| (5-20 on the shipped
+    fixture, computed per case). The bound 8 u kappa admits e up to ~2.7 u at three standard
+    deviations; it can exceed tol however exact the implementation, and stays below 1 on the
+    fixture, so a zero or sign-flipped gradient still fails."""
+    if dtype not in UNIT_ROUNDOFF or case.cfg.attention != "diff":
+        return {}
+    from diffattn import spec
+
+    kappa = spec.lambda_grad_condition(case.cfg, case.layer, case.params, case.tensors["x"], case.tensors["grad_out"])
+    return {k: max(tol, 8 * UNIT_ROUNDOFF[dtype] * kappa) for k in LAMBDA_GRADS}
+
+
 def run(paths, backend, tol: float, out=sys.stdout) -> bool:
     ok = True
-    print(f"{'case':16s} {'kind':14s} {'layout':24s} {'tensor':24s} {'rel.err':>9s}", file=out)
+    print(f"{'case':16s} {'kind':14s} {'layout':24s} {'tensor':24s} {'rel.err':>9s} {'bound':>9s}", file=out)
     for path in paths:
         for case in read_cases(path):
             c = case.cfg
             layout = f"B{case.tensors['x'].shape[0]} L{c.max_seq_len} D{c.d_model} H{c.n_heads} G{c.kv_heads} d{c.head_dim}"
+            special = bounds(case, backend.dtype, tol)
             for i, (tensor, err) in enumerate(check_case(backend, case)):
-                bad = not err <= tol  # NaN fails
+                bound = special.get(tensor, tol)
+                bad = not err <= bound  # NaN fails
                 ok &= not bad
                 head = (case.name, case.kind, layout) if i == 0 else ("", "", "")
-                print(f"{head[0]:16s} {head[1]:14s} {head[2]:24s} {tensor:24s} {err:9.2e}{'  FAIL' if bad else ''}", file=out)
+                print(f"{head[0]:16s} {head[1]:14s} {head[2]:24s} {tensor:24s} {err:9.2e} {bound:9.2e}"
+                      f"{'  FAIL' if bad else ''}", file=out)
     return ok
 
 

@@ -224,6 +224,20 @@ def attention_vjp(cfg: ModelConfig, layer: int, p, x, grad_out, dtype=np.float64
     return out, dx, grads
 
 
+def lambda_grad_condition(cfg: ModelConfig, layer: int, p, x, grad_out) -> float:
+    """||t||_2 / |sum t| for the reduction dL/dlambda = -sum(t), t = dO * O2 (DIFF V1).
+
+    With independent relative errors of size e in the terms, the gradient's relative error is
+    about e * this ratio: it measures how much the near cancellation amplifies rounding.
+    """
+    p = _cast(p, np.float64)
+    _, c = _attention_forward(cfg, layer, p, np.asarray(x, np.float64))
+    dy = _heads(np.asarray(grad_out, np.float64) @ p["out_proj.weight"], cfg.n_heads)
+    do, _ = rmsnorm_backward(c["o"], p["subln.weight"], cfg.norm_eps, dy * (1.0 - cfg.lambda_init(layer)))
+    t = do * c["o2"]
+    return float(np.sqrt(np.sum(t * t)) / max(abs(t.sum()), 1e-300))
+
+
 # ---- the model --------------------------------------------------------------------------------
 
 

@@ -99,3 +99,27 @@ def test_rope_tables_of_the_file_are_the_specs():
     for case in conformance.read_cases(FIXTURE):
         cos, _ = spec.rope_tables(case.cfg.max_seq_len, case.cfg.head_dim)
         assert conformance.rel_err(cos, case.tensors["cos"]) <= 1e-6
+
+
+def to_bf16(a):
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_low_precision_lambda_bounds_follow_the_conditioning():
+    diff_cases = [c for c in conformance.read_cases(FIXTURE) if c.cfg.attention == "diff"]
+    for case in diff_cases:
+        assert conformance.bounds(case, "float32", 1e-5) == {}
+        b = conformance.bounds(case, "bfloat16", 2e-2)
+        assert set(b) == set(conformance.LAMBDA_GRADS)
+        bound = b["grad.lambda_q1"]
+        # the exact spec on bf16-rounded inputs (what any bf16 implementation starts from) is inside
+        p = {k: to_bf16(v) if v.ndim >= 2 else v for k, v in case.params.items()}
+        _, _, grads = spec.attention_vjp(case.cfg, case.layer, p, to_bf16(case.tensors["x"]), case.tensors["grad_out"])
+        assert conformance.rel_err(grads["lambda_q1"], case.grads["lambda_q1"]) <= bound
+        # while a wrong gradient (sign flipped, or lambda's exp factor dropped) is outside
+        assert conformance.rel_err(-case.grads["lambda_q1"], case.grads["lambda_q1"]) > bound
+        assert bound < 1.0
+    assert all(conformance.bounds(c, "bfloat16", 2e-2) == {} for c in conformance.read_cases(FIXTURE)
+               if c.cfg.attention != "diff")
