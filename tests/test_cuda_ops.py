@@ -237,6 +237,21 @@ def test_fused_traces_under_torch_compile(variant):
         assert rel(a.double(), b.double().numpy()) <= 1e-6
 
 
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_fused_custom_ops_pass_opcheck(variant):
+    """torch.library.opcheck: schema, autograd registration, fake kernels (shapes and strides the
+    real kernels give) and AOT dispatch, for the forward and the backward op."""
+    x = {n: torch.tensor(a, dtype=torch.float32, requires_grad=True) for n, a in inputs(variant, 1, 19, 2, 1, 16, 7).items()}
+    OPS[variant][0](**x, impl="fused")  # imports the module that registers the ops
+    fwd, bwd = getattr(torch.ops.diffattn, variant + "_fwd").default, getattr(torch.ops.diffattn, variant + "_bwd").default
+    torch.library.opcheck(fwd, tuple(x.values()))
+    saved = [t.detach() for t in fwd(*x.values())]
+    do = torch.randn(saved[0].shape)
+    torch.library.opcheck(bwd, (do, *(t.detach() for t in x.values()), *saved))
+
+
 def test_fused_on_cpu_without_interpreter_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.zeros(1, 4, 4, 8)

@@ -33,8 +33,8 @@ def make_op(name, k_step, shared_k, lam_rows, lam_grad):
         return dq, dk, dv, lam_grad(delta[:, :, 1], lam)
 
     @bwd.register_fake
-    def _(do, q, k, v, lam, out, o2, lse):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lam)
+    def _(do, q, k, v, lam, out, o2, lse):  # the kernels write contiguous gradients
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape)
 
     def setup_context(ctx, inputs, output):
         out, o2, lse = output

@@ -323,12 +323,15 @@ LOG2E = 1.4426950408889634
 TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
     ("fwd", 64, 128): (128, 64, 8, 3),
     ("fwd", 64, 64): (64, 64, 4, 3),
-    ("fwd", 128, 256): (128, 64, 8, 2),  # per column slice of 128 (FWD_SLICES)
+    ("fwd", 128, 256): (128, 64, 8, 3),  # per column slice of 128 (FWD_SLICES)
+    ("fwd", 128, 128): (128, 64, 8, 4),
     ("dkdv", 64, 128): (64, 128, 8, 2),
     ("dkdv", 64, 64): (64, 128, 8, 2),
     ("dkdv", 128, 256): (32, 128, 8, 2),
     ("dq", 64, 128): (64, 64, 4, 2),
     ("dq", 64, 64): (64, 64, 4, 2),
+    ("dq", 128, 256): (128, 32, 8, 2),
+    ("dq", 128, 128): (64, 32, 4, 2),
 }
 # Forward column slices: DIFF V1 at d 128 has V 256 wide, and two (BLOCK_M, 256) accumulators spill;
 # two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
