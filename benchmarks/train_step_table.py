@@ -57,12 +57,14 @@ def matmul_tflops(n=8192, reps=10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, warmup, steps, profile=None):
+def measure(name, variant, seq_len, tokens, micro, compile, device, dtype, kernels, warmup, steps, profile=None):
+    """One row: `micro` micro-batches of `tokens` tokens each per optimizer step."""
     cfg = preset(name, attention=variant)
     batch_size = max(1, tokens // seq_len)
+    shape = (micro, batch_size, seq_len + 1) if micro > 1 else (batch_size, seq_len + 1)
     model = create(device=device, dtype=dtype, kernels=kernels, compile=compile).build(cfg, init_params(cfg, seed=0))
     rng = np.random.default_rng(0)
-    batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1))).to(device)
+    batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, shape)).to(device)
                for _ in range(4)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -80,8 +82,8 @@ def measure(name, variant, seq_len, tokens, compile, device, dtype, kernels, war
     kernel_summary = profile_steps(model, batches[0], profile) if profile else ""
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
-    return dict(preset=name, variant=variant, compile=compile, B=batch_size, L=seq_len,
-                params=cfg.num_params(), step_ms=step_s * 1e3, tokens_s=batch_size * seq_len / step_s,
+    return dict(preset=name, variant=variant, compile=compile, micro=micro, B=batch_size, L=seq_len,
+                params=cfg.num_params(), step_ms=step_s * 1e3, tokens_s=micro * batch_size * seq_len / step_s,
                 flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
                 warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary)
@@ -126,7 +128,7 @@ def git_commit() -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="stage1:2048:16384,small:256:16384",
-                    help="comma-separated preset:seq_len:tokens_per_step")
+                    help="comma-separated preset:seq_len:tokens_per_micro_batch[:micro_batches_per_step]")
     ap.add_argument("--variants", default="diff,vanilla,diff_v2")
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
     ap.add_argument("--compile-presets", default="stage1", help="presets also timed compiled")
@@ -142,7 +144,7 @@ def main(argv=None):
     start = time.perf_counter()
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
-        a.runs, a.compile, a.warmup, a.steps = "tiny:16:32", "off", 1, 2
+        a.runs, a.compile, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", 1, 2
     os.makedirs(a.out, exist_ok=True)
     head = [f"# Training-step throughput ({'smoke, CPU' if a.smoke else torch.cuda.get_device_name()})", "",
             f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/train_step_table.py', *argv])}`",
@@ -159,7 +161,8 @@ def main(argv=None):
                     f"{mm / 1e12:.0f} TFLOP/s (this run)")
     rows, notes = [], []
     for run in a.runs.split(","):
-        name, seq_len, tokens = run.split(":")
+        name, seq_len, tokens, *micro = run.split(":")
+        micro = int(micro[0]) if micro else 1
         for compile in [c == "on" for c in a.compile.split(",")]:
             if compile and name not in a.compile_presets.split(","):
                 continue
@@ -169,32 +172,33 @@ def main(argv=None):
                     continue
                 try:
                     prof = (os.path.join(a.out, f"profile_{name}_{variant}_compile_{'on' if compile else 'off'}.txt")
-                            if f"{name}:{variant}" in a.profile.split(",") and not a.smoke else None)
-                    r = measure(name, variant, int(seq_len), int(tokens), compile, device, dtype, kernels,
+                            if f"{name}:{variant}" in a.profile.split(",") and micro == 1 and not a.smoke else None)
+                    r = measure(name, variant, int(seq_len), int(tokens), micro, compile, device, dtype, kernels,
                                 a.warmup, a.steps, prof)
                 except Exception as e:  # one failing row must not hide the others
                     notes.append(f"FAILED {name} {variant} compile={compile}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                     continue
                 rows.append(r)
                 print(f"{name} {variant} compile={compile}: {r['step_ms']:.1f} ms/step, {r['tokens_s']:.0f} tok/s", flush=True)
-    table = ["| preset | variant | compile | B x L | params | ms/step | tokens/s | vs vanilla | TFLOP/s | MFU (datasheet) "
+    table = ["| preset | variant | compile | micro x B x L | params | ms/step | tokens/s | vs vanilla | TFLOP/s | MFU (datasheet) "
              "| MFU (measured matmul) | MFU (PaLM conv.) | peak GiB | warm-up s | loss first -> last |",
              "|" + "---|" * 15]
     for r in rows:
-        base = next((x for x in rows if (x["preset"], x["compile"], x["variant"]) == (r["preset"], r["compile"], "vanilla")), None)
+        key = lambda x: (x["preset"], x["compile"], x["micro"], x["L"])  # noqa: E731
+        base = next((x for x in rows if key(x) == key(r) and x["variant"] == "vanilla"), None)
         tf = r["flops_tok"] * r["tokens_s"]
         table.append(
-            f"| {r['preset']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {r['B']} x {r['L']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['preset']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {r['micro']} x {r['B']} x {r['L']} | {r['params'] / 1e6:.1f}M "
             f"| {r['step_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / base['tokens_s'] if base else float('nan'):.3f} "
             f"| {tf / 1e12:.0f} | {tf / peak:.1%} | {tf / mm:.1%} | {r['palm_flops_tok'] * r['tokens_s'] / peak:.1%} "
             f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     verdict = []
-    for compile in (False, True):
-        d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"]) == ("stage1", var, compile)), None)
+    for compile, micro in sorted({(r["compile"], r["micro"]) for r in rows}):
+        d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"], x["micro"]) == ("stage1", var, compile, micro)), None)
                 for var in ("diff", "vanilla"))
         if d and v:
             mfu = d["flops_tok"] * d["tokens_s"] / peak
-            verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'}: DIFF MFU "
+            verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'} micro-batches={micro}: DIFF MFU "
                            f"{mfu:.1%} ({'MET' if mfu >= 0.40 else 'NOT MET'}, goal >= 40% of datasheet); DIFF/vanilla "
                            f"tokens/s {d['tokens_s'] / v['tokens_s']:.3f} ({'MET' if d['tokens_s'] >= 0.92 * v['tokens_s'] else 'NOT MET'}, goal >= 0.92)")
     kernel_lines = [f"- kernels, {r['preset']} {r['variant']} compile={'on' if r['compile'] else 'off'}: {r['kernels']}"

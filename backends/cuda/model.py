@@ -27,27 +27,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Interleaved (GPT-J) RoPE over heads of `dim`: pairs (2j, 2j+1) rotated by pos * theta^(-2j/dim).
-    Tables are built in float64 and kept as non-persistent buffers (not parameters, not saved)."""
+    """RoPE over heads of `dim` whose coordinates come in half-split order: the spec's interleaved
+    pair (2j, 2j+1) sits at (j, j + dim/2) and is rotated by pos * theta^(-2j/dim).
+
+    Attention only takes dot products of q with k, which a permutation of the coordinates applied
+    to both leaves unchanged; so Attention permutes the rows of q_proj and k_proj per head (at
+    use, the stored weights stay canonical) and rotates contiguous halves, which GPUs read with
+    wide loads, instead of interleaved pairs. Tables: float64, non-persistent buffers."""
 
     def __init__(self, dim: int, theta: float, length: int):
         super().__init__()
         self.dim, self.theta = dim, theta
         self._build(length)
 
+    @staticmethod
+    def half_split(heads: int, dim: int) -> torch.Tensor:
+        """Row order taking each head's interleaved coordinates (0, 1, 2, ...) to (0, 2, ..., 1, 3, ...)."""
+        order = torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
+        return (torch.arange(heads)[:, None] * dim + order).flatten()
+
     def _build(self, length: int, device=None):
         inv_freq = self.theta ** (-np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
-        angle = np.repeat(np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :], 2, axis=1)
-        sign = np.tile([-1.0, 1.0], self.dim // 2)  # out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j+1] cos + x[2j] sin
+        angle = np.tile(np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :], 2)
+        sign = np.repeat([-1.0, 1.0], self.dim // 2)  # out[j] = x[j] cos - x[j+h] sin, out[j+h] = x[j+h] cos + x[j] sin
         self.register_buffer("cos", torch.from_numpy(np.cos(angle)).to(device), persistent=False)
         self.register_buffer("sin", torch.from_numpy(np.sin(angle) * sign).to(device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, heads, dim) -> same shape, position of x[:, t] is t."""
+        """x (B, L, heads, dim) in half-split order -> same shape; the position of x[:, t] is t."""
         L = x.shape[1]
         if L > self.cos.shape[0]:
             self._build(L, self.cos.device)
-        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2j+1], x[2j]) pairs
+        swapped = x.roll(self.dim // 2, dims=-1)  # the halves exchanged
         return x * self.cos[:L, None, :].to(x.dtype) + swapped * self.sin[:L, None, :].to(x.dtype)
 
 
@@ -71,13 +82,19 @@ class Attention(nn.Module):
         elif cfg.attention == "diff_v2":
             self.lambda_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
+        qk_rows = torch.cat([Rotary.half_split(cfg.q_heads, cfg.head_dim),
+                             cfg.q_heads * cfg.head_dim + Rotary.half_split(cfg.k_heads, cfg.head_dim)])
+        self.register_buffer("qk_rows", qk_rows, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, (B, L, _) = self.cfg, x.shape
         d = cfg.head_dim
-        # one matmul for q, k, v (and V2's lambda_proj): the weights concatenated, outputs split
+        # one matmul for q, k, v (and V2's lambda_proj): the weights concatenated (q and k rows in
+        # Rotary's half-split order), the output split
         projs = [self.q_proj, self.k_proj, self.v_proj] + ([self.lambda_proj] if cfg.attention == "diff_v2" else [])
-        outs = F.linear(x, torch.cat([p.weight for p in projs])).split([p.out_features for p in projs], -1)
+        qk = torch.cat([self.q_proj.weight, self.k_proj.weight])[self.qk_rows]
+        w = torch.cat([qk] + [p.weight for p in projs[2:]])
+        outs = F.linear(x, w).split([p.out_features for p in projs], -1)
         q = self.rotary(outs[0].view(B, L, cfg.q_heads, d))
         k = self.rotary(outs[1].view(B, L, cfg.k_heads, d))
         v = outs[2].view(B, L, cfg.kv_heads, cfg.v_head_dim)
