@@ -215,12 +215,16 @@ def test_ten_steps_float32_match_the_numpy_train_step(attention):
     assert rel(p[worst], rp[worst]) <= 1e-5, worst
 
 
-@pytest.mark.parametrize("attention", ["diff", "diff_v2"])
-def test_each_float32_update_is_the_spec_update_of_our_gradients(attention):
+@pytest.mark.parametrize("attention,fused_adamw", [("diff", False), ("diff_v2", False), ("diff", True)])
+def test_each_float32_update_is_the_spec_update_of_our_gradients(attention, fused_adamw):
     """Step by step, with the default eps: our update equals optim.adamw_step applied to our own
-    gradients (averaged over the micro-batches) and optimizer state."""
+    gradients (averaged over the micro-batches) and optimizer state. fused_adamw: the fused
+    AdamW kernel that the backend uses on CUDA (PyTorch has it on the CPU too)."""
+    from diffattn.backends.cuda.train import make_adamw
+
     cfg = preset("tiny", attention=attention)
     model = cpu("composed").build(cfg, init_params(cfg, seed=0), AdamWConfig(grad_clip=0.05))
+    model.optimizer = make_adamw(model.module, AdamWConfig(grad_clip=0.05), fused=fused_adamw)
     clipped = False
     for batch in batches(cfg, 5, (2, 2, 17)):
         params, state = model.state()
