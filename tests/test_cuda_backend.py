@@ -16,11 +16,12 @@ torch = pytest.importorskip("torch")
 
 from diffattn import conformance, optim  # noqa: E402
 from diffattn.backend import BackendError, load  # noqa: E402
-from diffattn.config import AdamWConfig, preset  # noqa: E402
+from diffattn.config import AdamWConfig, TrainConfig, preset  # noqa: E402
 from diffattn.params import init_params  # noqa: E402
 
 FIXTURE = "tests/fixtures/reference_diffattn.safetensors"
 VARIANTS = ("vanilla", "diff", "diff_v2")
+SCHEDULE = TrainConfig(steps=10, warmup_steps=3, lr=3e-3)
 HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -182,19 +183,13 @@ def test_ten_steps_float64_match_the_numpy_train_step(attention):
     params = init_params(cfg, seed=0)
     ours, ref = cpu("composed", "float64").build(cfg, params), numpy_backend().build(cfg, params)
     for step, batch in enumerate(batches(cfg, 10, (2, 2, 17))):  # 2 micro-batches per step
-        lr = optim.lr_at(step, preset_train())
+        lr = optim.lr_at(step, SCHEDULE)  # warm-up then cosine: a different lr every step
         assert abs(float(ours.train_step(batch, lr)) - float(ref.train_step(batch, lr))) <= 1e-10
     (p, s), (rp, rs) = ours.state(), ref.state()
     assert s["step"] == rs["step"] == 10
     for n in rp:
         assert rel(p[n], rp[n]) <= 1e-10 and rel(s["m"][n], rs["m"][n]) <= 1e-10, n
         assert rel(s["v"][n], rs["v"][n]) <= 1e-10, n
-
-
-def preset_train():
-    from diffattn.config import TrainConfig
-
-    return TrainConfig(steps=10, warmup_steps=3, lr=3e-3)
 
 
 @pytest.mark.parametrize("attention", VARIANTS)
