@@ -1,0 +1,218 @@
+"""Plumbing shared by the asv suite (private: asv instantiates only public classes it finds).
+
+Rules every benchmark here keeps:
+- `params` are literals, the same on every machine. What a machine lacks (a framework, a GPU, a
+  kernel) is a skip: `setup` raises NotImplementedError, which asv records as skipped (NaN).
+- Module level imports only the standard library, numpy and diffattn: asv spawns one process per
+  benchmark and parameter combination, and frameworks are imported in `setup` only.
+- Timed bodies end with `Runtime.sync(...)`: torch.cuda.synchronize() on CUDA, mx.eval(...) on
+  MLX; lazy or asynchronous work is never left outside the clock.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import statistics
+import time
+
+BACKENDS = ("mlx", "torch")  # the two stacks; "torch" is diffattn.backend.load("cuda", ...)
+REGISTRY_NAME = {"mlx": "mlx", "torch": "cuda"}
+FRAMEWORK = {"mlx": "mlx", "torch": "torch"}
+VARIANTS = ("vanilla", "diff", "diff_v2")
+IMPLS = ("naive", "composed", "fused")
+
+# dense peak FLOP/s by (device name substring, dtype): the MFU denominator. Datasheet figures
+# (H100 / H200 SXM: 989.4 TFLOP/s bf16 dense, 66.9 fp32 non-tensor). Unknown device: no MFU.
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989.4e12, ("H100", "float16"): 989.4e12, ("H100", "float32"): 66.9e12,
+    ("H200", "bfloat16"): 989.4e12, ("H200", "float16"): 989.4e12, ("H200", "float32"): 66.9e12,
+}
+
+
+try:  # asv_runner's skip also counts when raised in a benchmark body, not only in setup
+    from asv_runner.benchmarks.mark import SkipNotImplemented as _SkipBase
+except ImportError:  # imported outside asv (tests, scripts)
+    _SkipBase = NotImplementedError
+
+
+class Skip(_SkipBase):
+    """This machine cannot run a combination: asv records a skip (NaN), never a number."""
+
+
+def _gpu_plausible(backend: str) -> bool:
+    """Cheap negative test, before any framework import: False means surely no GPU for backend."""
+    if backend == "mlx" and platform.system() == "Darwin":
+        return platform.machine() == "arm64"
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+class Runtime:
+    """One framework on this machine's best device: which device, the dtype benchmarks use there,
+    and how to wait for queued work."""
+
+    def __init__(self, backend: str, need_gpu: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+        if need_gpu and not _gpu_plausible(backend):
+            raise Skip(f"{backend}: this combination needs a GPU and the machine has none")
+        if importlib.util.find_spec(FRAMEWORK[backend]) is None:
+            raise Skip(f"{backend}: {FRAMEWORK[backend]} is not installed")
+        self.backend = backend
+        if backend == "torch":
+            import torch
+
+            self.fw = torch
+            self.gpu = torch.cuda.is_available()
+            self.device = "cuda" if self.gpu else "cpu"
+            self.device_name = torch.cuda.get_device_name() if self.gpu else platform.processor() or "cpu"
+        else:
+            import mlx.core as mx
+
+            self.fw = mx
+            self.gpu = mx.default_device() == mx.gpu
+            self.device = "gpu" if self.gpu else "cpu"
+            self.device_name = _mlx_device_name(mx) if self.gpu else platform.processor() or "cpu"
+        if need_gpu and not self.gpu:
+            raise Skip(f"{backend}: this combination needs a GPU and {FRAMEWORK[backend]} sees none")
+        # GPU: bf16, the dtype kernels are written for; CPU: float32 (bf16 is emulated there)
+        self.dtype = "bfloat16" if self.gpu else "float32"
+
+    def sync(self, *outputs):
+        """Block until `outputs` (and, on CUDA, everything queued) are computed."""
+        if self.backend == "torch":
+            if self.gpu:
+                self.fw.cuda.synchronize()
+        else:
+            self.fw.eval(*outputs)
+
+    def reset_peak_memory(self):
+        if self.backend == "torch":
+            if self.gpu:
+                self.fw.cuda.reset_peak_memory_stats()
+        else:
+            self.fw.reset_peak_memory()
+
+    def peak_memory(self) -> float:
+        """Peak device memory held by the framework's allocator since the last reset, in bytes
+        (NaN for torch on a CPU, whose allocator keeps no such count)."""
+        if self.backend == "torch":
+            return float(self.fw.cuda.max_memory_allocated()) if self.gpu else float("nan")
+        return float(self.fw.get_peak_memory())
+
+    def peak_flops(self) -> float:
+        for (name, dtype), flops in PEAK_FLOPS.items():
+            if name in self.device_name and dtype == self.dtype:
+                return flops
+        raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
+
+    def random(self, shape, seed: int, low: float | None = None, high: float | None = None):
+        """A tensor of the framework on its device, in self.dtype: normal, or uniform(low, high)."""
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal(shape) if low is None else rng.uniform(low, high, shape)
+        x = x.astype(np.float32)
+        if self.backend == "torch":
+            return self.fw.from_numpy(x).to(device=self.device, dtype=getattr(self.fw, self.dtype))
+        return self.fw.array(x).astype(getattr(self.fw, self.dtype))
+
+
+def _mlx_device_name(mx) -> str:
+    try:
+        return str(mx.device_info().get("device_name", "gpu"))
+    except Exception:  # older MLX: metal.device_info only
+        return "gpu"
+
+
+def import_ops(backend: str):
+    """The attention ops module of a backend; a backend that has not landed them is a skip."""
+    name = f"diffattn.backends.{REGISTRY_NAME[backend]}.ops"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise Skip(f"{backend}: {name} does not exist yet") from None
+        raise
+
+
+def load_backend(rt: Runtime, kernels: str = "auto", dtype: str | None = None):
+    """diffattn.backend.load for this runtime's device; a backend not written yet is a skip."""
+    from diffattn import backend
+
+    module = backend.REGISTRY[REGISTRY_NAME[rt.backend]][0]
+    mod = importlib.import_module(module)
+    if not hasattr(mod, "create"):
+        raise Skip(f"{rt.backend}: {module} has no create() yet")
+    device = {"torch": rt.device, "mlx": None}[rt.backend]
+    return backend.load(REGISTRY_NAME[rt.backend], device=device, dtype=dtype or rt.dtype, kernels=kernels)
+
+
+def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:
+    """Median wall time of fn() with a sync after every call, after one untimed warm-up call.
+    Runs at least min_reps and stops at max_reps or once budget_s is spent."""
+    sync(fn())
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cached_entry(cache: dict, key: tuple):
+    """Look up a setup_cache measurement: a skip reason becomes a skip, a recorded error a failure."""
+    entry = cache.get(key)
+    if entry is None:
+        raise Skip(f"{key}: not measured")
+    if "skip" in entry:
+        raise Skip(entry["skip"])
+    if "error" in entry:
+        raise RuntimeError(entry["error"])
+    return entry
+
+
+def measure_all(keys, measure_one) -> dict:
+    """Run measure_one(*key) for every key, keeping skips and errors per key (one bad combination
+    must not hide the others). Values are plain floats and strings so the pickled cache needs no framework."""
+    out = {}
+    for key in keys:
+        try:
+            out[key] = {k: v if isinstance(v, str) else float(v) for k, v in measure_one(*key).items()}
+        except NotImplementedError as e:
+            out[key] = {"skip": str(e)}
+        except Exception as e:  # recorded, then reported by the track as a failure
+            out[key] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    return out
+
+
+# ---- sizes and FLOP counts ------------------------------------------------------------------
+
+def attention_layout(variant: str, d_model: int, vanilla_heads: int, seqlen: int = 64):
+    """The head layout of `variant` matched to a vanilla model of `vanilla_heads` heads (the
+    config's twin rule: identical q/k/v/out projection shapes; diff_v2 doubles the q heads)."""
+    from diffattn.config import ModelConfig
+
+    return ModelConfig(d_model=d_model, n_heads=vanilla_heads, attention="vanilla", max_seq_len=seqlen).twin(variant)
+
+
+def attention_forward_flops(cfg, batch: int, seqlen: int, causal: bool = True) -> float:
+    """Matmul FLOPs of one attention core forward, FlashAttention's convention: every softmax map
+    costs 2 L^2 (d_qk + d_v) per sequence, halved when causal. vanilla: 4 B L^2 H d / 2;
+    DIFF V1: 2H maps of d with v 2d = 6 B L^2 H d (causal), as in shared/notes/kernels.md."""
+    flops = batch * cfg.q_heads * 2.0 * seqlen * seqlen * (cfg.head_dim + cfg.v_head_dim)
+    return flops / 2 if causal else flops
+
+
+FWD_BWD_FACTOR = 3.5  # forward + backward = 3.5 x forward (backward = 2.5 x), FlashAttention's convention
+
+
+def train_flops_per_token(cfg, seqlen: int) -> float:
+    """Training FLOPs per token, the PaLM / nanoGPT convention generalised to every variant:
+    6 N (N = all parameters; the tied embedding counts once, as the LM head matmul) plus
+    3 x the non-causal attention score and value matmuls, 2 T (d_qk + d_v) per softmax map and
+    layer (vanilla: 12 L H d T, nanoGPT's 12 L H Q T)."""
+    attention = cfg.n_layers * cfg.q_heads * 2.0 * seqlen * (cfg.head_dim + cfg.v_head_dim)
+    return 6.0 * cfg.num_params() + 3.0 * attention

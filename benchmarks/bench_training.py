@@ -1,0 +1,117 @@
+"""Whole training steps (forward, backward, clip, AdamW) through the Backend protocol.
+
+Grid: backend (mlx, torch) x variant x preset. "tiny" runs everywhere (cheap enough for CI's CPU), "stage0" needs a GPU.
+Batches are random tokens (throughput does not depend on their values); kernels="auto" (fused on
+a GPU, composed on a CPU); dtype bfloat16 on a GPU (torch: autocast with float32 master weights),
+float32 on a CPU.
+
+`time_train_step` / `peakmem_train_step`: one step per call, synchronized by reading the loss
+(and torch.cuda.synchronize on CUDA). `track_*` come from one pass in setup_cache: tokens/s
+(higher is better), MFU (higher is better; _common.train_flops_per_token over the datasheet
+peak of the device in that dtype, skipped where the peak is unknown, e.g. CPUs) and the
+allocator's peak device bytes.
+"""
+from . import _common as C
+
+PRESETS = {  # name: (batch, seqlen)
+    "tiny": (8, 64),
+    "stage0": (8, 1024),
+}
+GPU_ONLY_PRESETS = ("stage0",)
+LR = 1e-3
+
+_CASES = {}
+
+
+class _Case:
+    def __init__(self, backend, variant, preset):
+        import numpy as np
+
+        from diffattn.config import preset as make_config
+        from diffattn.params import init_params
+
+        batch, seqlen = PRESETS[preset]
+        rt = C.Runtime(backend, need_gpu=preset in GPU_ONLY_PRESETS)
+        cfg = make_config(preset, attention=variant)
+        self.model = C.load_backend(rt).build(cfg, init_params(cfg, seed=0))
+        rng = np.random.default_rng(0)
+        self.batches = [rng.integers(0, cfg.vocab_size, (batch, seqlen + 1)) for _ in range(4)]
+        self.rt, self.cfg, self.tokens_per_step, self.seqlen, self.i = rt, cfg, batch * seqlen, seqlen, 0
+        self.step()  # first step compiles / autotunes outside any clock
+
+    def step(self):
+        self.i += 1
+        loss = float(self.model.train_step(self.batches[self.i % len(self.batches)], LR))
+        self.rt.sync()
+        return loss
+
+
+def _case(*key):
+    if key not in _CASES:
+        _CASES[key] = _Case(*key)
+    return _CASES[key]
+
+
+class TrainStep:
+    params = (list(C.BACKENDS), list(C.VARIANTS), list(PRESETS))
+    param_names = ["backend", "variant", "preset"]
+    rounds = 1
+    repeat = (2, 10, 3.0)
+    warmup_time = 0.5
+    timeout = 300
+    version = "1"
+
+    def setup(self, backend, variant, preset):
+        self.case = _case(backend, variant, preset)
+
+    def time_train_step(self, *params):
+        self.case.step()
+
+    def peakmem_train_step(self, *params):
+        self.case.step()
+
+
+def _measure(backend, variant, preset):
+    case = _Case(backend, variant, preset)
+    rt = case.rt
+    rt.reset_peak_memory()
+    seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30)
+    out = {"tokens_per_second": case.tokens_per_step / seconds, "device_peak_bytes": rt.peak_memory()}
+    try:
+        flops = C.train_flops_per_token(case.cfg, case.seqlen) * out["tokens_per_second"]
+        out["mfu"] = flops / rt.peak_flops()
+    except C.Skip as e:
+        out["mfu_skip"] = str(e)
+    return out
+
+
+class TrainThroughput:
+    """Steady-state throughput of every combination, measured once per run in setup_cache."""
+    params = TrainStep.params
+    param_names = TrainStep.param_names
+    timeout = 900
+    version = "1"
+
+    def setup_cache(self):
+        keys = [(b, v, p) for b in C.BACKENDS for v in C.VARIANTS for p in PRESETS]
+        return C.measure_all(keys, _measure)
+
+    def setup(self, cache, backend, variant, preset):
+        self.entry = C.cached_entry(cache, (backend, variant, preset))
+
+    def track_tokens_per_second(self, cache, *params):
+        return self.entry["tokens_per_second"]
+    track_tokens_per_second.unit = "tokens/s"
+
+    def track_mfu(self, cache, *params):
+        if "mfu" not in self.entry:
+            raise C.Skip(self.entry.get("mfu_skip", "no MFU"))
+        return self.entry["mfu"]
+    track_mfu.unit = "MFU"
+
+    def track_device_peak_bytes(self, cache, *params):
+        value = self.entry["device_peak_bytes"]
+        if value != value:
+            raise C.Skip(f"{params[0]}: no device memory counter on this machine")
+        return value
+    track_device_peak_bytes.unit = "bytes"

@@ -1,0 +1,397 @@
+"""`diffattn report`: asv results (every machine, every commit) and run logs as tables and plots.
+
+    diffattn report [--results DIR] [--threshold 0.1] [--plots DIR | --no-plots] [--runs DIR ...]
+
+Reads asv's results JSON directly (schema version 2: machine folders of
+`<commit>-<env>.json` files beside `benchmarks.json`) into one long pandas table, one row per
+(machine, commit, benchmark, parameter combination), and prints:
+
+- side-by-side tables of the newest commit of each machine: MLX vs PyTorch, fused vs composed
+  (vs naive), DIFF vs vanilla, and machine vs machine;
+- the history of every benchmark across commits, flagging a regression where the newest value is
+  worse than the previous commit's by more than --threshold (relative).
+
+Direction of "better" is explicit: asv itself assumes lower is better, which is right for
+time_*, peakmem_* and errors but backwards for throughput. A benchmark is higher-is-better iff
+its unit is in HIGHER_IS_BETTER_UNITS; every other unit is lower-is-better. Ratios printed as
+"gain" are >1 when the first named side is better in that direction.
+
+Plots (PNG, matplotlib's Agg backend): one history plot per machine and benchmark, and for each
+--runs folder (a `diffattn train` run, or a `diffattn paired` run holding diff/ and vanilla/),
+the training loss curves from its metrics.jsonl (with eval points).
+
+Imports pandas and matplotlib lazily: they come with the `bench` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+from pathlib import Path
+
+HIGHER_IS_BETTER_UNITS = frozenset({"TFLOP/s", "tokens/s", "MFU", "accuracy"})
+LOWER_IS_BETTER_UNITS = frozenset({"seconds", "bytes", "nats", "relative error"})
+DEFAULT_RESULTS = "benchmarks/asv_results"
+PARAM_COLUMNS = ("backend", "impl", "variant", "shape", "preset")
+
+
+class ReportError(ValueError):
+    """Missing or unreadable results (message is one line)."""
+
+
+def higher_is_better(unit: str) -> bool:
+    return unit in HIGHER_IS_BETTER_UNITS
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def _literal(s):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not readable asv JSON ({type(e).__name__})") from None
+
+
+def _combinations(param_lists):
+    """asv's cartesian order: the last parameter varies fastest."""
+    combos = [()]
+    for values in param_lists:
+        combos = [c + (v,) for c in combos for v in values]
+    return combos
+
+
+def load_results(results_dir) -> "pandas.DataFrame":
+    """Every saved asv result under results_dir as a long table.
+
+    Columns: machine, commit, date (UTC), env, benchmark (full asv name), suite (module.Class),
+    name (method), kind (time / peakmem / track), unit, higher_is_better, one column per
+    parameter name (values as Python objects), params (the combination as text) and value
+    (float; NaN = skipped or failed). Results whose benchmark version differs from the current
+    benchmarks.json are left out, as asv itself does."""
+    import pandas as pd
+
+    root = Path(results_dir)
+    meta_path = root / "benchmarks.json"
+    if not meta_path.is_file():
+        raise ReportError(f"{root}: no benchmarks.json (run `asv run` or `asv check` first)")
+    meta = {k: v for k, v in _load_json(meta_path).items() if isinstance(v, dict)}
+    rows = []
+    for machine_dir in sorted(p for p in root.iterdir() if (p / "machine.json").is_file()):
+        machine = _load_json(machine_dir / "machine.json").get("machine", machine_dir.name)
+        for f in sorted(machine_dir.glob("*.json")):
+            if f.name == "machine.json":
+                continue
+            data = _load_json(f)
+            if data.get("version") != 2:
+                raise ReportError(f"{f}: asv results schema {data.get('version')!r}, expected 2")
+            cols = data["result_columns"]
+            date = pd.to_datetime(data.get("date", 0), unit="ms", utc=True)
+            for bench, entry in data["results"].items():
+                info = meta.get(bench)
+                if info is None:
+                    continue
+                rec = dict(zip(cols, entry))
+                if rec.get("version") != info.get("version"):
+                    continue
+                values = rec.get("result")
+                run_at = pd.to_datetime(rec.get("started_at") or 0, unit="ms", utc=True)
+                param_lists = [[_literal(v) for v in vs] for vs in (rec.get("params") or [])]
+                names = info.get("param_names") or [f"param{i}" for i in range(len(param_lists))]
+                combos = _combinations(param_lists)
+                if not isinstance(values, list):
+                    values = [values]
+                for combo, value in zip(combos, values):
+                    row = {"machine": machine, "commit": data["commit_hash"], "date": date, "run_at": run_at,
+                           "env": data.get("env_name"), "benchmark": bench,
+                           "suite": bench.rsplit(".", 1)[0], "name": bench.rsplit(".", 1)[-1],
+                           "kind": info.get("type"), "unit": info.get("unit"),
+                           "params": ", ".join(f"{n}={v}" for n, v in zip(names, combo)),
+                           "value": float("nan") if value is None else float(value)}
+                    row.update(dict(zip(names, combo)))
+                    rows.append(row)
+    if not rows:
+        raise ReportError(f"{root}: no asv results of the current benchmarks in any machine folder")
+    df = pd.DataFrame(rows)
+    df["higher_is_better"] = df["unit"].map(higher_is_better)
+    for c in PARAM_COLUMNS:
+        if c not in df:
+            df[c] = None
+    return df
+
+
+def commit_order(df):
+    """(machine, commit, rank) with rank 0 the oldest: by commit date, ties (commits in the same
+    second) broken by when the benchmarks ran."""
+    order = df.groupby(["machine", "commit"]).agg(date=("date", "max"), run_at=("run_at", "max")).reset_index()
+    order = order.sort_values(["machine", "date", "run_at"])
+    order["rank"] = order.groupby("machine").cumcount()
+    return order[["machine", "commit", "rank"]]
+
+
+def latest(df):
+    """Rows of the newest commit of each machine."""
+    order = commit_order(df)
+    newest = order[order["rank"] == order.groupby("machine")["rank"].transform("max")]
+    return df.merge(newest[["machine", "commit"]], on=["machine", "commit"])
+
+
+# ---- side-by-side tables ---------------------------------------------------------------------
+
+def _gain(a, b, higher):
+    """How many times better a is than b (>1: a better), in the benchmark's direction."""
+    if not (a > 0 and b > 0):
+        return float("nan")
+    return a / b if higher else b / a
+
+
+def side_by_side(df, column: str, a, b, others=()):
+    """Pivot `column` into columns; `gain` = how many times better `a` is than `b`.
+    Rows: machine, benchmark and the remaining parameters; only rows where a and b both ran."""
+    import pandas as pd
+
+    d = df[df[column].isin([a, b, *others]) & df["value"].notna()]
+    if d.empty:
+        return pd.DataFrame()
+    keys = ["machine", "benchmark", "unit", "higher_is_better"] + [c for c in PARAM_COLUMNS if c != column
+                                                                     and d[c].notna().any()]
+    d = d.assign(**{k: d[k].astype(str) for k in keys if k not in ("higher_is_better",)})
+    table = d.pivot_table(index=keys, columns=column, values="value", aggfunc="first")
+    if a not in table or b not in table:
+        return pd.DataFrame()
+    table = table.dropna(subset=[a, b])
+    higher = table.index.get_level_values("higher_is_better")
+    table[f"gain {a}/{b}"] = [_gain(x, y, h) for x, y, h in zip(table[a], table[b], higher)]
+    table = table.reset_index().drop(columns=["higher_is_better"])
+    return table[[c for c in table.columns if c not in others or c in table]]
+
+
+def machine_table(df):
+    """The newest value of every benchmark on every machine, machines as columns."""
+    d = df[df["value"].notna()]
+    return d.pivot_table(index=["benchmark", "unit", "params"], columns="machine", values="value",
+                         aggfunc="first").reset_index()
+
+
+# ---- history ---------------------------------------------------------------------------------
+
+def history(df, threshold: float):
+    """Per machine, benchmark and parameters: values by commit (oldest first) and, where the
+    newest commit is worse than the one before by more than `threshold` (relative, in the
+    benchmark's direction), a regression flag. Returns (wide history table, regressions)."""
+    import pandas as pd
+
+    d = df[df["value"].notna()].merge(commit_order(df), on=["machine", "commit"])
+    rows, regressions = [], []
+    for (machine, bench, params), g in d.groupby(["machine", "benchmark", "params"], sort=True):
+        g = g.sort_values("rank")
+        values = list(zip(g["commit"].str[:8], g["value"]))
+        higher = bool(g["higher_is_better"].iloc[0])
+        row = {"machine": machine, "benchmark": bench, "params": params, "unit": g["unit"].iloc[0],
+               "commits": len(values), "values": " -> ".join(_fmt(v, g["unit"].iloc[0]) for _, v in values)}
+        if len(values) >= 2:
+            (c_prev, prev), (c_new, new) = values[-2], values[-1]
+            change = (new - prev) / abs(prev) if prev else float("nan")
+            worse = -change if higher else change
+            row["change"] = change
+            if worse > threshold:
+                row["flag"] = "REGRESSION"
+                regressions.append({**row, "from": c_prev, "to": c_new, "previous": prev, "newest": new})
+        rows.append(row)
+    columns = ["machine", "benchmark", "params", "unit", "commits", "values", "change", "flag", "from", "to",
+               "previous", "newest"]
+    return pd.DataFrame(rows), pd.DataFrame(regressions, columns=columns)
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+def _fmt(v, unit=None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "seconds":
+        for scale, suffix in ((1, "s"), (1e-3, "ms"), (1e-6, "us")):
+            if abs(v) >= scale:
+                return f"{v / scale:.3g}{suffix}"
+        return f"{v * 1e9:.3g}ns"
+    if unit == "bytes":
+        return f"{v / 2 ** 20:.4g}MiB"
+    return f"{v:.4g}"
+
+
+def format_table(table, title: str) -> str:
+    if table is None or table.empty:
+        return f"## {title}\n(no rows: nothing measured on both sides)\n"
+    t = table.copy()
+    for c in t.columns:
+        if t[c].dtype.kind == "f":
+            units = t["unit"] if "unit" in t else None
+            if str(c).startswith("gain") or c == "change":
+                t[c] = [("-" if math.isnan(x) else (f"{x:+.1%}" if c == "change" else f"{x:.2f}x")) for x in t[c]]
+            else:
+                t[c] = [_fmt(x, u) for x, u in zip(t[c], units if units is not None else [None] * len(t))]
+    return f"## {title}\n{t.to_string(index=False)}\n"
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_history(df, out_dir) -> list[Path]:
+    """One PNG per machine and benchmark: each parameter combination a line over commits."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = df[df["value"].notna()]
+    written = []
+    order = commit_order(df)
+    for (machine, bench), g in d.groupby(["machine", "benchmark"]):
+        commits = order[order["machine"] == machine].set_index("commit")["rank"]
+        commits = commits[commits.index.isin(g["commit"])].sort_values()
+        x = {c: i for i, c in enumerate(commits.index)}
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for params, s in g.groupby("params"):
+            s = s.assign(x=s["commit"].map(x)).sort_values("x")
+            ax.plot(s["x"], s["value"], marker="o", label=params)
+        unit = g["unit"].iloc[0]
+        ax.set_xticks(range(len(commits)), [c[:8] for c in commits.index], rotation=30, fontsize=8)
+        ax.set_xlabel("commit (oldest first)")
+        ax.set_ylabel(f"{unit} ({'higher' if higher_is_better(unit) else 'lower'} is better)")
+        if g["value"].gt(0).all() and g["value"].max() / g["value"].min() > 50:
+            ax.set_yscale("log")
+        ax.set_title(f"{bench} on {machine}", fontsize=9)
+        if g["params"].nunique() <= 12:
+            ax.legend(fontsize=6, loc="best")
+        written.append(_save(plt, fig, out_dir / f"history_{_safe(machine)}_{_safe(bench)}.png"))
+    return written
+
+
+def read_metrics(run_dir) -> tuple[list, list]:
+    """(train rows, eval rows) of a run folder's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (not a `diffattn train` run folder)")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            obj = json.loads(line)
+            (train if obj.get("kind") == "train" else evals if obj.get("kind") == "eval" else []).append(obj)
+    return train, evals
+
+
+def plot_runs(run_dirs, out_dir) -> list[Path]:
+    """Loss curves: a paired run folder (diff/ and vanilla/ inside) gives both arms on one plot."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in map(Path, run_dirs):
+        arms = [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] or [(run.name, run)]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for label, arm in arms:
+            train, evals = read_metrics(arm)
+            line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{label} train")
+            if evals:
+                ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
+                        label=f"{label} val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"{'paired run' if len(arms) == 2 else 'run'} {run}", fontsize=9)
+        ax.legend(fontsize=8)
+        written.append(_save(plt, fig, out_dir / f"{'paired' if len(arms) == 2 else 'run'}_{_safe(run.name)}.png"))
+    return written
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+def build_report(df, threshold: float) -> str:
+    new = latest(df)
+    parts = [f"# diffattn benchmark report\nmachines: {', '.join(sorted(df['machine'].unique()))}; "
+             f"{df['commit'].nunique()} commit(s); newest commit per machine: "
+             + ", ".join(f"{m} {c[:8]}" for m, c in new.groupby("machine")["commit"].first().items())
+             + f"\nhigher is better for units {sorted(HIGHER_IS_BETTER_UNITS)}; lower for all others. "
+             "gain a/b > 1 means a is better.\n"]
+    parts.append(format_table(side_by_side(new, "backend", "mlx", "torch"), "MLX vs PyTorch (newest commit per machine)"))
+    parts.append(format_table(side_by_side(new, "impl", "fused", "composed", others=("naive",)),
+                              "fused vs composed (and naive)"))
+    for other in ("diff", "diff_v2"):
+        parts.append(format_table(side_by_side(new, "variant", other, "vanilla"), f"{other} vs vanilla"))
+    parts.append(format_table(machine_table(new), "machine vs machine (newest commit of each)"))
+    hist, regressions = history(df, threshold)
+    multi = hist[hist["commits"] >= 2] if not hist.empty else hist
+    parts.append(format_table(multi.drop(columns=[c for c in ("flag",) if c in multi and not multi[c].notna().any()]),
+                              "history (benchmarks with results at 2+ commits)"))
+    if regressions.empty:
+        parts.append(f"## regressions\nnone beyond {threshold:.0%}\n")
+    else:
+        parts.append(format_table(regressions[["machine", "benchmark", "params", "unit", "from", "to", "previous",
+                                               "newest", "change"]],
+                                  f"REGRESSIONS: newest commit worse than the previous by more than {threshold:.0%}"))
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="diffattn report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=None, help=f"asv results folder (default: asv.conf.json's results_dir, "
+                   f"else {DEFAULT_RESULTS})")
+    p.add_argument("--threshold", type=float, default=0.10, help="relative change flagged as a regression (0.10)")
+    p.add_argument("--plots", default="benchmarks/plots", help="folder for PNG plots (benchmarks/plots)")
+    p.add_argument("--no-plots", action="store_true", help="print tables only")
+    p.add_argument("--runs", nargs="*", default=[], help="run folders (train or paired) to plot loss curves of")
+    p.add_argument("--csv", default=None, help="also write the long results table to this CSV file")
+    args = p.parse_args(argv)
+    try:
+        if not args.threshold > 0:
+            raise ReportError(f"--threshold must be positive, got {args.threshold}")
+        df = load_results(args.results or _results_dir_from_config())
+        print(build_report(df, args.threshold))
+        if args.csv:
+            df.to_csv(args.csv, index=False)
+        if not args.no_plots:
+            written = plot_history(df, args.plots) + plot_runs(args.runs, args.plots)
+            print(f"wrote {len(written)} plot(s) to {args.plots}")
+    except (ReportError, ImportError) as e:
+        print(f"diffattn report: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _results_dir_from_config(conf="asv.conf.json") -> str:
+    """results_dir of asv.conf.json in the current folder (asv's JSON allows // comments)."""
+    path = Path(conf)
+    if not path.is_file():
+        return DEFAULT_RESULTS
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("//"))
+    try:
+        return json.loads(text).get("results_dir", DEFAULT_RESULTS)
+    except json.JSONDecodeError:
+        return DEFAULT_RESULTS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The asv suite itself: it validates (`asv check`), a quick run completes with numbers where this
+machine can measure and skips (never numbers) where it cannot, imports stay cheap, every track_
+states its direction, and the FLOP counts match the conventions the docs state."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("bench_kernels", "bench_training", "bench_agreement", "bench_paired")
+
+
+def _asv(tmp_path, *args, timeout=900):
+    """asv on this checkout with results and envs in tmp_path (the committed results stay as they are)."""
+    pytest.importorskip("asv")
+    conf = json.loads("\n".join(l for l in (ROOT / "asv.conf.json").read_text().splitlines()
+                                if not l.lstrip().startswith("//")))
+    conf.update(repo=str(ROOT), benchmark_dir=str(ROOT / "benchmarks"), results_dir=str(tmp_path / "results"),
+                env_dir=str(tmp_path / "env"), html_dir=str(tmp_path / "html"))
+    (tmp_path / "asv.conf.json").write_text(json.dumps(conf))
+    env = {**os.environ, "HOME": str(tmp_path), "ASV_PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "asv", *args, "--config", str(tmp_path / "asv.conf.json")]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_asv_check_passes(tmp_path):
+    r = _asv(tmp_path, "check", "--python=same")
+    assert r.returncode == 0 and "No problems found" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def _gpu_visible():
+    return os.path.exists("/dev/nvidiactl") or (sys.platform == "darwin" and os.uname().machine == "arm64")
+
+
+@pytest.mark.skipif(_gpu_visible(), reason="checks the CPU-only outcome of the quick run")
+def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert _asv(tmp_path, "machine", "--machine", "ci-cpu", "--yes").returncode == 0
+    r = _asv(tmp_path, "run", "--python=same", "--quick", "--machine", "ci-cpu", "--set-commit-hash", head)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    files = list((tmp_path / "results" / "ci-cpu").glob(f"{head[:8]}-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    col = data["result_columns"].index("result")
+    pcol = data["result_columns"].index("params")
+    have = {m: importlib.util.find_spec(m) is not None for m in ("torch", "mlx")}
+    seen = set()
+    for name, entry in data["results"].items():
+        values, params = entry[col], entry[pcol]
+        names = [p for p in params]
+        combos = [()]
+        for vs in names:
+            combos = [c + (v.strip("'"),) for c in combos for v in vs]
+        assert len(combos) == len(values), name
+        for combo, value in zip(combos, values):
+            assert value is not None, f"{name}{combo} failed (null): see asv's stderr"
+            gpu_only = "fused" in combo or "B2-L4096-d2048" in combo or "stage0" in combo or "track_mfu" in name
+            backend = combo[0] if combo and combo[0] in ("mlx", "torch") else None
+            if gpu_only or (backend and not have["torch" if backend == "torch" else "mlx"]):
+                assert math.isnan(value), f"{name}{combo} gave {value} on a CPU-only machine"
+            elif name.endswith("track_device_peak_bytes") and backend == "torch":
+                assert math.isnan(value)  # torch keeps no device allocator count on a CPU
+            elif "Agreement" in name and not all(have.values()):
+                assert math.isnan(value)
+            else:
+                assert math.isfinite(value), f"{name}{combo} = {value}"
+                if not name.endswith(("_delta",)):
+                    assert value >= 0, f"{name}{combo} = {value}"
+                seen.add(name.rsplit(".", 1)[-1])
+    if have["torch"]:
+        assert {"time_forward", "time_forward_backward", "peakmem_forward", "track_tflops_forward",
+                "time_train_step", "track_tokens_per_second", "track_val_loss_delta"} <= seen
+
+
+def test_importing_the_suite_loads_no_framework():
+    code = ("import sys; sys.path.insert(0, %r)\n" % str(ROOT)
+            + "".join(f"import benchmarks.{m}\n" for m in MODULES)
+            + "print(sorted(m for m in ('torch', 'mlx', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _benchmark_methods():
+    sys.path.insert(0, str(ROOT))
+    for m in MODULES:
+        mod = importlib.import_module(f"benchmarks.{m}")
+        for cname, cls in vars(mod).items():
+            if isinstance(cls, type) and not cname.startswith("_") and cls.__module__ == mod.__name__:
+                for attr in dir(cls):
+                    if attr.startswith(("time_", "peakmem_", "track_")):
+                        yield m, cls, attr, getattr(cls, attr)
+
+
+def test_every_track_states_a_direction_the_report_knows():
+    from diffattn.report import HIGHER_IS_BETTER_UNITS, LOWER_IS_BETTER_UNITS
+
+    tracks = [(m, c.__name__, a, getattr(f, "unit", None)) for m, c, a, f in _benchmark_methods()
+              if a.startswith("track_")]
+    assert len(tracks) >= 10
+    for m, c, a, unit in tracks:
+        assert unit in HIGHER_IS_BETTER_UNITS | LOWER_IS_BETTER_UNITS, f"{m}.{c}.{a}: unit {unit!r}"
+    higher = {a for _, _, a, u in tracks if u in HIGHER_IS_BETTER_UNITS}
+    assert {"track_tflops_forward", "track_tokens_per_second", "track_mfu", "track_recall_accuracy_delta"} <= higher
+
+
+def test_params_are_literals_and_benchmarks_have_versions():
+    for m, cls, attr, _ in _benchmark_methods():
+        assert isinstance(cls.params, (tuple, list)) and all(isinstance(p, list) for p in cls.params), cls
+        assert all(isinstance(v, str) for p in cls.params for v in p), cls
+        assert len(cls.param_names) == len(cls.params)
+        assert getattr(cls, "version", None), f"{m}.{cls.__name__} sets no version"
+
+
+def test_attention_flops_follow_the_flashattention_convention():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    B, L, d_model, H = 2, 128, 256, 4  # vanilla: 4 heads of 64
+    d = d_model // H
+    van = C.attention_layout("vanilla", d_model, H)
+    assert C.attention_forward_flops(van, B, L) == 4 * B * L * L * H * d / 2
+    # DIFF V1 twin: H/2 DIFF heads, each two q/k maps of d over one v of 2d: 6 N^2 d per DIFF
+    # head, causal (shared/notes/kernels.md), i.e. 1.5x vanilla's work
+    diff = C.attention_layout("diff", d_model, H)
+    assert (diff.n_heads, diff.head_dim, diff.v_head_dim) == (H // 2, d, 2 * d)
+    assert C.attention_forward_flops(diff, B, L) == B * (H // 2) * 6 * L * L * d
+    # DIFF V2: H output heads, 2H query maps of d over v of d: twice vanilla's maps
+    v2 = C.attention_layout("diff_v2", d_model, H)
+    assert C.attention_forward_flops(v2, B, L) == 2 * C.attention_forward_flops(van, B, L)
+    assert C.attention_forward_flops(van, B, L, causal=False) == 2 * C.attention_forward_flops(van, B, L)
+
+
+def test_train_flops_per_token_is_nanogpt_for_vanilla():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+    from diffattn.config import preset
+
+    cfg = preset("tiny", attention="vanilla")
+    T = 64
+    n = cfg.num_params()
+    assert C.train_flops_per_token(cfg, T) == 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T
+
+
+@pytest.mark.skipif(_gpu_visible(), reason="checks the skip on a machine without a GPU")
+def test_gpu_only_combinations_skip_with_a_reason():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    for backend in C.BACKENDS:
+        with pytest.raises(NotImplementedError, match="needs a GPU"):
+            C.Runtime(backend, need_gpu=True)
