@@ -252,6 +252,20 @@ def test_fused_custom_ops_pass_opcheck(variant):
     torch.library.opcheck(bwd, (do, *(t.detach() for t in x.values()), *saved))
 
 
+@needs_triton
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
+def test_fused_bad_inputs_are_one_line_errors():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kv, lam = torch.zeros(1, 4, 4, 48, device=dev), torch.zeros(1, 4, 1, 48, device=dev), torch.zeros(1, 4, 2, device=dev)
+    with pytest.raises(ValueError, match="head_dim 16, 32, 64 or 128"):
+        diff_v2_attention(q, kv, kv, lam, "fused")
+    q, kv = torch.zeros(1, 4, 4, 16, device=dev), torch.zeros(1, 4, 1, 16, device=dev)
+    with pytest.raises(ValueError, match="of one dtype"):
+        diff_v2_attention(q, kv.double(), kv, lam, "fused")
+    with pytest.raises(ValueError, match="of one dtype"):
+        diff_v2_attention(q.double(), kv.double(), kv.double(), lam, "fused")
+
+
 def test_fused_on_cpu_without_interpreter_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.zeros(1, 4, 4, 8)

@@ -56,3 +56,20 @@ def diff_v2_heads(q, k, v, lam):
     if H % G:  # so both query heads of a pair read the same kv head
         raise ValueError(f"output heads ({H}) must be a multiple of kv heads ({G})")
     return B, L, H, G, d
+
+
+FUSED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def fused_inputs(q, k, v):
+    """What the Triton kernels take: one 16/32-bit dtype and device for q, k, v; head_dim a power of
+    two up to 128 (tile widths are powers of two), at least 16 on the GPU (Triton's smallest dot;
+    the interpreter also runs 8, which the reference fixture uses)."""
+    if not (q.dtype == k.dtype == v.dtype) or str(q.dtype).replace("torch.", "") not in FUSED_DTYPES:
+        raise ValueError(f"impl 'fused' wants q, k, v of one dtype among {', '.join(FUSED_DTYPES)}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    d = q.shape[-1]
+    if d not in ((16, 32, 64, 128) if q.is_cuda else (8, 16, 32, 64, 128)):
+        raise ValueError(f"impl 'fused' supports head_dim 16, 32, 64 or 128 (8 too in the interpreter), got {d}")

@@ -1,5 +1,5 @@
 """DIFF V2 attention, fused: both query heads of a pair share each K/V tile (see ../paired_softmax.py)."""
-from ..checks import diff_v2_heads
+from ..checks import diff_v2_heads, fused_inputs
 from ..paired_op import make_op
 
 # both query heads of pair i read kv head i // (H / G); lambda is one value per (batch, row, head)
@@ -10,4 +10,5 @@ _op = make_op("diff_v2", k_step=1, shared_k=True,
 
 def attention(q, k, v, lam):
     diff_v2_heads(q, k, v, lam)
+    fused_inputs(q, k, v)
     return _op(q, k, v, lam)
