@@ -190,6 +190,8 @@ FUSED_CPU_SHAPES = [  # tiny, for the interpreter; block size there is 16
     (2, 37, 2, 2, 16),  # MHA, L not a multiple of the block, three blocks
     (1, 40, 4, 2, 16),  # GQA: two output heads per kv head
     (1, 33, 2, 1, 32),  # MQA, head_dim 32
+    (1, 19, 2, 1, 8),   # head_dim 8 (the reference fixture's GQA case): zero-padded to the 16-wide kernel
+    (1, 21, 2, 2, 24),  # head_dim 24: not a kernel width, padded to 32
 ]
 
 
@@ -256,8 +258,8 @@ def test_fused_custom_ops_pass_opcheck(variant):
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
 def test_fused_bad_inputs_are_one_line_errors():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, kv, lam = torch.zeros(1, 4, 4, 48, device=dev), torch.zeros(1, 4, 1, 48, device=dev), torch.zeros(1, 4, 2, device=dev)
-    with pytest.raises(ValueError, match="head_dim 16, 32, 64 or 128"):
+    q, kv, lam = torch.zeros(1, 4, 4, 160, device=dev), torch.zeros(1, 4, 1, 160, device=dev), torch.zeros(1, 4, 2, device=dev)
+    with pytest.raises(ValueError, match="even head_dim up to 128"):
         diff_v2_attention(q, kv, kv, lam, "fused")
     q, kv = torch.zeros(1, 4, 4, 16, device=dev), torch.zeros(1, 4, 1, 16, device=dev)
     with pytest.raises(ValueError, match="of one dtype"):

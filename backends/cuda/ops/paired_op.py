@@ -1,9 +1,18 @@
 """The Triton paired-softmax kernels as torch.library custom ops with autograd, so torch.compile
 traces through them. One factory serves DIFF V1 and V2; they differ in how the keys are paired
 (K_STEP, SHARED_K), in lambda's shape, and so in how its gradient is reduced."""
+import math
+
 import torch
+import torch.nn.functional as F
 
 from . import paired_softmax as kernels
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # tile widths are powers of two; 16 is Triton's smallest dot
+
+
+def padded_head_dim(d):
+    return next((w for w in KERNEL_HEAD_DIMS if w >= d), None)
 
 
 def make_op(name, k_step, shared_k, lam_rows, lam_grad):
@@ -49,7 +58,16 @@ def make_op(name, k_step, shared_k, lam_rows, lam_grad):
     def attention(q, k, v, lam):
         if lam.device != q.device:
             raise ValueError(f"lambda is on {lam.device} but q is on {q.device}")
-        out, _, _ = fwd(q, k, v, lam)
-        return out
+        d, dv = q.shape[-1], v.shape[-1]
+        dp = padded_head_dim(d)
+        if dp == d:
+            return fwd(q, k, v, lam)[0]
+        # Other head dims run at the next kernel width: zero columns leave every q.k and the
+        # kept output columns unchanged, and q is rescaled so the kernel's 1/sqrt(dp) acts as
+        # 1/sqrt(d). Autograd slices the gradients back.
+        q = F.pad(q, (0, dp - d)) * math.sqrt(dp / d)
+        k = F.pad(k, (0, dp - d))
+        v = F.pad(v, (0, dv * dp // d - dv))
+        return fwd(q, k, v, lam)[0][..., :dv].contiguous()
 
     return attention
