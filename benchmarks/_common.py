@@ -108,15 +108,18 @@ class Runtime:
         raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
 
     def random(self, shape, seed: int, low: float | None = None, high: float | None = None):
-        """A tensor of the framework on its device, in self.dtype: normal, or uniform(low, high)."""
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal(shape) if low is None else rng.uniform(low, high, shape)
-        x = x.astype(np.float32)
+        """A tensor of the framework, drawn on its device (fast at GPU sizes) in self.dtype:
+        standard normal, or uniform(low, high)."""
         if self.backend == "torch":
-            return self.fw.from_numpy(x).to(device=self.device, dtype=getattr(self.fw, self.dtype))
-        return self.fw.array(x).astype(getattr(self.fw, self.dtype))
+            torch = self.fw
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            x = torch.randn(shape, generator=gen, device=self.device) if low is None else \
+                torch.rand(shape, generator=gen, device=self.device) * (high - low) + low
+            return x.to(getattr(torch, self.dtype))
+        mx = self.fw
+        key = mx.random.key(seed)
+        x = mx.random.normal(shape, key=key) if low is None else mx.random.uniform(low, high, shape, key=key)
+        return x.astype(getattr(mx, self.dtype))
 
 
 def _mlx_device_name(mx) -> str:

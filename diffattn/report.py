@@ -163,7 +163,9 @@ def side_by_side(df, column: str, a, b, others=()):
         return pd.DataFrame()
     keys = ["machine", "benchmark", "unit", "higher_is_better"] + [c for c in PARAM_COLUMNS if c != column
                                                                      and d[c].notna().any()]
-    d = d.assign(**{k: d[k].astype(str) for k in keys if k not in ("higher_is_better",)})
+    # missing parameters (a benchmark without `shape`, say) become "-": pivot_table drops NA keys
+    d = d.assign(**{k: d[k].map(lambda v: "-" if v is None or v != v else str(v))
+                    for k in keys if k != "higher_is_better"})
     table = d.pivot_table(index=keys, columns=column, values="value", aggfunc="first")
     if a not in table or b not in table:
         return pd.DataFrame()
