@@ -97,8 +97,8 @@ class Attention:
     params = (list(C.BACKENDS), list(C.IMPLS), list(C.VARIANTS), list(SHAPES))
     param_names = ["backend", "impl", "variant", "shape"]
     rounds = 1
-    repeat = (3, 20, 2.0)
-    warmup_time = 0.2
+    repeat = (3, 10, 1.0)
+    warmup_time = 0.1
     timeout = 180
     version = "1"
 

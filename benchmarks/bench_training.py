@@ -56,8 +56,8 @@ class TrainStep:
     params = (list(C.BACKENDS), list(C.VARIANTS), list(PRESETS))
     param_names = ["backend", "variant", "preset"]
     rounds = 1
-    repeat = (2, 10, 3.0)
-    warmup_time = 0.5
+    repeat = (2, 5, 1.5)
+    warmup_time = 0.3
     timeout = 300
     version = "1"
 
