@@ -89,12 +89,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg, (B, L, _) = self.cfg, x.shape
         d = cfg.head_dim
-        # one matmul for q, k, v (and V2's lambda_proj): the weights concatenated (q and k rows in
-        # Rotary's half-split order), the output split
-        projs = [self.q_proj, self.k_proj, self.v_proj] + ([self.lambda_proj] if cfg.attention == "diff_v2" else [])
+        # one matmul for q, k, v: the weights concatenated (q and k rows in Rotary's half-split
+        # order), the output split. V2's lambda_proj stays apart: its n_heads columns would make
+        # the row stride of the v view a non-multiple of 8, which CUDA's flash SDPA misreads.
+        projs = [self.q_proj, self.k_proj, self.v_proj]
         qk = torch.cat([self.q_proj.weight, self.k_proj.weight])[self.qk_rows]
-        w = torch.cat([qk] + [p.weight for p in projs[2:]])
-        outs = F.linear(x, w).split([p.out_features for p in projs], -1)
+        outs = F.linear(x, torch.cat([qk, self.v_proj.weight])).split([p.out_features for p in projs], -1)
         q = self.rotary(outs[0].view(B, L, cfg.q_heads, d))
         k = self.rotary(outs[1].view(B, L, cfg.k_heads, d))
         v = outs[2].view(B, L, cfg.kv_heads, cfg.v_head_dim)
@@ -104,7 +104,7 @@ class Attention(nn.Module):
             o = ops.diff_v1_attention(q, k, v, self.lam(), self.kernels)  # (B, L, H, 2d)
             o = self.subln(o) * (1.0 - self.lambda_init)
         else:
-            lam = torch.sigmoid(outs[3])  # (B, L, H), token-wise
+            lam = torch.sigmoid(self.lambda_proj(x))  # (B, L, H), token-wise
             o = ops.diff_v2_attention(q, k, v, lam, self.kernels)
         return self.out_proj(o.reshape(B, L, cfg.n_heads * cfg.v_head_dim))
 
