@@ -276,7 +276,7 @@ def plot_history(df, out_dir) -> list[Path]:
         commits = order[order["machine"] == machine].set_index("commit")["rank"]
         commits = commits[commits.index.isin(g["commit"])].sort_values()
         x = {c: i for i, c in enumerate(commits.index)}
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(12, 4.5))
         for params, s in g.groupby("params"):
             s = s.assign(x=s["commit"].map(x)).sort_values("x")
             ax.plot(s["x"], s["value"], marker="o", label=params)
@@ -287,8 +287,8 @@ def plot_history(df, out_dir) -> list[Path]:
         if g["value"].gt(0).all() and g["value"].max() / g["value"].min() > 50:
             ax.set_yscale("log")
         ax.set_title(f"{bench} on {machine}", fontsize=9)
-        if g["params"].nunique() <= 12:
-            ax.legend(fontsize=6, loc="best")
+        if g["params"].nunique() <= 40:  # beside the axes, never over the points
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         written.append(_save(plt, fig, out_dir / f"history_{_safe(machine)}_{_safe(bench)}.png"))
     return written
 
