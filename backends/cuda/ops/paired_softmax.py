@@ -143,7 +143,8 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     tl.store(OUT + o_ptrs, (o1 - lam[:, None] * o2).to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(O2 + o_ptrs, o2.to(O2.dtype.element_ty), mask=row_ok[:, None])
     lse_base = LSE + (b * H + i) * 2 * L
-    first = row_ok & (col0 == 0)  # every slice has the same statistics; one writes them
+    first = row_ok & ((offs_m * 0 + col0) == 0)  # one slice writes the shared statistics
+    # (a vector mask: Triton 3.9's interpreter refuses a scalar-and-vector one)
     tl.store(lse_base + offs_m, m1 + tl.math.log2(l1), mask=first)
     tl.store(lse_base + L + offs_m, m2 + tl.math.log2(l2), mask=first)
 
