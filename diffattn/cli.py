@@ -27,7 +27,7 @@ from pathlib import Path
 DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte",
                 batch_size=16, seq_len=64, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50,
                 eval_every=100, eval_batches=8, seed=0, data_seed=0)
-DEFAULT_STEPS = {"numpy": 150, "mlx": 1000, "cuda": 1000}
+DEFAULT_STEPS = {"numpy": 300, "mlx": 600, "cuda": 600}
 BUDGET_MAX_STEPS = 10 ** 9
 
 
