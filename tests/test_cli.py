@@ -181,3 +181,14 @@ def test_an_existing_run_is_refused_without_resume(bad_inputs):
     r = diffattn("train", "--backend", "numpy", "--steps", "2", "--out", good, *SMALL)
     assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert snapshot(good) == before
+
+
+def test_tokens_and_minutes_set_the_length_of_a_run(tmp_path):
+    r = diffattn("train", "--backend", "numpy", "--tokens", "100", "--out", tmp_path / "t", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["steps"] == 4 and s["stopped"] == "steps"  # ceil(100 / (2 x 16)) steps
+    r = diffattn("train", "--backend", "numpy", "--minutes", "0.01", "--out", tmp_path / "m", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["stopped"] == "budget" and s["train_seconds"] >= 0.6
