@@ -188,7 +188,22 @@ def measure_all(keys, measure_one) -> dict:
             out[key] = {"skip": str(e)}
         except Exception as e:  # recorded, then reported by the track as a failure
             out[key] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        release_memory()
     return out
+
+
+def release_memory():
+    """Hand cached device memory back between combinations measured in one process: one
+    framework's allocator cache must not starve the next (on the H100, MLX's cache once left
+    torch's naive DIFF V2 at L=4096 out of memory)."""
+    import gc
+    import sys
+
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()
+    if "mlx.core" in sys.modules:
+        sys.modules["mlx.core"].clear_cache()
 
 
 # ---- sizes and FLOP counts ------------------------------------------------------------------

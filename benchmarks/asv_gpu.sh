@@ -27,7 +27,7 @@ fi
 [ -d /tmp/mlx ] && export PYTHONPATH=/tmp/mlx:$PYTHONPATH
 commit=$(cat .device/asv/commit 2>/dev/null || git rev-parse HEAD)
 if ! git rev-parse --verify -q "$commit^{commit}" >/dev/null 2>&1; then
-    git init -q . && git fetch -q .device/asv/repo.bundle main:main && git symbolic-ref HEAD refs/heads/main || exit 1
+    git init -q . && git fetch -q --update-head-ok .device/asv/repo.bundle main:main && git symbolic-ref HEAD refs/heads/main || exit 1
 fi
 export ASV_PYTHONPATH=$PWD:$PYTHONPATH  # asv drops PYTHONPATH in benchmark processes
 python3 -c 'import torch, sys; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")' || exit 1

@@ -181,9 +181,17 @@ def test_committed_results_report_has_a_gpu_machine_with_both_backends():
     df = report.load_results(COMMITTED)
     gpu = df[df["machine"].str.startswith("h100") & df["value"].notna()]
     assert not gpu.empty, "no GPU machine in the committed results"
-    assert set(gpu["backend"].dropna()) >= {"torch"}
+    assert set(gpu["backend"].dropna()) == {"mlx", "torch"}
+    # the MLX vs PyTorch table has GPU rows, with the gain the two measured values give
+    table = report.side_by_side(report.latest(df), "backend", "mlx", "torch")
+    rows = table[table["machine"].str.startswith("h100")]
+    assert len(rows) > 10
+    # a ratio only means something between positive values (deltas can be 0 or negative)
+    expect = [(m / t if h else t / m) if m > 0 and t > 0 else math.nan for m, t, h in
+              zip(rows["mlx"], rows["torch"], rows["unit"].map(report.higher_is_better))]
+    assert rows["gain mlx/torch"].to_numpy() == pytest.approx(expect, nan_ok=True)
     text = report.build_report(df, 0.1)
-    assert "machine vs machine" in text
+    assert "machine vs machine" in text and "h100-sxm" in text
 
 
 @pytest.mark.skipif(not HAVE_COMMITTED, reason="no committed asv results")
