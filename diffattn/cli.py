@@ -4,6 +4,7 @@
                    [--steps N | --tokens N | --minutes M] [--out DIR] [--resume] [--json]
     diffattn paired --backend ... [same options]      DIFF vs its vanilla twin, paired init
     diffattn agree --preset tiny --steps 50           MLX vs PyTorch, CPU float32
+    diffattn tokenize --data SRC --tokenizer bpe:N --out DIR   token shards for --data DIR
     diffattn conformance ...                          (diffattn.conformance)
     diffattn report ...                               (diffattn.report)
 
@@ -13,13 +14,14 @@ stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 # Defaults of README command one (`diffattn train --backend X`): the tiny DIFF model on the
 # pydoc prose, sized to finish in a few minutes on a 2-core CPU with MLX's CPU build (the
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
+    k = sub.add_parser("tokenize", help="write a corpus as token shards (train.bin, val.bin, tokenizer.json)")
+    k.add_argument("--data", default="builtin:pydoc", help="any text source of `train --data`")
+    k.add_argument("--tokenizer", default="byte", help="byte | bpe:N (trained on the training split)")
+    k.add_argument("--hf-split", default="train")
+    k.add_argument("--hf-column", default="text")
+    k.add_argument("--out", required=True, help="folder for the shards (must not hold shards yet)")
+    k.add_argument("--json", action="store_true")
     sub.add_parser("conformance", help="check a backend against reference-vector files (see its --help)",
                    add_help=False)
     sub.add_parser("report", help="asv results and run logs as tables and plots (see its --help)", add_help=False)
@@ -309,6 +318,29 @@ def cmd_agree(args) -> int:
     return 0 if r["ok"] else 1
 
 
+def cmd_tokenize(args) -> int:
+    from diffattn import data
+    from diffattn.harness import _write_json
+
+    out = Path(args.out)
+    if out.exists() and any(out.glob("*.bin")):
+        raise UsageError(f"--out {out}: already holds token shards; choose another folder")
+    d = data.load(args.data, args.tokenizer, hf_split=args.hf_split, hf_column=args.hf_column)
+    if d.task != "lm":
+        raise UsageError(f"{args.data} is a synthetic task, generated per step: nothing to tokenize")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "tokenizer.json", d.tokenizer.to_json())
+    for split, streams in (("train", d.train), ("val", d.val)):
+        data.write_shard(out / f"{split}.bin", np.concatenate(streams), vocab_size=d.vocab_size)
+    info = {"command": "tokenize", "out": str(out), "tokenizer": d.tokenizer.name, "vocab_size": d.vocab_size,
+            "train_tokens": int(sum(map(len, d.train))), "val_tokens": int(sum(map(len, d.val)))}
+    print(f"wrote {out}/train.bin ({info['train_tokens']:,} tokens), {out}/val.bin ({info['val_tokens']:,} tokens) "
+          f"and tokenizer.json ({info['tokenizer']})")
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    return 0
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     try:
         mod = importlib.import_module(module)
@@ -327,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bad_input = _bad_input_errors()
     try:
-        return {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree}[args.command](args)
+        commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "tokenize": cmd_tokenize}
+        return commands[args.command](args)
     except bad_input as e:
         print(f"diffattn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)

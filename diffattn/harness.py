@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import subprocess

@@ -192,3 +192,18 @@ def test_tokens_and_minutes_set_the_length_of_a_run(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["stopped"] == "budget" and s["train_seconds"] >= 0.6
+
+
+def test_tokenize_writes_shards_that_train_with_exact_bpb(tmp_path):
+    r = diffattn("tokenize", "--data", "builtin:pydoc", "--tokenizer", "bpe:300", "--out", tmp_path / "shards")
+    assert r.returncode == 0, r.stderr
+    d = data.load(str(tmp_path / "shards"))
+    direct = data.load("builtin:pydoc", "bpe:300")
+    assert d.vocab_size == 300 and np.array_equal(d.train[0], direct.train[0]) and np.array_equal(d.val[0], direct.val[0])
+    assert int(d.token_bytes[np.concatenate(d.train + d.val)].sum()) == len(data.pydoc_text())
+    r = diffattn("train", "--backend", "numpy", "--data", tmp_path / "shards", "--steps", "2", "--out", tmp_path / "run",
+                 "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["val_bpb"] is not None
+    r = diffattn("tokenize", "--data", "builtin:pydoc", "--out", tmp_path / "shards")
+    assert r.returncode == 2 and "already holds token shards" in r.stderr
