@@ -347,7 +347,7 @@ def test_bad_params_are_refused():
 
 
 def test_train_step_table_smoke(tmp_path):
-    from benchmarks import train_step_table
+    from benchmarks.scripts import train_step_table
 
     assert train_step_table.main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "train_step_table.md").read_text()

@@ -319,7 +319,7 @@ LOG2E = 1.4426950408889634
 # the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
 # (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
 # tiles so K/V stages fit in shared memory. TUNED holds the 16-bit shapes measured best by
-# benchmarks/kernels_sweep.py on the H100 (docs/kernels.md); other shapes follow the rules below.
+# benchmarks/scripts/kernels_sweep.py on the H100 (docs/kernels.md); other shapes follow the rules below.
 # Benchmarks may set OVERRIDES[(kernel, D, DV, itemsize)].
 TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
     ("fwd", 64, 128): (128, 64, 8, 3),

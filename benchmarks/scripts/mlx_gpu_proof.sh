@@ -3,7 +3,7 @@
 # docs/mlx.md): kernel tests, conformance of --kernels fused in float32 and bfloat16 (the shipped
 # fixture plus longer sequences whose lengths are not multiples of the kernel's block sizes,
 # generated with the torch re-statement of Microsoft's modules), then the timing table.
-# Run from the repository root:  OUT=results_dir bash benchmarks/mlx_gpu_proof.sh
+# Run from the repository root:  OUT=results_dir bash benchmarks/scripts/mlx_gpu_proof.sh
 set -u
 out=${OUT:-.}
 export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1
@@ -24,4 +24,4 @@ for dt in float32 bfloat16; do
   python3 -m diffattn.conformance tests/fixtures/reference_diffattn.safetensors /tmp/mlx_unseen_long.safetensors \
     --backend mlx --device gpu --kernels fused --dtype $dt 2>&1 | tee "$out/mlx_conformance_fused_$dt.txt"
 done
-python3 benchmarks/mlx_kernels_table.py --out "$out"
+python3 benchmarks/scripts/mlx_kernels_table.py --out "$out"

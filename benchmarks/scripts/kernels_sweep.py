@@ -1,6 +1,6 @@
 """Block-shape sweep for the paired-softmax Triton kernels (input to paired_softmax.blocks()).
 
-    PYTHONPATH=. python benchmarks/kernels_sweep.py [--length 4096] [--out DIR]
+    PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--length 4096] [--out DIR]
 
 For each (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel and
 the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages) of

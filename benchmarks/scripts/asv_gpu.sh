@@ -11,7 +11,7 @@
 # to the same results file, so a part cut short by DEADLINE_S loses only itself. Results land in
 # benchmarks/asv_results/$MACHINE and are copied to $OUT after every part.
 #
-#   MACHINE=h100-sxm bash benchmarks/asv_gpu.sh
+#   MACHINE=h100-sxm bash benchmarks/scripts/asv_gpu.sh
 set -uo pipefail
 MACHINE=${MACHINE:-h100-sxm}
 BENCHES=${BENCHES:-"Throughput|Agreement|Paired Attention.time_ TrainStep.time_"}

@@ -1,7 +1,7 @@
 """The DIFF attention kernel table: fused (Triton) vs composed (SDPA) vs naive, forward and
 forward+backward, for DIFF V1 and V2 (issue 4 item 5, issue 7).
 
-    PYTHONPATH=. python benchmarks/kernels_table.py --out DIR [--commit HASH]
+    PYTHONPATH=. python benchmarks/scripts/kernels_table.py --out DIR [--commit HASH]
 
 Sizes: B * L = 16384 tokens, L in 1k..16k, 16 output heads (DIFF heads) of head_dim d in {64, 128};
 V1: q 32 sub-heads of d, k 32 of d, v 16 heads of 2d (MHA); V2: q 32 heads of d, k/v 16 heads of d.

@@ -1,6 +1,6 @@
 """Fused vs composed DIFF V1 attention in MLX on a GPU, and tokens/s of a `small` training step.
 
-    PYTHONPATH=. python benchmarks/mlx_kernels_table.py [--out DIR] [--quick]
+    PYTHONPATH=. python benchmarks/scripts/mlx_kernels_table.py [--out DIR] [--quick]
 
 Attention: B*L = 16k tokens, L in {512, 2048, 4096}, head_dim 64 and 128, d_model 2048
 (H = 2048 / (2 head_dim) DIFF heads, MHA), bf16, causal. Forward (fwd) and forward+backward
@@ -140,7 +140,7 @@ def main():
     except OSError:
         device = platform.processor() or platform.machine()
     meta = dict(device=device, mlx=mx.__version__, dialect=gpu_dialect(), commit=os.environ.get("COMMIT", commit),
-                command="PYTHONPATH=. python benchmarks/mlx_kernels_table.py" + (" --quick" if args.quick else ""),
+                command="PYTHONPATH=. python benchmarks/scripts/mlx_kernels_table.py" + (" --quick" if args.quick else ""),
                 batch=16, seq=256, steps=20)
     if args.quick:
         att = attention_rows([128, 256], [64], 1024, 3)

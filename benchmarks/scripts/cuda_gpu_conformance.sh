@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Conformance of the PyTorch backend on a CUDA GPU: every kernel set, float32 and bfloat16, on the
 # shipped Microsoft fixture and on an unseen file (MQA/GQA, L = 37/130/77) written by
-# tests/reference_modules.py.   Usage (repo root, on the GPU machine): bash benchmarks/cuda_gpu_conformance.sh
+# tests/reference_modules.py.   Usage (repo root, on the GPU machine): bash benchmarks/scripts/cuda_gpu_conformance.sh
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 UNSEEN=${TMPDIR:-/tmp}/diffattn_unseen.safetensors

@@ -1,7 +1,7 @@
 """Accuracy of the fused DIFF kernels against the float64 numpy oracle (the one tests/test_cuda_ops.py
 uses, built from diffattn.spec), per tensor: output and the gradients of q, k, v and lambda.
 
-    PYTHONPATH=. python benchmarks/kernels_accuracy.py --out DIR [--commit HASH]
+    PYTHONPATH=. python benchmarks/scripts/kernels_accuracy.py --out DIR [--commit HASH]
 
 Shapes are the GPU test cases (L never a multiple of the tile sizes; GQA, MHA and MQA; head_dim 32,
 64, 128); inputs are rounded to the tested dtype before the oracle sees them. Float32 runs every dot
@@ -16,7 +16,7 @@ import sys
 import torch
 
 _spec = importlib.util.spec_from_file_location(
-    "test_cuda_ops", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "test_cuda_ops.py"))
+    "test_cuda_ops", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "test_cuda_ops.py"))
 T = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(T)
 

@@ -1,7 +1,7 @@
 """Whole training steps on a GPU: tokens/s and MFU per preset x variant x torch.compile
 (issue 4 item 2, issue 7 target 5: stage1 at L=2048 >= 40% MFU, DIFF >= 0.92x vanilla tokens/s).
 
-    PYTHONPATH=. python benchmarks/train_step_table.py --out DIR [--commit HASH]
+    PYTHONPATH=. python benchmarks/scripts/train_step_table.py --out DIR [--commit HASH]
 
 A step = forward, backward, global-norm clip and fused AdamW (the backend's train_step) on a
 (B, L+1) batch of random tokens, bf16 autocast with float32 master weights, kernels="auto"
@@ -147,7 +147,7 @@ def main(argv=None):
         a.runs, a.compile, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", 1, 2
     os.makedirs(a.out, exist_ok=True)
     head = [f"# Training-step throughput ({'smoke, CPU' if a.smoke else torch.cuda.get_device_name()})", "",
-            f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/train_step_table.py', *argv])}`",
+            f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/scripts/train_step_table.py', *argv])}`",
             f"- commit: {a.commit or git_commit()}; torch {torch.__version__}; dtype {dtype}"
             f"{' (autocast, fp32 master weights)' if dtype == 'bfloat16' else ''}; kernels {kernels}; {a.warmup} warm-up + {a.steps} timed steps, synchronized wall clock",
             "- FLOPs/token = 6 * params + 3 * n_layers * q_heads * L * (d_qk + d_v) (causal attention, fwd+bwd); "

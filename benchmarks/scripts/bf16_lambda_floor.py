@@ -1,7 +1,7 @@
 """How close can any bfloat16 implementation get to the reference vectors? The numpy spec in
 float64 on inputs rounded to bf16 (x and every matrix; vectors stay float32), per case and tensor.
 
-    PYTHONPATH=. python benchmarks/bf16_lambda_floor.py [FILE]
+    PYTHONPATH=. python benchmarks/scripts/bf16_lambda_floor.py [FILE]
 
 Rounding the inputs alone is the floor an implementation computing in bf16 cannot beat (it
 adds its own rounding of intermediates on top). DIFF V1's lambda gradients are ill-conditioned

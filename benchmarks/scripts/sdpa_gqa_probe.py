@@ -1,6 +1,6 @@
 """Which CUDA SDPA backends compute grouped-query attention (enable_gqa) correctly in bf16 on the
 layouts DIFF V2's composed path feeds them? Error of each backend against float32 math on
-explicitly repeated k/v.   PYTHONPATH=. python benchmarks/sdpa_gqa_probe.py   (needs a CUDA GPU)"""
+explicitly repeated k/v.   PYTHONPATH=. python benchmarks/scripts/sdpa_gqa_probe.py   (needs a CUDA GPU)"""
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
