@@ -98,17 +98,6 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
-# ---- schedule -----------------------------------------------------------------------------
-
-def lr_budget(step: int, progress: float, tcfg: TrainConfig) -> float:
-    """Budget mode: warmup by steps as optim.lr_at, then cosine on the fraction of the time
-    budget used (so the run ends at the floor whatever its speed)."""
-    if step < tcfg.warmup_steps:
-        return optim.lr_at(step, tcfg)
-    floor = tcfg.lr * tcfg.min_lr_ratio
-    return floor + (tcfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ---- checkpoints --------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
@@ -445,7 +434,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                 break
             batch = data.train_batch(step, tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum, tcfg.data_seed)
             batch = batch[0] if tcfg.grad_accum == 1 else batch
-            lr = lr_budget(step, elapsed_train / budget_s, tcfg) if budget_s else optim.lr_at(step, tcfg)
+            lr = optim.lr_at(step, tcfg, elapsed_train / budget_s if budget_s else None)
             t0 = time.time()
             handle = model.train_step(batch, lr)
             resolve()

@@ -10,7 +10,6 @@ after building its model (step 0), and the result is written to the manifest.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from diffattn import harness, optim
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
+from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
 
 # Cross-stack tolerances on CPU float32 (accumulation-order differences only): logits are
@@ -109,11 +109,6 @@ def format_paired(r: dict) -> str:
 
 # ---- cross-stack agreement ------------------------------------------------------------------
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"), *, log=None) -> dict:
     """The same initial weights and batches on two backends (CPU, float32): relative error of
     the logits at init, and |loss_a - loss_b| at every step of tcfg.steps AdamW updates.
@@ -126,7 +121,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     models = [b.build(cfg, params, optim=tcfg.optim) for b in loaded]
     probe = data.val_batches(tcfg.batch_size, tcfg.seq_len, 1, tcfg.data_seed)[0][0][:, :-1]
     logits = [np.asarray(m.logits(probe)) for m in models]
-    logits_rel = _rel(logits[0], logits[1])
+    logits_rel = rel_err(logits[0], logits[1])
     rows = []
     for step in range(tcfg.steps):
         batch = data.train_batch(step, tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum, tcfg.data_seed)
@@ -140,7 +135,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     params_rel = {}
     finals = [m.state()[0] for m in models]
     for n in finals[0]:
-        params_rel[n] = _rel(finals[0][n], finals[1][n]) if np.linalg.norm(finals[1][n]) else 0.0
+        params_rel[n] = rel_err(finals[0][n], finals[1][n]) if np.linalg.norm(finals[1][n]) else 0.0
     return {"backends": [b.name for b in loaded], "devices": [b.device for b in loaded],
             "dtypes": [b.dtype for b in loaded], "steps": tcfg.steps, "attention": cfg.attention,
             "logits_rel_err": logits_rel, "max_abs_loss_diff": max_diff,
@@ -166,6 +161,3 @@ def format_agree(r: dict) -> str:
     lines.append("AGREE" if r["ok"] else "DISAGREE")
     return "\n".join(lines)
 
-
-def summary_json(obj: dict) -> str:
-    return json.dumps(obj, sort_keys=True, default=float)

@@ -12,6 +12,8 @@ import subprocess
 import numpy as np
 import pytest
 
+from diffattn import conformance
+
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
 
 from diffattn.backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
@@ -47,8 +49,7 @@ def inputs(B, L, H, G, d, dtype=mx.float32, seed=0):
 
 
 def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
+    return conformance.rel_err(a, b)
 
 
 # ---- everywhere ------------------------------------------------------------------------------

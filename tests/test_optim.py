@@ -64,3 +64,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_budget_progress_drives_the_decay_instead_of_the_step():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(5, cfg, progress=0.9) == lr_at(5, cfg)  # warmup still counts steps
+    assert lr_at(20, cfg, progress=0.5) == pytest.approx(0.55)
+    assert lr_at(20, cfg, progress=1.7) == pytest.approx(0.1)
