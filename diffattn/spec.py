@@ -160,6 +160,11 @@ def _attention_forward(cfg: ModelConfig, layer: int, p, x):
     return c["y"] @ p["out_proj.weight"].T, c
 
 
+def _diff_combine_backward(cfg: ModelConfig, layer: int, p, c, dy):
+    """DIFF V1, back through y = subln(o) * (1 - lambda_init): (dL/do, dL/d subln.weight)."""
+    return rmsnorm_backward(c["o"], p["subln.weight"], cfg.norm_eps, dy * (1.0 - cfg.lambda_init(layer)))
+
+
 def _attention_backward(cfg: ModelConfig, layer: int, p, c, grad_out):
     """Returns (grad_x, grads by short name) for the forward that produced cache c."""
     x, att = c["x"], cfg.attention
@@ -172,8 +177,7 @@ def _attention_backward(cfg: ModelConfig, layer: int, p, c, grad_out):
         dk, dv = repeat_kv_backward(dkr, group), repeat_kv_backward(dvr, group)
     elif att == "diff":
         group = cfg.n_heads // cfg.kv_heads
-        li = cfg.lambda_init(layer)
-        do, grads["subln.weight"] = rmsnorm_backward(c["o"], p["subln.weight"], cfg.norm_eps, dy * (1.0 - li))
+        do, grads["subln.weight"] = _diff_combine_backward(cfg, layer, p, c, dy)
         dlam = -np.sum(do * c["o2"])
         q, k = c["q"], c["k"]
         dq1, dk1r, dv1 = causal_attention_backward(q[:, 0::2], c["k1r"], c["vr"], c["p1"], do, c["scale"])
@@ -233,7 +237,7 @@ def lambda_grad_condition(cfg: ModelConfig, layer: int, p, x, grad_out) -> float
     p = _cast(p, np.float64)
     _, c = _attention_forward(cfg, layer, p, np.asarray(x, np.float64))
     dy = _heads(np.asarray(grad_out, np.float64) @ p["out_proj.weight"], cfg.n_heads)
-    do, _ = rmsnorm_backward(c["o"], p["subln.weight"], cfg.norm_eps, dy * (1.0 - cfg.lambda_init(layer)))
+    do, _ = _diff_combine_backward(cfg, layer, p, c, dy)
     t = do * c["o2"]
     return float(np.sqrt(np.sum(t * t)) / max(abs(t.sum()), 1e-300))
 
