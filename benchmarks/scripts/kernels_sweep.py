@@ -1,11 +1,14 @@
-"""Block-shape sweep for the paired-softmax Triton kernels (input to paired_softmax.blocks()).
+"""Block-shape and launch-option sweep for the paired-softmax Triton kernels (input to
+paired_softmax.TUNED / OPTIONS).
 
-    PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--length 4096] [--out DIR]
+    PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--lengths 4096] [--options tma=0,tma=1] [--out DIR]
 
-For each (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel and
-the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages) of
-one kernel at a time, the others at their defaults; each candidate's result is compared with the
-default's (relative error) so a wrong tile shows up. Prints one line per candidate.
+For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
+and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
+of one kernel at a time, the others at their defaults, and under each set of launch options
+(paired_softmax.OPTIONS; "tma" and "ws" = warp_specialize; dK/dV reads no option, so it runs
+under the first set only); each candidate's result is compared with the default's (relative
+error) so a wrong tile shows up. Prints one line per candidate.
 """
 import argparse
 import json
@@ -18,28 +21,37 @@ from triton.testing import do_bench
 from diffattn.backends.cuda.ops import paired_softmax as ps
 
 CANDIDATES = {
-    "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3),
-            (64, 32, 8, 2), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 8, 3)],
-    "dkdv": [(32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2), (32, 128, 4, 3),
-             (64, 64, 8, 2)],
-    "dq": [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3)],
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+            (64, 64, 4, 4), (128, 32, 8, 3), (64, 32, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+             (16, 64, 4, 3)],
+    "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+           (64, 64, 8, 3)],
 }
 SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 
+def parse_options(text):
+    names = {"tma": "tma", "ws": "warp_specialize"}
+    return {names[k]: v == "1" for k, v in (item.split("=") for item in text.split("+"))}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--lengths", default="4096")
+    ap.add_argument("--options", default="tma=1", help="option sets separated by '/', e.g. tma=0/tma=1/tma=1+ws=1")
     ap.add_argument("--out", default=".")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new candidates after this long")
     a = ap.parse_args()
-    L, H, dt = a.length, a.heads, torch.bfloat16
-    B = max(1, 16384 // L)
+    H, dt = a.heads, torch.bfloat16
+    option_sets = [parse_options(o) for o in a.options.split("/")]
     results, start = [], time.time()
-    for variant, d in [(s.split(":")[0], int(s.split(":")[1])) for s in a.shapes.split(",")]:
+    shapes = [(s.split(":")[0], int(s.split(":")[1])) for s in a.shapes.split(",")]
+    for L, (variant, d) in ((int(L), shape) for L in a.lengths.split(",") for shape in shapes):
+        B = max(1, 16384 // L)
         v1 = variant == "diff_v1"
         DV = 2 * d if v1 else d
         q = torch.randn(B, L, 2 * H, d, device="cuda", dtype=dt)
@@ -49,32 +61,37 @@ def main():
         do = torch.randn(B, L, H, DV, device="cuda", dtype=dt)
         ks, shared = (2, False) if v1 else (1, True)
         ps.OVERRIDES.clear()
+        ps.OPTIONS.update(option_sets[0])
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        for kernel, cands in ((kn, CANDIDATES[kn]) for kn in a.kernels.split(",")):
-            for cfg in cands:
-                if time.time() - start > a.budget_s:
-                    break
-                ps.OVERRIDES.clear()
-                ps.OVERRIDES[(kernel, d, DV, 2)] = cfg
-                row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg)
-                try:
-                    if kernel == "fwd":
-                        o = ps.forward(q, k, v, lam, ks, shared)[0]
-                        row["err"] = ((o.float() - out.float()).norm() / out.float().norm()).item()
-                        row["ms"] = do_bench(lambda: ps.forward(q, k, v, lam, ks, shared), return_mode="median")
-                        row["tflops"] = flop_fwd / row["ms"] / 1e9
-                    else:
-                        g = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
-                        row["err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(g, grads))
-                        row["ms"] = do_bench(lambda: ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared),
-                                             return_mode="median")
-                        row["tflops"] = 2.5 * flop_fwd / row["ms"] / 1e9
-                except Exception as e:  # out of shared memory / registers for this tile
-                    row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}" if str(e) else type(e).__name__
-                print(json.dumps(row), flush=True)
-                results.append(row)
+        # dK/dV reads no option, dQ only "tma"
+        sets = {"fwd": option_sets, "dkdv": option_sets[:1],
+                "dq": [o for o in option_sets if not o.get("warp_specialize")] or option_sets[:1]}
+        jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in CANDIDATES[kn] for opts in sets[kn]]
+        for kernel, cfg, opts in jobs:
+            if time.time() - start > a.budget_s:
+                break
+            ps.OVERRIDES.clear()
+            ps.OVERRIDES[(kernel, d, DV, 2)] = cfg
+            ps.OPTIONS.update(opts)
+            row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg, options=opts)
+            try:
+                if kernel == "fwd":
+                    o = ps.forward(q, k, v, lam, ks, shared)[0]
+                    row["err"] = ((o.float() - out.float()).norm() / out.float().norm()).item()
+                    row["ms"] = do_bench(lambda: ps.forward(q, k, v, lam, ks, shared), return_mode="median")
+                    row["tflops"] = flop_fwd / row["ms"] / 1e9
+                else:
+                    g = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
+                    row["err"] = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(g, grads))
+                    row["ms"] = do_bench(lambda: ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared),
+                                         return_mode="median")
+                    row["tflops"] = 2.5 * flop_fwd / row["ms"] / 1e9
+            except Exception as e:  # out of shared memory / registers for this tile
+                row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}" if str(e) else type(e).__name__
+            print(json.dumps(row), flush=True)
+            results.append(row)
     ps.OVERRIDES.clear()
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels_sweep.json"), "w") as f:

@@ -52,35 +52,61 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 @triton.jit
-def _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D: tl.constexpr, DV: tl.constexpr,
-              SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key rows start_n.. of both key sub-heads (one, if shared) and of V; rows past L read 0."""
+def _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D: tl.constexpr, DV: tl.constexpr,
+              SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Key rows start_n.. of both key sub-heads (one, if shared) and of V; rows past L read 0.
+    The sources are tensor descriptors when TMA (the copy engine zero-fills past L), else pointers."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_ok = (offs_n < L)[:, None]
-    k1 = tl.load(k1_base + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
-    if SHARED_K:
-        k2 = k1
+    if TMA:
+        k1 = k1_src.load([start_n, 0])
+        if SHARED_K:
+            k2 = k1
+        else:
+            k2 = k2_src.load([start_n, 0])
+        v = v_src.load([start_n, 0])
     else:
-        k2 = tl.load(k2_base + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * svl + tl.arange(0, DV)[None, :], mask=kv_ok, other=0.0)
+        kv_ok = (offs_n < L)[:, None]
+        k1 = tl.load(k1_src + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
+        if SHARED_K:
+            k2 = k1
+        else:
+            k2 = tl.load(k2_src + offs_n[:, None] * skl + tl.arange(0, D)[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_src + offs_n[:, None] * svl + tl.arange(0, DV)[None, :], mask=kv_ok, other=0.0)
     return offs_n, k1, k2, v
 
 
 @triton.jit
-def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base, skl, svl, start_n, offs_m, L,
+def _kv_sources(k1_base, k2_base, v_base, skl, svl, L, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """What _kv_block reads from: (L, D) / (L, DV) tensor descriptors of this head when TMA, else the bases."""
+    if TMA:
+        k1_src = tl.make_tensor_descriptor(k1_base, shape=[L, D], strides=[skl, 1], block_shape=[BLOCK_N, D])
+        if SHARED_K:
+            k2_src = k1_src
+        else:
+            k2_src = tl.make_tensor_descriptor(k2_base, shape=[L, D], strides=[skl, 1], block_shape=[BLOCK_N, D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[L, DV], strides=[svl, 1], block_shape=[BLOCK_N, DV])
+    else:
+        k1_src, k2_src, v_src = k1_base, k2_base, v_base
+    return k1_src, k2_src, v_src
+
+
+@triton.jit
+def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, svl, start_n, offs_m, L,
               qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK: tl.constexpr, PREC: tl.constexpr):
-    offs_n, k1, k2, v = _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N)
-    s1 = tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale
-    s2 = tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale
+              MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
+    s1 = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    s2 = tl.dot(q2, tl.trans(k2), input_precision=PREC)
     if MASK:
         future = offs_m[:, None] < offs_n[None, :]
         s1 = tl.where(future, float("-inf"), s1)
         s2 = tl.where(future, float("-inf"), s2)
-    m1_new = tl.maximum(m1, tl.max(s1, 1))
-    m2_new = tl.maximum(m2, tl.max(s2, 1))
-    p1 = tl.math.exp2(s1 - m1_new[:, None])
-    p2 = tl.math.exp2(s2 - m2_new[:, None])
+    # the row max is taken on the raw scores (qk_scale > 0), so scaling and shifting is one FMA
+    m1_new = tl.maximum(m1, tl.max(s1, 1) * qk_scale)
+    m2_new = tl.maximum(m2, tl.max(s2, 1) * qk_scale)
+    p1 = tl.math.exp2(s1 * qk_scale - m1_new[:, None])
+    p2 = tl.math.exp2(s2 * qk_scale - m2_new[:, None])
     alpha1 = tl.math.exp2(m1 - m1_new)
     alpha2 = tl.math.exp2(m2 - m2_new)
     l1 = l1 * alpha1 + tl.sum(p1, 1)
@@ -92,8 +118,10 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base, skl,
 
 @triton.jit
 def _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's (batch, output head i, kv head g), its query rows and both sub-heads' tiles."""
-    bh = tl.program_id(1)
+    """This program's (batch, output head i, kv head g), its query rows and both sub-heads' tiles.
+    Grid axis 0 is (batch, head); the launchers walk axis 1 backwards (pid_m), so the query blocks
+    with the most keys start first and the short ones fill the last wave."""
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     i = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,17 +137,19 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
                          L, H, GROUP, qk_scale,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                         TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
-    when two (BLOCK_M, width) accumulators would not fit in registers): program_id(0) enumerates
-    (query block, column slice); each slice recomputes both maps' scores."""
-    n_slices = tl.num_programs(0) // tl.cdiv(L, BLOCK_M)
-    pid_m = tl.program_id(0) // n_slices
-    col0 = (tl.program_id(0) % n_slices) * DV
+    when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
+    (query block, column slice), backwards; each slice recomputes both maps' scores."""
+    n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
+    job = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = job // n_slices
+    col0 = (job % n_slices) * DV
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
     k1_base = K + b * skb + (g * K_STEP) * skh
-    k2_base = k1_base + skh
-    v_base = V + b * svb + g * svh + col0
+    k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh + col0, skl, svl, L, D, DV,
+                                        SHARED_K, BLOCK_N, TMA)
 
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -127,14 +157,14 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     l2 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, DV], tl.float32)
     acc2 = tl.zeros([BLOCK_M, DV], tl.float32)
-    for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
-        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base,
+    for start_n in tl.range(0, diag, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # fully visible blocks
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
                                                skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                               BLOCK_N, False, PREC)
+                                               BLOCK_N, False, PREC, TMA)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):  # the diagonal, masked
-        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_base, k2_base, v_base,
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
                                                skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                               BLOCK_N, True, PREC)
+                                               BLOCK_N, True, PREC, TMA)
 
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
     o1 = acc1 / l1[:, None]
@@ -258,10 +288,10 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
 
 
 @triton.jit
-def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl, svl, start_n,
+def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl, svl, start_n,
              offs_m, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
-    offs_n, k1, k2, v = _kv_block(k1_base, k2_base, v_base, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N)
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
     p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale - lse1[:, None])
     p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale - lse2[:, None])
     if MASK:
@@ -281,10 +311,11 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
                             L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                            TMA: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
-    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, tl.program_id(0), L, H, GROUP, D,
-                                                                BLOCK_M)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
     lse_base = LSE + (b * H + i) * 2 * L
@@ -295,16 +326,16 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
     k1_base = K + b * skb + (g * K_STEP) * skh
-    k2_base = k1_base + skh
-    v_base = V + b * svb + g * svh
+    k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh, skl, svl, L, D, DV,
+                                        SHARED_K, BLOCK_N, TMA)
     dq1 = tl.zeros([BLOCK_M, D], tl.float32)
     dq2 = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, diag, BLOCK_N):
-        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC)
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
-        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_base, k2_base, v_base, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC)
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA)
     tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DQ + q_off + sqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -338,6 +369,11 @@ TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
 # two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
 FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
+# Hopper features, measured on/off by benchmarks/scripts/kernels_sweep.py (docs/kernels.md):
+# "tma" loads K/V tiles through tensor descriptors (the bulk copy engine) in the forward and dQ
+# kernels; "warp_specialize" asks Triton to split the forward's main loop into producer and
+# consumer warps.
+OPTIONS = {"tma": True, "warp_specialize": False}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -356,6 +392,27 @@ def blocks(kernel, D, DV, dtype, shared_k):
     if kernel == "dkdv":
         return (64, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 128, 8, 2)
     return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
+
+
+def _use_tma(*ts):
+    """Tensor descriptors need sm_90+, a 16-byte aligned base and 16-byte multiples for every stride
+    but the last; other inputs take the pointer path of the same kernels."""
+    if not OPTIONS["tma"] or os.environ.get("TRITON_INTERPRET") == "1" or not ts[0].is_cuda:
+        return False
+    if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return False
+    if any(t.data_ptr() % 16 or t.stride(-1) != 1 or any(st * t.element_size() % 16 for st in t.stride()[:-1])
+           for t in ts):
+        return False
+    _set_descriptor_allocator()
+    return True
+
+
+def _set_descriptor_allocator():
+    """Kernels that build tensor descriptors need global scratch for them; Triton asks for it here."""
+    if not getattr(_set_descriptor_allocator, "done", False):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _set_descriptor_allocator.done = True
 
 
 def _precision(dtype):
@@ -377,10 +434,11 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
     slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
     sm_scale = 1.0 / math.sqrt(D)
-    paired_attention_fwd[(triton.cdiv(L, bm) * slices, B * H)](
+    paired_attention_fwd[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
         L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v),
+        WARP_SPECIALIZE=OPTIONS["warp_specialize"], num_warps=warps, num_stages=stages)
     return out, o2, lse
 
 
@@ -403,7 +461,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
-    paired_attention_bwd_dq[(triton.cdiv(L, bm), B * H)](
+    paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, delta
