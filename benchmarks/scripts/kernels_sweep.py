@@ -6,8 +6,7 @@ paired_softmax.TUNED / OPTIONS).
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
-(paired_softmax.OPTIONS; "tma" and "ws" = warp_specialize; dK/dV reads no option, so it runs
-under the first set only); each candidate's result is compared with the default's (relative
+(paired_softmax.OPTIONS; dK/dV reads none, so it runs under the first set only); each candidate's result is compared with the default's (relative
 error) so a wrong tile shows up. Prints one line per candidate.
 """
 import argparse
@@ -28,18 +27,21 @@ CANDIDATES = {
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
            (64, 64, 8, 3)],
 }
+DEFAULT_OPTIONS = dict(ps.OPTIONS)
 SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 
 def parse_options(text):
-    names = {"tma": "tma", "ws": "warp_specialize"}
-    return {names[k]: v == "1" for k, v in (item.split("=") for item in text.split("+"))}
+    """'tma=0' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults)."""
+    opts = dict(DEFAULT_OPTIONS)
+    opts.update({k: v == "1" for k, v in (item.split("=") for item in text.split("+"))})
+    return opts
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="4096")
-    ap.add_argument("--options", default="tma=1", help="option sets separated by '/', e.g. tma=0/tma=1/tma=1+ws=1")
+    ap.add_argument("--options", default="tma=1", help="option sets separated by '/', e.g. tma=0/tma=1")
     ap.add_argument("--out", default=".")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
@@ -65,9 +67,7 @@ def main():
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        # dK/dV reads no option, dQ only "tma"
-        sets = {"fwd": option_sets, "dkdv": option_sets[:1],
-                "dq": [o for o in option_sets if not o.get("warp_specialize")] or option_sets[:1]}
+        sets = {"fwd": option_sets, "dkdv": option_sets[:1], "dq": option_sets}  # dK/dV reads no option
         jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in CANDIDATES[kn] for opts in sets[kn]]
         for kernel, cfg, opts in jobs:
             if time.time() - start > a.budget_s:
@@ -93,9 +93,23 @@ def main():
             print(json.dumps(row), flush=True)
             results.append(row)
     ps.OVERRIDES.clear()
+    ps.OPTIONS.update(DEFAULT_OPTIONS)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print_best(results)
+
+
+def print_best(results):
+    """One line per (variant, d, L, kernel): the fastest candidate against the first one (the default)."""
+    groups = {}
+    for r in results:
+        if "ms" in r and r["err"] < 2e-2:
+            groups.setdefault((r["variant"], r["d"], r["L"], r["kernel"]), []).append(r)
+    for key, rows in groups.items():
+        best = min(rows, key=lambda r: r["ms"])
+        print(*key, "default", rows[0]["cfg"], rows[0]["options"], f"{rows[0]['ms']:.3f} ms", "| best", best["cfg"],
+              best["options"], f"{best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
                          L, H, GROUP, qk_scale,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                         TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                         TMA: tl.constexpr):
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
     when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
     (query block, column slice), backwards; each slice recomputes both maps' scores."""
@@ -157,7 +157,7 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     l2 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, DV], tl.float32)
     acc2 = tl.zeros([BLOCK_M, DV], tl.float32)
-    for start_n in tl.range(0, diag, BLOCK_N, warp_specialize=WARP_SPECIALIZE):  # fully visible blocks
+    for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
         m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
                                                skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
                                                BLOCK_N, False, PREC, TMA)
@@ -369,11 +369,9 @@ TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
 # two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
 FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
-# Hopper features, measured on/off by benchmarks/scripts/kernels_sweep.py (docs/kernels.md):
-# "tma" loads K/V tiles through tensor descriptors (the bulk copy engine) in the forward and dQ
-# kernels; "warp_specialize" asks Triton to split the forward's main loop into producer and
-# consumer warps.
-OPTIONS = {"tma": True, "warp_specialize": False}
+# "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
+# engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
+OPTIONS = {"tma": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -404,15 +402,14 @@ def _use_tma(*ts):
     if any(t.data_ptr() % 16 or t.stride(-1) != 1 or any(st * t.element_size() % 16 for st in t.stride()[:-1])
            for t in ts):
         return False
-    _set_descriptor_allocator()
+    # kernels that build tensor descriptors need global scratch for them; Triton keeps the allocator
+    # in a context variable, so it is set on every call (autograd runs the backward in its own thread)
+    triton.set_allocator(_descriptor_scratch)
     return True
 
 
-def _set_descriptor_allocator():
-    """Kernels that build tensor descriptors need global scratch for them; Triton asks for it here."""
-    if not getattr(_set_descriptor_allocator, "done", False):
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _set_descriptor_allocator.done = True
+def _descriptor_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _precision(dtype):
@@ -437,8 +434,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     paired_attention_fwd[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
         L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v),
-        WARP_SPECIALIZE=OPTIONS["warp_specialize"], num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), num_warps=warps, num_stages=stages)
     return out, o2, lse
 
 
