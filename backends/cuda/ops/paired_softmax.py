@@ -350,18 +350,19 @@ LOG2E = 1.4426950408889634
 # the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
 # (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
 # tiles so K/V stages fit in shared memory. TUNED holds the 16-bit shapes measured best by
-# benchmarks/scripts/kernels_sweep.py on the H100 (docs/kernels.md); other shapes follow the rules below.
+# benchmarks/scripts/kernels_sweep.py on the H100 and, for d 64, again on the H200 at L = 2k/8k/16k
+# with TMA loads (docs/kernels.md); other shapes follow the rules below.
 # Benchmarks may set OVERRIDES[(kernel, D, DV, itemsize)].
 TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
     ("fwd", 64, 128): (128, 64, 8, 3),
     ("fwd", 64, 64): (64, 64, 4, 3),
     ("fwd", 128, 256): (128, 64, 8, 3),  # per column slice of 128 (FWD_SLICES)
     ("fwd", 128, 128): (128, 64, 8, 4),
-    ("dkdv", 64, 128): (64, 128, 8, 2),
+    ("dkdv", 64, 128): (64, 128, 8, 3),
     ("dkdv", 64, 64): (64, 128, 8, 2),
     ("dkdv", 128, 256): (32, 128, 8, 2),
     ("dq", 64, 128): (64, 64, 4, 2),
-    ("dq", 64, 64): (64, 64, 4, 2),
+    ("dq", 64, 64): (64, 64, 4, 3),
     ("dq", 128, 256): (128, 32, 8, 2),
     ("dq", 128, 128): (64, 32, 4, 2),
 }
