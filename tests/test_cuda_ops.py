@@ -215,6 +215,26 @@ def test_fused_forward_in_column_slices(monkeypatch):
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_fused_tma_loads_interpreted(monkeypatch, variant):
+    """The tensor-descriptor (TMA) K/V loads that sm_90 GPUs take give the oracle's result too: rows
+    past L come from the descriptor's zero fill instead of masked loads."""
+    import triton
+    from diffattn.backends.cuda.ops import paired_softmax
+    calls = []
+
+    def use_tma(*ts):  # what _use_tma does on a GPU, with CPU scratch for the descriptors
+        calls.append(len(ts))
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
+        return True
+
+    monkeypatch.setattr(paired_softmax, "_use_tma", use_tma)
+    assert_close(check(variant, "fused", 2, 37, 2, 2, 16, torch.float32, strided=True), torch.float32)
+    assert len(calls) == 2  # the forward and the dQ kernel took the descriptor path
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_interpreted_float16(variant):
     # bfloat16 is not tested here: Triton 3.6's interpreter computes bf16 dots wrongly; the GPU tests cover it
     assert_close(check(variant, "fused", 1, 37, 2, 1, 16, torch.float16), torch.float16)
