@@ -1,0 +1,117 @@
+"""Registers, spills and instruction mix of the paired-softmax Triton kernels, compiled ahead of time
+for a Hopper GPU (sm_90) on any machine: no GPU needed, only Triton's own ptxas and cuobjdump.
+
+    PYTHONPATH=. python benchmarks/scripts/kernels_resources.py [--tiles fwd:128,64,8,3 ...] [--out DIR]
+
+For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the tiles the GPU
+uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
+registers per thread, the stack frame (spilled registers live there), the number of local-memory
+load / store instructions (LDL / STL: spill traffic) and of warpgroup MMAs (HGMMA), exponentials
+(MUFU.EX2) and bulk tensor copies (UTMALDG) in the SASS. A kernel at 255 registers with a stack
+frame spills; the spill instructions sit in the main loop, so they cost every tile.
+Triton's version here can differ from the GPU machine's (the output names both when given).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.getcwd())
+from diffattn.backends.cuda.ops import paired_softmax as ps  # noqa: E402
+
+KERNELS = {
+    "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2")),
+    "dkdv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
+    "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
+}
+FLOAT32_POINTERS = ("LSE", "DELTA")
+SASS_OPS = ("HGMMA", "LDL", "STL", "MUFU.EX2", "UTMALDG")
+
+
+def signature(fn, bf16_pointers, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in bf16_pointers:
+            sig[name] = "*bf16"
+        elif name in FLOAT32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def resources(kernel, variant, d, tile, tma, arch):
+    """-> dict of the compiled kernel's resource usage and SASS instruction counts."""
+    fn, pointers = KERNELS[kernel]
+    v1 = variant == "diff_v1"
+    DV = 2 * d if v1 else d
+    slices = ps.FWD_SLICES.get((d, DV, 2), 1) if kernel == "fwd" else 1
+    bm, bn, warps, stages = tile
+    consts = dict(D=d, DV=DV // slices, K_STEP=2 if v1 else 1, SHARED_K=not v1, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
+    if "TMA" in fn.arg_names:
+        consts["TMA"] = tma
+    src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cubin = f"/tmp/diffattn_{kernel}_{variant}_{d}_{int(tma)}.cubin"
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    cuobjdump = os.path.join(bin_dir, "cuobjdump")
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+    sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
+    os.remove(cubin)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    row = dict(regs=int(m.group(1)), stack=int(m.group(2)))
+    row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--tiles", nargs="*", default=[],
+                    help="kernel:BLOCK_M,BLOCK_N,warps,stages to add for every variant and d, e.g. dkdv:64,128,16,2")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
+    lines = [f"triton {triton.__version__}, target sm_{a.arch}, bf16 inputs; commands: "
+             f"`PYTHONPATH=. python benchmarks/scripts/kernels_resources.py {' '.join(sys.argv[1:])}`", "",
+             "| kernel | variant | d | tile (BM, BN, warps, stages) | loads | regs | stack B | " + " | ".join(SASS_OPS) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for variant in ("diff_v1", "diff_v2"):
+        for d in (64, 128):
+            DV = 2 * d if variant == "diff_v1" else d
+            for kernel in KERNELS:
+                tiles = [ps.blocks(kernel, d, DV, torch.bfloat16, variant == "diff_v2")]
+                tiles += [t for k, t in extra if k == kernel and t not in tiles]
+                for tile in tiles:
+                    for tma in ((False, True) if kernel != "dkdv" else (False,)):
+                        try:
+                            r = resources(kernel, variant, d, tile, tma, a.arch)
+                            cells = [r["regs"], r["stack"], *(r[op] for op in SASS_OPS)]
+                        except Exception as e:  # a tile that does not compile (shared memory, layout)
+                            cells = [f"does not compile: {type(e).__name__}"] + [""] * 6
+                        line = "| " + " | ".join(map(str, [kernel, variant, d, tile, "tma" if tma else "pointers",
+                                                            *cells])) + " |"
+                        lines.append(line)
+                        print(line, flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "kernels_resources.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
