@@ -9,7 +9,10 @@ registers per thread, the stack frame (spilled registers live there), the number
 load / store instructions (LDL / STL: spill traffic) and of warpgroup MMAs (HGMMA), exponentials
 (MUFU.EX2) and bulk tensor copies (UTMALDG) in the SASS. A kernel at 255 registers with a stack
 frame spills; the spill instructions sit in the main loop, so they cost every tile.
-Triton's version here can differ from the GPU machine's (the output names both when given).
+Register allocation differs between Triton versions: to read what the GPU machine runs, install its
+Triton beside the project's and put it first, e.g.
+    pip install --no-deps --target /tmp/t36site triton==3.6.0
+    PYTHONPATH=/tmp/t36site:. python benchmarks/scripts/kernels_resources.py
 """
 import argparse
 import os
