@@ -213,6 +213,18 @@ def test_fused_forward_in_column_slices(monkeypatch):
 
 
 @needs_triton
+def test_tma_needs_16_byte_aligned_strides():
+    """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
+    from diffattn.backends.cuda.ops.paired_softmax import tma_aligned
+    qkv = torch.zeros(2, 37, 3 * 4 * 64, dtype=torch.bfloat16)
+    assert tma_aligned(qkv.view(2, 37, 12, 64)[:, :, 4:8])          # k of a fused q/k/v projection
+    odd_rows = torch.zeros(2, 37, 4 * 64 + 5, dtype=torch.bfloat16)  # e.g. a projection with 5 extra columns
+    assert not tma_aligned(odd_rows[..., :256].unflatten(-1, (4, 64)))  # row stride 261 elements
+    assert not tma_aligned(qkv.view(-1)[1:65].view(1, 1, 1, 64))      # base 2 bytes off
+    assert not tma_aligned(qkv.view(2, 37, 12, 64).transpose(-1, -2))  # last stride not 1
+
+
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_tma_loads_interpreted(monkeypatch, variant):

@@ -400,13 +400,19 @@ def _use_tma(*ts):
         return False
     if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
         return False
-    if any(t.data_ptr() % 16 or t.stride(-1) != 1 or any(st * t.element_size() % 16 for st in t.stride()[:-1])
-           for t in ts):
+    if not all(map(tma_aligned, ts)):
         return False
     # kernels that build tensor descriptors need global scratch for them; Triton keeps the allocator
     # in a context variable, so it is set on every call (autograd runs the backward in its own thread)
     triton.set_allocator(_descriptor_scratch)
     return True
+
+
+def tma_aligned(t):
+    """Whether a tensor descriptor can address t: 16-byte aligned base, unit last stride, every
+    other stride a multiple of 16 bytes."""
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
 
 
 def _descriptor_scratch(size, alignment, stream):
