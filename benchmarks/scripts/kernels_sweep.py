@@ -1,13 +1,14 @@
 """Block-shape and launch-option sweep for the paired-softmax Triton kernels (input to
 paired_softmax.TUNED / OPTIONS).
 
-    PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--lengths 4096] [--options tma=0,tma=1] [--out DIR]
+    PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--lengths 2048,8192] [--options tma=0/tma=1] [--out DIR]
 
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
-(paired_softmax.OPTIONS; dK/dV reads none, so it runs under the first set only); each candidate's result is compared with the default's (relative
-error) so a wrong tile shows up. Prints one line per candidate.
+(paired_softmax.OPTIONS; dK/dV reads none, so it runs under the first set only). Each result is
+compared with the first option set's defaults (relative error), so a wrong tile shows up. Prints
+one JSON line per candidate, then the fastest candidate per (variant, d, L, kernel).
 """
 import argparse
 import json
