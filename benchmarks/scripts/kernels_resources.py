@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -66,14 +67,12 @@ def resources(kernel, variant, d, tile, tma, arch):
     src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    cubin = f"/tmp/diffattn_{kernel}_{variant}_{d}_{int(tma)}.cubin"
-    with open(cubin, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    cuobjdump = os.path.join(bin_dir, "cuobjdump")
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-    sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
-    os.remove(cubin)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True).stdout
+                       for flag in ("--dump-resource-usage", "--dump-sass"))
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     row = dict(regs=int(m.group(1)), stack=int(m.group(2)))
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
@@ -88,10 +87,10 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
+    columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", *SASS_OPS]
     lines = [f"triton {triton.__version__}, target sm_{a.arch}, bf16 inputs; commands: "
              f"`PYTHONPATH=. python benchmarks/scripts/kernels_resources.py {' '.join(sys.argv[1:])}`", "",
-             "| kernel | variant | d | tile (BM, BN, warps, stages) | loads | regs | stack B | " + " | ".join(SASS_OPS) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     print("\n".join(lines), flush=True)
     for variant in ("diff_v1", "diff_v2"):
         for d in (64, 128):
@@ -105,7 +104,7 @@ def main():
                             r = resources(kernel, variant, d, tile, tma, a.arch)
                             cells = [r["regs"], r["stack"], *(r[op] for op in SASS_OPS)]
                         except Exception as e:  # a tile that does not compile (shared memory, layout)
-                            cells = [f"does not compile: {type(e).__name__}"] + [""] * 6
+                            cells = [f"does not compile: {type(e).__name__}"] + [""] * len(SASS_OPS)
                         line = "| " + " | ".join(map(str, [kernel, variant, d, tile, "tma" if tma else "pointers",
                                                             *cells])) + " |"
                         lines.append(line)
