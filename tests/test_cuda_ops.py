@@ -213,6 +213,20 @@ def test_fused_forward_in_column_slices(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_fused_backward_split_dkdv(monkeypatch, variant):
+    """dK and dV from two programs per key block (SPLIT_DKDV, the split backward) give the oracle's
+    gradients too."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.SPLIT_DKDV, (16, 32 if variant == "diff_v1" else 16, 4), True)
+    launched, blocks = [], paired_softmax.blocks
+    monkeypatch.setattr(paired_softmax, "blocks", lambda kernel, *a: launched.append(kernel) or blocks(kernel, *a))
+    assert_close(check(variant, "fused", 2, 37, 2, 1, 16, torch.float32, strided=True), torch.float32)
+    assert "dk" in launched and "dv" in launched and "dkdv" not in launched
+
+
+@needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
     from diffattn.backends.cuda.ops.paired_softmax import tma_aligned

@@ -18,7 +18,8 @@ dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
     dS1  = P1 (dP - delta1),   dS2 = -lam P2 (dP - delta2')
     dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
 dK/dV come from a kernel that keeps one K/V block resident and walks the query blocks of every
-query head of its group (no atomics); dQ from a kernel that keeps a query block resident.
+query head of its group (no atomics), or, where SPLIT_DKDV says so, from two launches of it (one
+for dK, one for dV); dQ from a kernel that keeps a query block resident.
 Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
 lse = +inf so their probabilities are exactly 0.
 """
@@ -204,7 +205,8 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
 @triton.jit
 def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, WITH_DK: tl.constexpr,
+               WITH_DV: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
@@ -224,16 +226,18 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
         visible = offs_m[None, :] >= offs_n[:, None]
         p1t = tl.where(visible, p1t, 0.0)
         p2t = tl.where(visible, p2t, 0.0)
-    dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    ds1t = p1t * (dpt - delta1[None, :])
-    ds2t = -lam[None, :] * p2t * (dpt - delta2[None, :])
-    if SHARED_K:
-        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
-        dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
-    else:
-        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
-        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
+    if WITH_DV:
+        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=PREC)
+    if WITH_DK:
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds1t = p1t * (dpt - delta1[None, :])
+        ds2t = -lam[None, :] * p2t * (dpt - delta2[None, :])
+        if SHARED_K:
+            dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+            dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
+        else:
+            dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+            dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
     return dk1, dk2, dv
 
 
@@ -242,9 +246,11 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                              WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have K's and V's strides."""
+    DK and DV_ have K's and V's strides. With one of WITH_DK / WITH_DV off the program computes only
+    the other (the split backward: two launches, each with fewer values live per thread)."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // GROUP
@@ -276,15 +282,17 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):  # the diagonal, masked
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC)
+                                      BLOCK_M, True, PREC, WITH_DK, WITH_DV)
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC)
-    tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    if not SHARED_K:
-        tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
+                                      BLOCK_M, False, PREC, WITH_DK, WITH_DV)
+    if WITH_DK:
+        tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+        if not SHARED_K:
+            tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    if WITH_DV:
+        tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -346,7 +354,7 @@ LOG2E = 1.4426950408889634
 
 # Block shapes per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query block,
 # BLOCK_N the key block. The diagonal loops need the resident block to be a multiple of the walked
-# one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
+# one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv, dk, dv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
 # the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
 # (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
 # tiles so K/V stages fit in shared memory. TUNED holds the 16-bit shapes measured best by
@@ -369,6 +377,11 @@ TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
 # Forward column slices: DIFF V1 at d 128 has V 256 wide, and two (BLOCK_M, 256) accumulators spill;
 # two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
 FWD_SLICES = {(128, 256, 2): 2}
+# Split backward: dK and dV from two programs per K/V block (kernels "dk" and "dv") instead of one
+# ("dkdv"). One program holding dK1, dK2 and dV (4d float32 columns a key row for V1) next to both
+# maps' score tiles spills; the split recomputes both maps' scores in the dV program (+2 of the 8
+# matmul units, d 64 V1) to keep fewer values live per thread.
+SPLIT_DKDV = {}
 OVERRIDES = {}
 # "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
 # engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
@@ -383,12 +396,12 @@ def blocks(kernel, D, DV, dtype, shared_k):
     if kernel == "delta":
         return 64, 0, 4, 1
     if dtype.itemsize == 4:
-        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
+        return {"fwd": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}.get(kernel, (16, 32, 4, 1))
     if (kernel, D, DV) in TUNED:
         return TUNED[(kernel, D, DV)]
     if kernel == "fwd":
         return (128, 64, 8, 3) if 2 * DV <= 256 else (64, 32, 8, 2)
-    if kernel == "dkdv":
+    if kernel in ("dkdv", "dk", "dv"):
         return (64, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 128, 8, 2)
     return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
 
@@ -459,10 +472,13 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
         DV=DV, BLOCK_M=bm)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
-    paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
-        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+    parts = ("dk", "dv") if SPLIT_DKDV.get((D, DV, q.dtype.itemsize)) else ("dkdv",)
+    for part in parts:
+        bm, bn, warps, stages = blocks(part, D, DV, q.dtype, shared_k)
+        paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
+            q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
+            BLOCK_M=bm, BLOCK_N=bn, WITH_DK=part != "dv", WITH_DV=part != "dk", num_warps=warps,
+            num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
