@@ -68,6 +68,8 @@ def resources(kernel, variant, d, tile, tma, arch):
         consts["TMA"] = tma
     if fn is ps.paired_attention_bwd_dkdv:
         consts.update(WITH_DK=kernel != "dv", WITH_DV=kernel != "dk")
+    if "SCALAR_LAM" in fn.arg_names:
+        consts["SCALAR_LAM"] = v1
     src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))

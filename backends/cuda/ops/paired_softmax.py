@@ -203,22 +203,31 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
 
 
 @triton.jit
-def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
-               start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, WITH_DK: tl.constexpr,
-               WITH_DV: tl.constexpr):
-    """One query block's contribution to a resident K/V block, in transposed form (keys on rows)."""
+def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base, delta_base, lam_base, sql,
+               sqh, sdl, sll, start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr,
+               SHARED_K: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+               WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SCALAR_LAM: tl.constexpr, TMA: tl.constexpr):
+    """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
+    With SCALAR_LAM (V1) map 2's -lam is left out of dS2 here and applied to dK2 once at the end."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
-    q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
-    q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
+    if TMA:  # (L, heads, dim) descriptors of this batch; rows past L are zero-filled
+        q1 = q_src.load([start_m, 2 * i, 0]).reshape([BLOCK_M, D])
+        q2 = q_src.load([start_m, 2 * i + 1, 0]).reshape([BLOCK_M, D])
+        do = do_src.load([start_m, i, 0]).reshape([BLOCK_M, DV])
+    else:
+        q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
+        q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
     lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
     delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
     delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
-    lam = tl.load(lam_base + offs_m * sll, mask=row_ok, other=0.0).to(tl.float32)
+    if SCALAR_LAM:
+        lam = tl.load(lam_base).to(tl.float32)
+    else:
+        lam = tl.load(lam_base + offs_m * sll, mask=row_ok, other=0.0).to(tl.float32)[None, :]
 
     p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=PREC) * qk_scale - lse1[None, :])
     p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=PREC) * qk_scale - lse2[None, :])
@@ -227,11 +236,14 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
         p1t = tl.where(visible, p1t, 0.0)
         p2t = tl.where(visible, p2t, 0.0)
     if WITH_DV:
-        dv = tl.dot((p1t - lam[None, :] * p2t).to(do.dtype), do, dv, input_precision=PREC)
+        dv = tl.dot((p1t - lam * p2t).to(do.dtype), do, dv, input_precision=PREC)
     if WITH_DK:
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds1t = p1t * (dpt - delta1[None, :])
-        ds2t = -lam[None, :] * p2t * (dpt - delta2[None, :])
+        if SCALAR_LAM:
+            ds2t = p2t * (dpt - delta2[None, :])
+        else:
+            ds2t = -lam * p2t * (dpt - delta2[None, :])
         if SHARED_K:
             dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
             dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
@@ -247,7 +259,8 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+                              WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SCALAR_LAM: tl.constexpr,
+                              TMA: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have K's and V's strides. With one of WITH_DK / WITH_DV off the program computes only
     the other (the split backward: two launches, each with fewer values live per thread)."""
@@ -272,6 +285,13 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
     dk2 = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     diag = pid_n * BLOCK_N
+    if TMA:
+        q_src = tl.make_tensor_descriptor(Q + b * sqb, shape=[L, 2 * H, D], strides=[sql, sqh, 1],
+                                          block_shape=[BLOCK_M, 1, D])
+        do_src = tl.make_tensor_descriptor(DO + b * sdb, shape=[L, H, DV], strides=[sdl, sdh, 1],
+                                           block_shape=[BLOCK_M, 1, DV])
+    else:
+        q_src, do_src = Q, DO
     for r in range(0, GROUP):
         i = g * GROUP + r
         q_base = Q + b * sqb + (2 * i) * sqh
@@ -280,16 +300,18 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         delta_base = DELTA + (b * H + i) * 2 * L
         lam_base = LAM + b * slb + i * slh
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):  # the diagonal, masked
-            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, WITH_DK, WITH_DV)
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base,
+                                      delta_base, lam_base, sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale,
+                                      D, DV, SHARED_K, BLOCK_M, True, PREC, WITH_DK, WITH_DV, SCALAR_LAM, TMA)
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
-            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC, WITH_DK, WITH_DV)
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base,
+                                      delta_base, lam_base, sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale,
+                                      D, DV, SHARED_K, BLOCK_M, False, PREC, WITH_DK, WITH_DV, SCALAR_LAM, TMA)
     if WITH_DK:
         tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
         if not SHARED_K:
+            if SCALAR_LAM:
+                dk2 = dk2 * -tl.load(LAM + b * slb + (g * GROUP) * slh).to(tl.float32)
             tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if WITH_DV:
         tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
@@ -298,7 +320,9 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
 @triton.jit
 def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl, svl, start_n,
              offs_m, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+             SCALAR_LAM: tl.constexpr):
+    """With SCALAR_LAM (V1) map 2's -lam is left out of dS2 here and applied to dQ2 once at the end."""
     offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
     p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale - lse1[:, None])
     p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale - lse2[:, None])
@@ -308,7 +332,10 @@ def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_s
         p2 = tl.where(visible, p2, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds1 = p1 * (dp - delta1[:, None])
-    ds2 = -lam[:, None] * p2 * (dp - delta2[:, None])
+    if SCALAR_LAM:
+        ds2 = p2 * (dp - delta2[:, None])
+    else:
+        ds2 = -lam[:, None] * p2 * (dp - delta2[:, None])
     dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=PREC)
     dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=PREC)
     return dq1, dq2
@@ -320,7 +347,7 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            TMA: tl.constexpr):
+                            TMA: tl.constexpr, SCALAR_LAM: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
@@ -340,11 +367,13 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     dq2 = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, diag, BLOCK_N):
         dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA)
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA, SCALAR_LAM)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
         dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA)
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA, SCALAR_LAM)
     tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    if SCALAR_LAM:
+        dq2 = dq2 * -tl.load(LAM + b * slb + i * slh).to(tl.float32)
     tl.store(DQ + q_off + sqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -383,8 +412,9 @@ FWD_SLICES = {(128, 256, 2): 2}
 # matmul units, d 64 V1) to keep fewer values live per thread.
 SPLIT_DKDV = {}
 OVERRIDES = {}
-# "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
-# engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
+# "tma": the forward and dQ kernels load K/V tiles, the dK/dV kernel Q/dO tiles, through tensor
+# descriptors (Hopper's bulk copy engine) instead of pointer arithmetic; measured on/off by
+# benchmarks/scripts/kernels_sweep.py.
 OPTIONS = {"tma": True}
 
 
@@ -470,15 +500,17 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
         out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
         DV=DV, BLOCK_M=bm)
-    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
+    # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 moves out of the loops
+    scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
+    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype), SCALAR_LAM=scalar_lam)
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     parts = ("dk", "dv") if SPLIT_DKDV.get((D, DV, q.dtype.itemsize)) else ("dkdv",)
     for part in parts:
         bm, bn, warps, stages = blocks(part, D, DV, q.dtype, shared_k)
         paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
             q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=bm, BLOCK_N=bn, WITH_DK=part != "dv", WITH_DV=part != "dk", num_warps=warps,
-            num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, WITH_DK=part != "dv", WITH_DV=part != "dk", TMA=_use_tma(q, do),
+            num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
