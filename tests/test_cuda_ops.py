@@ -214,16 +214,12 @@ def test_fused_forward_in_column_slices(monkeypatch):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_backward_split_dkdv(monkeypatch, variant):
-    """dK and dV from two programs per key block (SPLIT_DKDV, the split backward) give the oracle's
-    gradients too."""
+@pytest.mark.parametrize("lam_in_q2", [False, True])
+def test_fused_v2_lambda_in_q2_or_in_scores(monkeypatch, lam_in_q2):
+    """V2's dK/dV kernel may apply -lam to q2's rows or to every score of dS2: the same gradients."""
     from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.SPLIT_DKDV, (16, 32 if variant == "diff_v1" else 16, 4), True)
-    launched, blocks = [], paired_softmax.blocks
-    monkeypatch.setattr(paired_softmax, "blocks", lambda kernel, *a: launched.append(kernel) or blocks(kernel, *a))
-    assert_close(check(variant, "fused", 2, 37, 2, 1, 16, torch.float32, strided=True), torch.float32)
-    assert "dk" in launched and "dv" in launched and "dkdv" not in launched
+    monkeypatch.setitem(paired_softmax.OPTIONS, "lam_in_q2", lam_in_q2)
+    assert_close(check("diff_v2", "fused", 2, 37, 2, 1, 16, torch.float32, strided=True), torch.float32)
 
 
 @needs_triton
@@ -242,7 +238,7 @@ def test_tma_needs_16_byte_aligned_strides():
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_tma_loads_interpreted(monkeypatch, variant):
-    """The tensor-descriptor (TMA) loads that sm_90 GPUs take give the oracle's result too: rows
+    """The tensor-descriptor (TMA) K/V loads that sm_90 GPUs take give the oracle's result too: rows
     past L come from the descriptor's zero fill instead of masked loads."""
     import triton
     from diffattn.backends.cuda.ops import paired_softmax
@@ -255,7 +251,7 @@ def test_fused_tma_loads_interpreted(monkeypatch, variant):
 
     monkeypatch.setattr(paired_softmax, "_use_tma", use_tma)
     assert_close(check(variant, "fused", 2, 37, 2, 2, 16, torch.float32, strided=True), torch.float32)
-    assert len(calls) == 3  # the forward, dK/dV and dQ kernels took the descriptor path
+    assert len(calls) == 2  # the forward and the dQ kernel took the descriptor path
 
 
 @needs_triton

@@ -3,7 +3,7 @@ for a Hopper GPU (sm_90) on any machine: no GPU needed, only Triton's own ptxas 
 
     PYTHONPATH=. python benchmarks/scripts/kernels_resources.py [--tiles fwd:128,64,8,3 ...] [--out DIR]
 
-For each kernel (forward, dK/dV, the split backward's dK and dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the tiles the GPU
+For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the tiles the GPU
 uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
 registers per thread, the stack frame (spilled registers live there), the number of local-memory
 load / store instructions (LDL / STL: spill traffic) and of warpgroup MMAs (HGMMA), exponentials
@@ -32,8 +32,6 @@ from diffattn.backends.cuda.ops import paired_softmax as ps  # noqa: E402
 KERNELS = {
     "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2")),
     "dkdv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
-    "dk": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),  # the split backward's
-    "dv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),  # two programs
     "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
 }
 FLOAT32_POINTERS = ("LSE", "DELTA")
@@ -66,10 +64,10 @@ def resources(kernel, variant, d, tile, tma, arch):
     consts = dict(D=d, DV=DV // slices, K_STEP=2 if v1 else 1, SHARED_K=not v1, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
     if "TMA" in fn.arg_names:
         consts["TMA"] = tma
-    if fn is ps.paired_attention_bwd_dkdv:
-        consts.update(WITH_DK=kernel != "dv", WITH_DV=kernel != "dk")
     if "SCALAR_LAM" in fn.arg_names:
-        consts["SCALAR_LAM"] = v1
+        consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
+    if "LAM_IN_Q2" in fn.arg_names:
+        consts["LAM_IN_Q2"] = ps.OPTIONS["lam_in_q2"] and not v1
     src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
@@ -105,7 +103,7 @@ def main():
                 tiles = [ps.blocks(kernel, d, DV, torch.bfloat16, variant == "diff_v2")]
                 tiles += [t for k, t in extra if k == kernel and t not in tiles]
                 for tile in tiles:
-                    for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):
+                    for tma in ((False, True) if kernel != "dkdv" else (False,)):
                         try:
                             r = resources(kernel, variant, d, tile, tma, a.arch)
                             cells = [r["regs"], r["stack"], *(r[op] for op in SASS_OPS)]

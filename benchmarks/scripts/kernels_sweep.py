@@ -5,9 +5,8 @@ paired_softmax.TUNED / OPTIONS).
 
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
-of one kernel at a time, the others at their defaults (kernels dk and dv: the split backward, see
-paired_softmax.SPLIT_DKDV), and under each set of launch options
-(paired_softmax.OPTIONS; the split backward's dk and dv run under the first set only). Each result is
+of one kernel at a time, the others at their defaults, and under each set of launch options
+(paired_softmax.OPTIONS). Each result is
 compared with the first option set's defaults (relative error), so a wrong tile shows up. Prints
 one JSON line per candidate, then the fastest candidate per (variant, d, L, kernel).
 """
@@ -27,15 +26,10 @@ CANDIDATES = {
     # sweep 4 (h200_kernels_sweep_2e8ae89.json) also ran (32, 128, 4, 3), (16, 64, 4, 3) and the fewest-spill
     # tiles (32, 64, 8, 2/3): 1.2x to 3x slower at every L, V1 and V2
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-    # the split backward (paired_softmax.SPLIT_DKDV): dK and dV from two programs, each timed with the other
-    # at its default tile
-    "dk": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 64, 4, 3)],
-    "dv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (32, 64, 4, 3)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
            (64, 64, 8, 3)],
 }
 DEFAULT_OPTIONS = dict(ps.OPTIONS)
-DEFAULT_SPLIT = dict(ps.SPLIT_DKDV)
 SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 
@@ -53,7 +47,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
-    ap.add_argument("--kernels", default="fwd,dkdv,dq", help="of fwd, dkdv, dq, dk, dv")
+    ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new candidates after this long")
     a = ap.parse_args()
     H, dt = a.heads, torch.bfloat16
@@ -72,22 +66,16 @@ def main():
         ks, shared = (2, False) if v1 else (1, True)
         ps.OVERRIDES.clear()
         ps.OPTIONS.update(option_sets[0])
-        ps.SPLIT_DKDV.clear()
-        ps.SPLIT_DKDV.update(DEFAULT_SPLIT)
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        sets = {"fwd": option_sets, "dkdv": option_sets, "dq": option_sets}  # dk, dv: the first set only
-        jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in CANDIDATES[kn]
-                for opts in sets.get(kn, option_sets[:1])]
+        jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in CANDIDATES[kn] for opts in option_sets]
         for kernel, cfg, opts in jobs:
             if time.time() - start > a.budget_s:
                 break
             ps.OVERRIDES.clear()
             ps.OVERRIDES[(kernel, d, DV, 2)] = cfg
             ps.OPTIONS.update(opts)
-            # dk / dv candidates run the split backward, dkdv ones the joint one, the others the default
-            ps.SPLIT_DKDV[(d, DV, 2)] = kernel in ("dk", "dv") or (kernel != "dkdv" and DEFAULT_SPLIT.get((d, DV, 2), False))
             row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg, options=opts)
             try:
                 if kernel == "fwd":
@@ -107,8 +95,6 @@ def main():
             results.append(row)
     ps.OVERRIDES.clear()
     ps.OPTIONS.update(DEFAULT_OPTIONS)
-    ps.SPLIT_DKDV.clear()
-    ps.SPLIT_DKDV.update(DEFAULT_SPLIT)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)

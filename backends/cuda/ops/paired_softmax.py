@@ -18,8 +18,7 @@ dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
     dS1  = P1 (dP - delta1),   dS2 = -lam P2 (dP - delta2')
     dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
 dK/dV come from a kernel that keeps one K/V block resident and walks the query blocks of every
-query head of its group (no atomics), or, where SPLIT_DKDV says so, from two launches of it (one
-for dK, one for dV); dQ from a kernel that keeps a query block resident.
+query head of its group (no atomics); dQ from a kernel that keeps a query block resident.
 Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
 lse = +inf so their probabilities are exactly 0.
 """
@@ -203,23 +202,20 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
 
 
 @triton.jit
-def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base, delta_base, lam_base, sql,
-               sqh, sdl, sll, start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr,
-               SHARED_K: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SCALAR_LAM: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
+               start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
+               LAM_IN_Q2: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
-    With SCALAR_LAM (V1) map 2's -lam is left out of dS2 here and applied to dK2 once at the end."""
+    Map 2's factor -lam can stay out of dS2 (one multiply per score fewer): with SCALAR_LAM (V1) it
+    scales dK2 once at the end; with LAM_IN_Q2 (V2, one lam per query) it scales q2's rows for the dK
+    matmul (a (BLOCK_M, D) tile live beside the scores)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
-    if TMA:  # (L, heads, dim) descriptors of this batch; rows past L are zero-filled
-        q1 = q_src.load([start_m, 2 * i, 0]).reshape([BLOCK_M, D])
-        q2 = q_src.load([start_m, 2 * i + 1, 0]).reshape([BLOCK_M, D])
-        do = do_src.load([start_m, i, 0]).reshape([BLOCK_M, DV])
-    else:
-        q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
-        q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
+    q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
+    q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
     lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
     lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
     delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -235,21 +231,22 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_b
         visible = offs_m[None, :] >= offs_n[:, None]
         p1t = tl.where(visible, p1t, 0.0)
         p2t = tl.where(visible, p2t, 0.0)
-    if WITH_DV:
-        dv = tl.dot((p1t - lam * p2t).to(do.dtype), do, dv, input_precision=PREC)
-    if WITH_DK:
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds1t = p1t * (dpt - delta1[None, :])
-        if SCALAR_LAM:
-            ds2t = p2t * (dpt - delta2[None, :])
-        else:
-            ds2t = -lam * p2t * (dpt - delta2[None, :])
-        if SHARED_K:
-            dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
-            dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
-        else:
-            dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
-            dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
+    dv = tl.dot((p1t - lam * p2t).to(do.dtype), do, dv, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds1t = p1t * (dpt - delta1[None, :])
+    if SCALAR_LAM:
+        ds2t = p2t * (dpt - delta2[None, :])
+    elif LAM_IN_Q2:
+        ds2t = p2t * (dpt - delta2[None, :])
+        q2 = (q2 * -tl.trans(lam)).to(q1.dtype)
+    else:
+        ds2t = -lam * p2t * (dpt - delta2[None, :])
+    if SHARED_K:
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
+    else:
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
     return dk1, dk2, dv
 
 
@@ -259,11 +256,9 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, SCALAR_LAM: tl.constexpr,
-                              TMA: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, LAM_IN_Q2: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have K's and V's strides. With one of WITH_DK / WITH_DV off the program computes only
-    the other (the split backward: two launches, each with fewer values live per thread)."""
+    DK and DV_ have K's and V's strides."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // GROUP
@@ -285,13 +280,6 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
     dk2 = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     diag = pid_n * BLOCK_N
-    if TMA:
-        q_src = tl.make_tensor_descriptor(Q + b * sqb, shape=[L, 2 * H, D], strides=[sql, sqh, 1],
-                                          block_shape=[BLOCK_M, 1, D])
-        do_src = tl.make_tensor_descriptor(DO + b * sdb, shape=[L, H, DV], strides=[sdl, sdh, 1],
-                                           block_shape=[BLOCK_M, 1, DV])
-    else:
-        q_src, do_src = Q, DO
     for r in range(0, GROUP):
         i = g * GROUP + r
         q_base = Q + b * sqb + (2 * i) * sqh
@@ -300,29 +288,25 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         delta_base = DELTA + (b * H + i) * 2 * L
         lam_base = LAM + b * slb + i * slh
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):  # the diagonal, masked
-            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base,
-                                      delta_base, lam_base, sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale,
-                                      D, DV, SHARED_K, BLOCK_M, True, PREC, WITH_DK, WITH_DV, SCALAR_LAM, TMA)
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, True, PREC, SCALAR_LAM, LAM_IN_Q2)
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
-            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_src, do_src, q_base, do_base, i, lse_base,
-                                      delta_base, lam_base, sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale,
-                                      D, DV, SHARED_K, BLOCK_M, False, PREC, WITH_DK, WITH_DV, SCALAR_LAM, TMA)
-    if WITH_DK:
-        tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-        if not SHARED_K:
-            if SCALAR_LAM:
-                dk2 = dk2 * -tl.load(LAM + b * slb + (g * GROUP) * slh).to(tl.float32)
-            tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    if WITH_DV:
-        tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
+            dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, False, PREC, SCALAR_LAM, LAM_IN_Q2)
+    tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    if not SHARED_K:
+        if SCALAR_LAM:
+            dk2 = dk2 * -tl.load(LAM + b * slb + (g * GROUP) * slh).to(tl.float32)
+        tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl, svl, start_n,
+def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl, svl, start_n,
              offs_m, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-             SCALAR_LAM: tl.constexpr):
-    """With SCALAR_LAM (V1) map 2's -lam is left out of dS2 here and applied to dQ2 once at the end."""
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
     p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale - lse1[:, None])
     p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale - lse2[:, None])
@@ -332,10 +316,7 @@ def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_s
         p2 = tl.where(visible, p2, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds1 = p1 * (dp - delta1[:, None])
-    if SCALAR_LAM:
-        ds2 = p2 * (dp - delta2[:, None])
-    else:
-        ds2 = -lam[:, None] * p2 * (dp - delta2[:, None])
+    ds2 = p2 * (dp - delta2[:, None])  # -lam (one per query row) scales dQ2 once, at the end
     dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=PREC)
     dq2 = tl.dot(ds2.to(k2.dtype), k2, dq2, input_precision=PREC)
     return dq1, dq2
@@ -347,7 +328,7 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            TMA: tl.constexpr, SCALAR_LAM: tl.constexpr):
+                            TMA: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
@@ -366,15 +347,13 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     dq1 = tl.zeros([BLOCK_M, D], tl.float32)
     dq2 = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, diag, BLOCK_N):
-        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA, SCALAR_LAM)
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
-        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, lam, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA, SCALAR_LAM)
+        dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl,
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA)
     tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    if SCALAR_LAM:
-        dq2 = dq2 * -tl.load(LAM + b * slb + i * slh).to(tl.float32)
-    tl.store(DQ + q_off + sqh, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + q_off + sqh, (dq2 * (-lam[:, None] * sm_scale)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -383,7 +362,7 @@ LOG2E = 1.4426950408889634
 
 # Block shapes per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), BLOCK_M the query block,
 # BLOCK_N the key block. The diagonal loops need the resident block to be a multiple of the walked
-# one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv, dk, dv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
+# one (fwd, dq: BLOCK_M % BLOCK_N == 0; dkdv: BLOCK_N % BLOCK_M == 0). The float32 accumulators set
 # the budget (at most ~128 registers a thread): the forward holds two (BLOCK_M, DV), dK/dV one
 # (BLOCK_N, DV + D or 2D), dQ two (BLOCK_M, D). Float32 inputs (for accuracy checks) get small
 # tiles so K/V stages fit in shared memory. TUNED holds the 16-bit shapes measured best by
@@ -406,16 +385,11 @@ TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
 # Forward column slices: DIFF V1 at d 128 has V 256 wide, and two (BLOCK_M, 256) accumulators spill;
 # two programs per query block, each owning 128 columns, recompute the scores (+33% FLOPs) instead.
 FWD_SLICES = {(128, 256, 2): 2}
-# Split backward: dK and dV from two programs per K/V block (kernels "dk" and "dv") instead of one
-# ("dkdv"). One program holding dK1, dK2 and dV (4d float32 columns a key row for V1) next to both
-# maps' score tiles spills; the split recomputes both maps' scores in the dV program (+2 of the 8
-# matmul units, d 64 V1) to keep fewer values live per thread.
-SPLIT_DKDV = {}
 OVERRIDES = {}
-# "tma": the forward and dQ kernels load K/V tiles, the dK/dV kernel Q/dO tiles, through tensor
-# descriptors (Hopper's bulk copy engine) instead of pointer arithmetic; measured on/off by
-# benchmarks/scripts/kernels_sweep.py.
-OPTIONS = {"tma": True}
+# "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
+# engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
+# "lam_in_q2": V2's dK/dV kernel scales q2's rows by -lam instead of every score of dS2 (_dkdv_step).
+OPTIONS = {"tma": True, "lam_in_q2": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -426,12 +400,12 @@ def blocks(kernel, D, DV, dtype, shared_k):
     if kernel == "delta":
         return 64, 0, 4, 1
     if dtype.itemsize == 4:
-        return {"fwd": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}.get(kernel, (16, 32, 4, 1))
+        return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
     if (kernel, D, DV) in TUNED:
         return TUNED[(kernel, D, DV)]
     if kernel == "fwd":
         return (128, 64, 8, 3) if 2 * DV <= 256 else (64, 32, 8, 2)
-    if kernel in ("dkdv", "dk", "dv"):
+    if kernel == "dkdv":
         return (64, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 128, 8, 2)
     return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
 
@@ -500,17 +474,15 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
         out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
         DV=DV, BLOCK_M=bm)
-    # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 moves out of the loops
+    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
+    # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
-    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype), SCALAR_LAM=scalar_lam)
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    parts = ("dk", "dv") if SPLIT_DKDV.get((D, DV, q.dtype.itemsize)) else ("dkdv",)
-    for part in parts:
-        bm, bn, warps, stages = blocks(part, D, DV, q.dtype, shared_k)
-        paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
-            q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=bm, BLOCK_N=bn, WITH_DK=part != "dv", WITH_DV=part != "dk", TMA=_use_tma(q, do),
-            num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
+    paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
+        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, LAM_IN_Q2=OPTIONS["lam_in_q2"] and not scalar_lam,
+        num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
