@@ -213,16 +213,6 @@ def test_fused_forward_in_column_slices(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("lam_in_q2", [False, True])
-def test_fused_v2_lambda_in_q2_or_in_scores(monkeypatch, lam_in_q2):
-    """V2's dK/dV kernel may apply -lam to q2's rows or to every score of dS2: the same gradients."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "lam_in_q2", lam_in_q2)
-    assert_close(check("diff_v2", "fused", 2, 37, 2, 1, 16, torch.float32, strided=True), torch.float32)
-
-
-@needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
     from diffattn.backends.cuda.ops.paired_softmax import tma_aligned

@@ -66,8 +66,6 @@ def resources(kernel, variant, d, tile, tma, arch):
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
-    if "LAM_IN_Q2" in fn.arg_names:
-        consts["LAM_IN_Q2"] = ps.OPTIONS["lam_in_q2"] and not v1
     src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))

@@ -204,12 +204,11 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
 @triton.jit
 def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
-               LAM_IN_Q2: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
-    Map 2's factor -lam can stay out of dS2 (one multiply per score fewer): with SCALAR_LAM (V1) it
-    scales dK2 once at the end; with LAM_IN_Q2 (V2, one lam per query) it scales q2's rows for the dK
-    matmul (a (BLOCK_M, D) tile live beside the scores)."""
+    With SCALAR_LAM (V1) map 2's factor -lam stays out of dS2 (one multiply per score fewer) and
+    scales dK2 once at the end. (V2's lam, one per query, could scale q2's rows instead: measured
+    slower, +2-60%, and less accurate, the scaled q2 rounded to 16 bits; docs/kernels.md.)"""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
     q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
@@ -236,9 +235,6 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
     ds1t = p1t * (dpt - delta1[None, :])
     if SCALAR_LAM:
         ds2t = p2t * (dpt - delta2[None, :])
-    elif LAM_IN_Q2:
-        ds2t = p2t * (dpt - delta2[None, :])
-        q2 = (q2 * -tl.trans(lam)).to(q1.dtype)
     else:
         ds2t = -lam * p2t * (dpt - delta2[None, :])
     if SHARED_K:
@@ -256,7 +252,7 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, LAM_IN_Q2: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have K's and V's strides."""
     pid_n = tl.program_id(0)
@@ -290,11 +286,11 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):  # the diagonal, masked
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, SCALAR_LAM, LAM_IN_Q2)
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC, SCALAR_LAM, LAM_IN_Q2)
+                                      BLOCK_M, False, PREC, SCALAR_LAM)
     tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if not SHARED_K:
         if SCALAR_LAM:
@@ -388,8 +384,7 @@ FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
 # "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
 # engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
-# "lam_in_q2": V2's dK/dV kernel scales q2's rows by -lam instead of every score of dS2 (_dkdv_step).
-OPTIONS = {"tma": True, "lam_in_q2": True}
+OPTIONS = {"tma": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -481,8 +476,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, LAM_IN_Q2=OPTIONS["lam_in_q2"] and not scalar_lam,
-        num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
