@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--default-tiles", action="store_true", help="only the tile each kernel uses now (an options A/B)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new candidates after this long")
     a = ap.parse_args()
     H, dt = a.heads, torch.bfloat16
@@ -69,7 +70,8 @@ def main():
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in CANDIDATES[kn] for opts in option_sets]
+        tiles = {kn: [ps.blocks(kn, d, DV, dt, shared)] if a.default_tiles else CANDIDATES[kn] for kn in a.kernels.split(",")}
+        jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in tiles[kn] for opts in option_sets]
         for kernel, cfg, opts in jobs:
             if time.time() - start > a.budget_s:
                 break
