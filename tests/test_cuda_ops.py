@@ -106,12 +106,11 @@ OPS = {"vanilla": (vanilla_attention, vanilla_oracle), "diff_v1": (diff_v1_atten
        "diff_v2": (diff_v2_attention, diff_v2_oracle)}
 
 
-def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False, q_scale=1.0):
+def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False):
     """Forward + backward of one implementation vs the oracle on the same (dtype-rounded) inputs;
-    returns {name: relative error}. q_scale > 1 makes the softmax peaky (scores of std q_scale)."""
+    returns {name: relative error}."""
     op, oracle = OPS[variant]
     x = inputs(variant, B, L, H, G, d, seed)
-    x["q"] = x["q"] * q_scale
     ts = {}
     for name, a in x.items():
         lam_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # V1's lambda is a float32 parameter
@@ -211,19 +210,6 @@ def test_fused_forward_in_column_slices(monkeypatch):
     from diffattn.backends.cuda.ops import paired_softmax
     monkeypatch.setitem(paired_softmax.FWD_SLICES, (16, 32, 4), 2)
     assert_close(check("diff_v1", "fused", 1, 37, 2, 1, 16, torch.float32), torch.float32)
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-@pytest.mark.parametrize("lazy_rescale", [False, True])
-def test_fused_forward_rescale_eager_or_lazy(monkeypatch, variant, lazy_rescale):
-    """With scores of std 8 (~11.5 in the kernel's log2 units) the running max grows by more than
-    the lazy threshold (2^8) across some key tiles and less across others, so the lazy forward takes
-    both branches; either way out, lse and so every gradient match the oracle."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "lazy_rescale", lazy_rescale)
-    assert_close(check(variant, "fused", 1, 70, 2, 1, 16, torch.float32, q_scale=8.0), torch.float32)
 
 
 @needs_triton

@@ -66,8 +66,6 @@ def resources(kernel, variant, d, tile, tma, arch):
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
-    if "LAZY_RESCALE" in fn.arg_names:
-        consts["LAZY_RESCALE"] = ps.OPTIONS["lazy_rescale"]
     src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))

@@ -94,12 +94,7 @@ def _kv_sources(k1_base, k2_base, v_base, skl, svl, L, D: tl.constexpr, DV: tl.c
 @triton.jit
 def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, svl, start_n, offs_m, L,
               qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr):
-    """One K/V tile of both maps' online softmax. With LAZY_RESCALE the running maxima (and with
-    them the accumulators) move only when some row's max grew by more than 2^8 since they last
-    moved: below that the probabilities stay <= 256 against the stale max, harmless in float32
-    and bf16, and out / lse come out the same (softmax does not depend on the shift). It saves the
-    (BLOCK_M, DV) accumulator rescale, DV / BLOCK_N multiplies per score, on most tiles."""
+              MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
     s1 = tl.dot(q1, tl.trans(k1), input_precision=PREC)
     s2 = tl.dot(q2, tl.trans(k2), input_precision=PREC)
@@ -110,23 +105,6 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, sv
     # the row max is taken on the raw scores (qk_scale > 0), so scaling and shifting is one FMA
     m1_new = tl.maximum(m1, tl.max(s1, 1) * qk_scale)
     m2_new = tl.maximum(m2, tl.max(s2, 1) * qk_scale)
-    if LAZY_RESCALE:
-        if tl.maximum(tl.max(m1_new - m1, 0), tl.max(m2_new - m2, 0)) > 8.0:
-            alpha1 = tl.math.exp2(m1 - m1_new)
-            alpha2 = tl.math.exp2(m2 - m2_new)
-            l1 = l1 * alpha1
-            l2 = l2 * alpha2
-            acc1 = acc1 * alpha1[:, None]
-            acc2 = acc2 * alpha2[:, None]
-            m1 = m1_new
-            m2 = m2_new
-        p1 = tl.math.exp2(s1 * qk_scale - m1[:, None])
-        p2 = tl.math.exp2(s2 * qk_scale - m2[:, None])
-        l1 = l1 + tl.sum(p1, 1)
-        l2 = l2 + tl.sum(p2, 1)
-        acc1 = tl.dot(p1.to(v.dtype), v, acc1, input_precision=PREC)
-        acc2 = tl.dot(p2.to(v.dtype), v, acc2, input_precision=PREC)
-        return m1, l1, acc1, m2, l2, acc2
     p1 = tl.math.exp2(s1 * qk_scale - m1_new[:, None])
     p2 = tl.math.exp2(s2 * qk_scale - m2_new[:, None])
     alpha1 = tl.math.exp2(m1 - m1_new)
@@ -160,7 +138,7 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
                          L, H, GROUP, qk_scale,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                         TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                         TMA: tl.constexpr):
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
     when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
     (query block, column slice), backwards; each slice recomputes both maps' scores."""
@@ -182,11 +160,11 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
         m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
                                                skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                               BLOCK_N, False, PREC, TMA, LAZY_RESCALE)
+                                               BLOCK_N, False, PREC, TMA)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):  # the diagonal, masked
         m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
                                                skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                               BLOCK_N, True, PREC, TMA, LAZY_RESCALE)
+                                               BLOCK_N, True, PREC, TMA)
 
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
     o1 = acc1 / l1[:, None]
@@ -406,8 +384,7 @@ FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
 # "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
 # engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
-# "lazy_rescale": the forward moves its running maxima only past a 2^8 growth (_fwd_tile).
-OPTIONS = {"tma": True, "lazy_rescale": True}
+OPTIONS = {"tma": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -476,8 +453,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     paired_attention_fwd[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
         L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), LAZY_RESCALE=OPTIONS["lazy_rescale"],
-        num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), num_warps=warps, num_stages=stages)
     return out, o2, lse
 
 
