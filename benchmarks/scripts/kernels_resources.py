@@ -7,7 +7,8 @@ For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the
 uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
 registers per thread, the stack frame (spilled registers live there), the number of local-memory
 load / store instructions (LDL / STL: spill traffic) and of warpgroup MMAs (HGMMA), exponentials
-(MUFU.EX2) and bulk tensor copies (UTMALDG) in the SASS. A kernel at 255 registers with a stack
+(MUFU.EX2), bulk tensor copies (UTMALDG), FP32 arithmetic, integer and shared-memory instructions
+in the SASS (static counts: prologue, both loops and epilogue together). A kernel at 255 registers with a stack
 frame spills; the spill instructions sit in the main loop, so they cost every tile.
 Register allocation differs between Triton versions: to read what the GPU machine runs, install its
 Triton beside the project's and put it first, e.g.
@@ -35,7 +36,10 @@ KERNELS = {
     "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
 }
 FLOAT32_POINTERS = ("LSE", "DELTA")
-SASS_OPS = ("HGMMA", "LDL", "STL", "MUFU.EX2", "UTMALDG")
+# static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
+# per-score FP32 work (FFMA, FMUL, FADD, F2FP conversions), integer / address work (IMAD, LOP3) and
+# shared-memory traffic of layout conversions (STS, LDS)
+SASS_OPS = ("HGMMA", "LDL", "STL", "MUFU.EX2", "UTMALDG", "FFMA", "FMUL", "FADD", "F2FP", "IMAD", "LOP3", "STS", "LDS")
 
 
 def signature(fn, bf16_pointers, constexprs):
