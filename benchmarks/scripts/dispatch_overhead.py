@@ -10,7 +10,8 @@ For each variant at asv's large shape (B2-L4096-d2048, head_dim 64), forward onl
   dispatch, launcher), GPU time of everything it launches;
 - host: wall time of the op's Python call alone (no sync; the launch queue is drained first), i.e.
   what the CPU spends before the GPU has the work;
-- synced: median wall time of call + torch.cuda.synchronize(), what asv's time_forward reads.
+- synced: median wall time of call + torch.cuda.synchronize() (_common.median_seconds, which the
+  asv suite's track_* use), what asv's time_forward reads.
 """
 import statistics
 import time
@@ -18,6 +19,7 @@ import time
 import torch
 from triton.testing import do_bench
 
+from benchmarks import _common as C
 from diffattn.backends.cuda import ops
 from diffattn.backends.cuda.ops import paired_softmax as ps
 
@@ -36,17 +38,16 @@ def inputs(variant):
     return q, k, v, lam
 
 
-def wall(fn, sync, reps=50):
+def host_ms(fn, reps=50):
+    """Median wall time of fn() alone, the launch queue drained before each call."""
     fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if sync:
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
     return statistics.median(times) * 1e3
 
 
@@ -62,8 +63,8 @@ def main():
         with torch.no_grad():
             kernels = do_bench(lambda: ps.forward(q, k, v, lam_rows, ks, shared), return_mode="median")
             whole = do_bench(lambda: op(q, k, v, lam, impl="fused"), return_mode="median")
-            host = wall(lambda: op(q, k, v, lam, impl="fused"), sync=False)
-            synced = wall(lambda: op(q, k, v, lam, impl="fused"), sync=True)
+            host = host_ms(lambda: op(q, k, v, lam, impl="fused"))
+            synced = C.median_seconds(lambda: op(q, k, v, lam, impl="fused"), lambda _: torch.cuda.synchronize()) * 1e3
         print(f"| {variant} | {kernels:.3f} | {whole:.3f} | {host:.3f} | {synced:.3f} |", flush=True)
 
 

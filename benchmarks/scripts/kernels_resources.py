@@ -105,7 +105,7 @@ def main():
                 tiles = [ps.blocks(kernel, d, DV, torch.bfloat16, variant == "diff_v2")]
                 tiles += [t for k, t in extra if k == kernel and t not in tiles]
                 for tile in tiles:
-                    for tma in ((False, True) if kernel != "dkdv" else (False,)):
+                    for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):
                         try:
                             r = resources(kernel, variant, d, tile, tma, a.arch)
                             cells = [r["regs"], r["stack"], *(r[op] for op in SASS_OPS)]
