@@ -58,7 +58,15 @@ def signature(fn, bf16_pointers, constexprs):
     return sig
 
 
-def resources(kernel, variant, d, tile, tma, arch):
+def jit_divisibility(fn, sig):
+    """The tt.divisibility=16 hints Triton's JIT gives at launch to every pointer and every integer
+    divisible by 16: all strides and L of the tables' shapes, not H. Without them the compiler cannot
+    prove 16-byte alignment and emits one 2-byte load per element, which misstates the main loop."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if sig[name] not in ("constexpr", "fp32") and name != "H"}
+
+
+def resources(kernel, variant, d, tile, tma, arch, options=None):
     """-> dict of the compiled kernel's resource usage and SASS instruction counts."""
     fn, pointers = KERNELS[kernel]
     v1 = variant == "diff_v1"
@@ -70,17 +78,29 @@ def resources(kernel, variant, d, tile, tma, arch):
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
-    src = ASTSource(fn=fn, signature=signature(fn, pointers, consts), constexprs=consts)
+    for name, option in (("DIAG_LAST", "diag_last"), ("DIAG_UNROLLED", "diag_unrolled")):
+        if name in fn.arg_names:
+            consts[name] = ps.OPTIONS[option]
+    consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
+    consts["GROUP"] = 1  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
+    sig = signature(fn, pointers, consts)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=jit_divisibility(fn, sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage, sass = (subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True).stdout
-                       for flag in ("--dump-resource-usage", "--dump-sass"))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        usage, sass = (subprocess.run([os.path.join(tools, "cuobjdump"), flag, cubin], capture_output=True,
+                                      text=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
+        # ptxas says when it had to wait for every wgmma before issuing the next (advisory C7515)
+        advice = subprocess.run([os.path.join(tools, "ptxas"), f"-arch=sm_{arch}a", "-v", ptx, "-o",
+                                 os.path.join(tmp, "again.cubin")], capture_output=True, text=True).stderr
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    row = dict(regs=int(m.group(1)), stack=int(m.group(2)))
+    row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma="serialized" if "C7515" in advice else "pipelined")
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
     return row
 
@@ -90,10 +110,13 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--tiles", nargs="*", default=[],
                     help="kernel:BLOCK_M,BLOCK_N,warps,stages to add for every variant and d, e.g. dkdv:64,128,16,2")
+    ap.add_argument("--constexprs", default="", help="NAME=int,... set in every kernel that has them (A/B a variant)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    options = {k: int(v) for k, v in (item.split("=") for item in a.constexprs.split(",") if item)}
     extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
-    columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", *SASS_OPS]
+    columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", "wgmma",
+               *SASS_OPS]
     lines = [f"triton {triton.__version__}, target sm_{a.arch}, bf16 inputs; commands: "
              f"`PYTHONPATH=. python benchmarks/scripts/kernels_resources.py {' '.join(sys.argv[1:])}`", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -107,10 +130,10 @@ def main():
                 for tile in tiles:
                     for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):
                         try:
-                            r = resources(kernel, variant, d, tile, tma, a.arch)
-                            cells = [r["regs"], r["stack"], *(r[op] for op in SASS_OPS)]
+                            r = resources(kernel, variant, d, tile, tma, a.arch, options)
+                            cells = [r["regs"], r["stack"], r["wgmma"], *(r[op] for op in SASS_OPS)]
                         except Exception as e:  # a tile that does not compile (shared memory, layout)
-                            cells = [f"does not compile: {type(e).__name__}"] + [""] * len(SASS_OPS)
+                            cells = [f"does not compile: {type(e).__name__}"] + [""] * (len(SASS_OPS) + 1)
                         line = "| " + " | ".join(map(str, [kernel, variant, d, tile, "tma" if tma else "pointers",
                                                             *cells])) + " |"
                         lines.append(line)

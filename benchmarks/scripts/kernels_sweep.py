@@ -50,10 +50,12 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{v}:{d}" for v, d in SHAPES), help="variant:d,...")
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--default-tiles", action="store_true", help="only the tile each kernel uses now (an options A/B)")
+    ap.add_argument("--tiles", nargs="*", default=[], help="kernel:BM,BN,warps,stages/... instead of CANDIDATES")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new candidates after this long")
     a = ap.parse_args()
     H, dt = a.heads, torch.bfloat16
     option_sets = [parse_options(o) for o in a.options.split("/")]
+    given = {t.split(":")[0]: [tuple(int(x) for x in c.split(",")) for c in t.split(":")[1].split("/")] for t in a.tiles}
     results, start = [], time.time()
     shapes = [(s.split(":")[0], int(s.split(":")[1])) for s in a.shapes.split(",")]
     for L, (variant, d) in ((int(L), shape) for L in a.lengths.split(",") for shape in shapes):
@@ -71,7 +73,8 @@ def main():
         out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
         grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        tiles = {kn: [ps.blocks(kn, d, DV, dt, shared)] if a.default_tiles else CANDIDATES[kn] for kn in a.kernels.split(",")}
+        tiles = {kn: [ps.blocks(kn, d, DV, dt, shared)] if a.default_tiles else given.get(kn, CANDIDATES[kn])
+                 for kn in a.kernels.split(",")}
         jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in tiles[kn] for opts in option_sets]
         for kernel, cfg, opts in jobs:
             if time.time() - start > a.budget_s:

@@ -1,0 +1,50 @@
+"""What ptxas says about the kernels Triton compiled in this process's cache: registers, spills, and
+whether it serialized the warpgroup MMAs (advisory C7515: every wgmma waits for the previous one).
+
+    TRITON_CACHE_DIR=/tmp/tc python ... (run kernels) ...
+    TRITON_CACHE_DIR=/tmp/tc python benchmarks/scripts/ptxas_cache_report.py [--match paired_attention]
+
+Reads each cached PTX with its metadata (warps, stages, shared memory) and recompiles it with the
+ptxas bundled with Triton, -v, for the architecture the PTX targets. The kernels' constexprs are not
+in the cache, so rows are told apart by warps, stages, shared bytes and spills.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache")))
+    ap.add_argument("--match", default="paired_attention")
+    a = ap.parse_args()
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    print("| kernel | warps | stages | shared B | regs | spill stores B | wgmma |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for ptx in glob.glob(os.path.join(a.cache, "*", "*.ptx")):
+        name = os.path.basename(ptx)[:-4]
+        if a.match not in name:
+            continue
+        with open(ptx[:-4] + ".json") as f:
+            meta = json.load(f)
+        arch = re.search(r"\.target sm_(\w+)", open(ptx).read()).group(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            err = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", err).group(1)
+        spill = re.search(r"(\d+) bytes spill stores", err).group(1)
+        rows.append((name, meta["num_warps"], meta["num_stages"], meta["shared"], int(regs), int(spill),
+                     "serialized" if "C7515" in err else "pipelined"))
+    for r in sorted(rows):
+        print("| " + " | ".join(map(str, r)) + " |")
+
+
+if __name__ == "__main__":
+    main()
