@@ -78,9 +78,8 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
-    for name, option in (("DIAG_LAST", "diag_last"), ("DIAG_UNROLLED", "diag_unrolled")):
-        if name in fn.arg_names:
-            consts[name] = ps.OPTIONS[option]
+    if "DIAGONAL" in fn.arg_names:
+        consts["DIAGONAL"] = ps.OPTIONS["diagonal"]
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     consts["GROUP"] = 1  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
     sig = signature(fn, pointers, consts)
@@ -110,10 +109,10 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--tiles", nargs="*", default=[],
                     help="kernel:BLOCK_M,BLOCK_N,warps,stages to add for every variant and d, e.g. dkdv:64,128,16,2")
-    ap.add_argument("--constexprs", default="", help="NAME=int,... set in every kernel that has them (A/B a variant)")
+    ap.add_argument("--constexprs", default="", help="NAME=value,... set in every kernel that has them (A/B a variant)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    options = {k: int(v) for k, v in (item.split("=") for item in a.constexprs.split(",") if item)}
+    options = {k: int(v) if v.isdigit() else v for k, v in (item.split("=") for item in a.constexprs.split(",") if item)}
     extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
     columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", "wgmma",
                *SASS_OPS]

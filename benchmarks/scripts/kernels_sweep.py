@@ -35,9 +35,10 @@ SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 
 def parse_options(text):
-    """'tma=0' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults)."""
+    """'tma=0+diagonal=last' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults;
+    1 / 0 are booleans, other values strings)."""
     opts = dict(DEFAULT_OPTIONS)
-    opts.update({k: v == "1" for k, v in (item.split("=") for item in text.split("+"))})
+    opts.update({k: {"1": True, "0": False}.get(v, v) for k, v in (item.split("=") for item in text.split("+"))})
     return opts
 
 

@@ -271,7 +271,7 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAG_LAST: tl.constexpr, DIAG_UNROLLED: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have K's and V's strides."""
     pid_n = tl.program_id(0)
@@ -302,18 +302,19 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         lse_base = LSE + (b * H + i) * 2 * L
         delta_base = DELTA + (b * H + i) * 2 * L
         lam_base = LAM + b * slb + i * slh
-        if not DIAG_LAST:
+        if DIAGONAL == "first" or DIAGONAL == "unrolled":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, DIAG_UNROLLED)
-        for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
+                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled")
+        # query blocks that see the whole K/V block ("merged": every block from the diagonal on, masked)
+        for start_m in range(diag if DIAGONAL == "merged" else diag + BLOCK_N, L, BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC, SCALAR_LAM)
-        if DIAG_LAST:
+                                      BLOCK_M, DIAGONAL == "merged", PREC, SCALAR_LAM)
+        if DIAGONAL == "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, DIAG_UNROLLED)
+                                          BLOCK_N, PREC, SCALAR_LAM, False)
     tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if not SHARED_K:
         if SCALAR_LAM:
@@ -407,7 +408,7 @@ FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
 # "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
 # engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
-OPTIONS = {"tma": True, "diag_last": False, "diag_unrolled": False}
+OPTIONS = {"tma": True, "diagonal": "first"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -499,8 +500,8 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAG_LAST=OPTIONS["diag_last"],
-        DIAG_UNROLLED=OPTIONS["diag_unrolled"], num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=OPTIONS["diagonal"],
+        num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
