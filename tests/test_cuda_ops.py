@@ -213,6 +213,20 @@ def test_fused_forward_in_column_slices(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("diagonal", ["first", "unrolled", "last"])
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
+    """Each place the dK/dV kernel can walk its masked diagonal query blocks gives the oracle's
+    gradients; a 32-key block over 16-query blocks makes the diagonal two steps, as on the GPU."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.OPTIONS, "diagonal", diagonal)
+    for d, dv in ((16, 32), (16, 16)):
+        monkeypatch.setitem(paired_softmax.OVERRIDES, ("dkdv", d, dv, 4), (16, 32, 4, 1))
+    assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
+
+
+@needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
     from diffattn.backends.cuda.ops.paired_softmax import tma_aligned

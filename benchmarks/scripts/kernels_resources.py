@@ -79,7 +79,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
     if "DIAGONAL" in fn.arg_names:
-        consts["DIAGONAL"] = ps.OPTIONS["diagonal"]
+        consts["DIAGONAL"] = ps.DKDV_DIAGONAL.get((d, DV), "first")
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     consts["GROUP"] = 1  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
     sig = signature(fn, pointers, consts)

@@ -273,7 +273,10 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                               SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have K's and V's strides."""
+    DK and DV_ have K's and V's strides. DIAGONAL places the masked query blocks that cross the
+    block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
+    loop after). The order changes only the summation order; what it changes for speed is whether
+    ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // GROUP
@@ -302,15 +305,14 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         lse_base = LSE + (b * H + i) * 2 * L
         delta_base = DELTA + (b * H + i) * 2 * L
         lam_base = LAM + b * slb + i * slh
-        if DIAGONAL == "first" or DIAGONAL == "unrolled":
+        if DIAGONAL != "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
                                           BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled")
-        # query blocks that see the whole K/V block ("merged": every block from the diagonal on, masked)
-        for start_m in range(diag if DIAGONAL == "merged" else diag + BLOCK_N, L, BLOCK_M):
+        for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, DIAGONAL == "merged", PREC, SCALAR_LAM)
+                                      BLOCK_M, False, PREC, SCALAR_LAM)
         if DIAGONAL == "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
@@ -394,8 +396,8 @@ TUNED = {  # (kernel, D, DV) -> tile, 16-bit inputs
     ("fwd", 64, 64): (64, 64, 4, 3),
     ("fwd", 128, 256): (128, 64, 8, 3),  # per column slice of 128 (FWD_SLICES)
     ("fwd", 128, 128): (128, 64, 8, 4),
-    ("dkdv", 64, 128): (64, 128, 8, 3),
-    ("dkdv", 64, 64): (64, 128, 8, 2),
+    ("dkdv", 64, 128): (32, 128, 8, 3),
+    ("dkdv", 64, 64): (64, 128, 8, 3),
     ("dkdv", 128, 256): (32, 128, 8, 2),
     ("dq", 64, 128): (64, 64, 4, 2),
     ("dq", 64, 64): (64, 64, 4, 3),
@@ -408,7 +410,12 @@ FWD_SLICES = {(128, 256, 2): 2}
 OVERRIDES = {}
 # "tma": the forward and dQ kernels load K/V tiles through tensor descriptors (Hopper's bulk copy
 # engine) instead of pointer arithmetic; measured on/off by benchmarks/scripts/kernels_sweep.py.
-OPTIONS = {"tma": True, "diagonal": "first"}
+# Where the dK/dV kernel walks its diagonal query blocks, per (D, DV) of 16-bit inputs (sweep 8,
+# docs/kernels.md). With "first", ptxas 12.8 waits for every wgmma before issuing the next (its
+# advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
+# asynchronous at the price of more spills, which pays only on tiles with registers to spare.
+DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -498,10 +505,11 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
+    diagonal = OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if q.dtype.itemsize == 2 else "first")
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=OPTIONS["diagonal"],
-        num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps, num_stages=stages,
+        **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
