@@ -204,8 +204,7 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
 @triton.jit
 def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
-               DP_FIRST: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
     With SCALAR_LAM (V1) map 2's factor -lam stays out of dS2 (one multiply per score fewer) and
     scales dK2 once at the end. (V2's lam, one per query, could scale q2's rows instead: measured
@@ -225,19 +224,14 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
     else:
         lam = tl.load(lam_base + offs_m * sll, mask=row_ok, other=0.0).to(tl.float32)[None, :]
 
-    s1t = tl.dot(k1, tl.trans(q1), input_precision=PREC)
-    s2t = tl.dot(k2, tl.trans(q2), input_precision=PREC)
-    if DP_FIRST:  # issued before the exponentials, so the MMA can run while they do
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    p1t = tl.math.exp2(s1t * qk_scale - lse1[None, :])
-    p2t = tl.math.exp2(s2t * qk_scale - lse2[None, :])
+    p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=PREC) * qk_scale - lse1[None, :])
+    p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=PREC) * qk_scale - lse2[None, :])
     if MASK:
         visible = offs_m[None, :] >= offs_n[:, None]
         p1t = tl.where(visible, p1t, 0.0)
         p2t = tl.where(visible, p2t, 0.0)
     dv = tl.dot((p1t - lam * p2t).to(do.dtype), do, dv, input_precision=PREC)
-    if not DP_FIRST:
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
     ds1t = p1t * (dpt - delta1[None, :])
     if SCALAR_LAM:
         ds2t = p2t * (dpt - delta2[None, :])
@@ -256,18 +250,18 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
 def _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                    diag, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
-                   UNROLLED: tl.constexpr, DP_FIRST: tl.constexpr):
+                   UNROLLED: tl.constexpr):
     """The query blocks that cross the K/V block's diagonal (masked), as a loop or unrolled."""
     if UNROLLED:
         for j in tl.static_range(BLOCK_N // BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, diag + j * BLOCK_M, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, SCALAR_LAM, DP_FIRST)
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     else:
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, SCALAR_LAM, DP_FIRST)
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     return dk1, dk2, dv
 
 
@@ -277,7 +271,7 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, DP_FIRST: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have K's and V's strides. DIAGONAL places the masked query blocks that cross the
     block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
@@ -314,15 +308,15 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         if DIAGONAL != "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled", DP_FIRST)
+                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled")
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC, SCALAR_LAM, DP_FIRST)
+                                      BLOCK_M, False, PREC, SCALAR_LAM)
         if DIAGONAL == "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, False, DP_FIRST)
+                                          BLOCK_N, PREC, SCALAR_LAM, False)
     tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if not SHARED_K:
         if SCALAR_LAM:
@@ -334,21 +328,15 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
 @triton.jit
 def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl, svl, start_n,
              offs_m, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-             DP_FIRST: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n, k1, k2, v = _kv_block(k1_src, k2_src, v_src, skl, svl, start_n, L, D, DV, SHARED_K, BLOCK_N, TMA)
-    s1 = tl.dot(q1, tl.trans(k1), input_precision=PREC)
-    s2 = tl.dot(q2, tl.trans(k2), input_precision=PREC)
-    if DP_FIRST:
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    p1 = tl.math.exp2(s1 * qk_scale - lse1[:, None])
-    p2 = tl.math.exp2(s2 * qk_scale - lse2[:, None])
+    p1 = tl.math.exp2(tl.dot(q1, tl.trans(k1), input_precision=PREC) * qk_scale - lse1[:, None])
+    p2 = tl.math.exp2(tl.dot(q2, tl.trans(k2), input_precision=PREC) * qk_scale - lse2[:, None])
     if MASK:
         visible = offs_m[:, None] >= offs_n[None, :]
         p1 = tl.where(visible, p1, 0.0)
         p2 = tl.where(visible, p2, 0.0)
-    if not DP_FIRST:
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds1 = p1 * (dp - delta1[:, None])
     ds2 = p2 * (dp - delta2[:, None])  # -lam (one per query row) scales dQ2 once, at the end
     dq1 = tl.dot(ds1.to(k1.dtype), k1, dq1, input_precision=PREC)
@@ -362,7 +350,7 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            TMA: tl.constexpr, DP_FIRST: tl.constexpr):
+                            TMA: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
@@ -382,10 +370,10 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     dq2 = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, diag, BLOCK_N):
         dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA, DP_FIRST)
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, False, PREC, TMA)
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
         dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl,
-                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA, DP_FIRST)
+                            svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA)
     tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DQ + q_off + sqh, (dq2 * (-lam[:, None] * sm_scale)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -427,7 +415,7 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_dp_first": False, "dq_dp_first": False}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -520,11 +508,10 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     diagonal = OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if q.dtype.itemsize == 2 else "first")
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, DP_FIRST=OPTIONS["dkdv_dp_first"],
-        num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps, num_stages=stages,
+        **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), DP_FIRST=OPTIONS["dq_dp_first"], num_warps=warps,
-        num_stages=stages, **common)
+        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, delta
