@@ -227,6 +227,34 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_fused_reads_any_strides(variant):
+    """Views as the model passes them (v a column slice of the fused projection, row stride 3x its
+    width) and views whose last stride is not 1 give the contiguous inputs' output and gradients."""
+    op = OPS[variant][0]
+    x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 1, 37, 2, 2, 16, 0).items()}
+    do = torch.randn(out_shape(variant, x), generator=torch.Generator().manual_seed(1))
+
+    def run(views):
+        ts = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+        out = op(*(views(ts[n]) if ts[n].ndim == 4 else ts[n] for n in ("q", "k", "v", "lam")), impl="fused")
+        out.backward(do)
+        return [out] + [ts[n].grad for n in ("q", "k", "v", "lam")]
+
+    def slice_of_wider(t):  # t's values in columns of a 3x wider tensor, as a fused projection gives
+        return torch.cat([t, 2 * t, 3 * t], dim=-1)[..., : t.shape[-1]]
+
+    def last_stride_2(t):
+        return torch.stack([t, -t], dim=-1)[..., 0]
+
+    expected = run(lambda t: t)
+    for views in (slice_of_wider, last_stride_2):
+        for got, want in zip(run(views), expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
     from diffattn.backends.cuda.ops.paired_softmax import tma_aligned

@@ -268,12 +268,12 @@ def _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_bas
 @triton.jit
 def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
-                              L, H, GROUP, qk_scale, sm_scale,
+                              sgkb, sgkl, sgkh, sgvb, sgvl, sgvh, L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                               SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have K's and V's strides. DIAGONAL places the masked query blocks that cross the
+    DK and DV_ have their own strides (sgk*, sgv*). DIAGONAL places the masked query blocks that cross the
     block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
     loop after). The order changes only the summation order; what it changes for speed is whether
     ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
@@ -317,12 +317,14 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
                                           BLOCK_N, PREC, SCALAR_LAM, False)
-    tl.store(DK + k_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    dk_off = b * sgkb + (g * K_STEP) * sgkh + offs_n[:, None] * sgkl + offs_d[None, :]
+    tl.store(DK + dk_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if not SHARED_K:
         if SCALAR_LAM:
             dk2 = dk2 * -tl.load(LAM + b * slb + (g * GROUP) * slh).to(tl.float32)
-        tl.store(DK + k_off + skh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV_ + v_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
+        tl.store(DK + dk_off + sgkh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV_ + b * sgvb + g * sgvh + offs_n[:, None] * sgvl + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=kv_ok)
 
 
 @triton.jit
@@ -347,11 +349,11 @@ def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v
 @triton.jit
 def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
-                            L, H, GROUP, qk_scale, sm_scale,
+                            sgqb, sgql, sgqh, L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                             TMA: tl.constexpr):
-    """dQ of one query block of output head i (both sub-heads). DQ has Q's strides."""
+    """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
@@ -374,8 +376,9 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):
         dq1, dq2 = _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v_src, skl,
                             svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K, BLOCK_N, True, PREC, TMA)
-    tl.store(DQ + q_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(DQ + q_off + sqh, (dq2 * (-lam[:, None] * sm_scale)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq_off = b * sgqb + (2 * i) * sgqh + offs_m[:, None] * sgql + tl.arange(0, D)[None, :]
+    tl.store(DQ + dq_off, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + dq_off + sgqh, (dq2 * (-lam[:, None] * sm_scale)).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -466,6 +469,11 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 dots in full precision, never tf32
 
 
+def unit_last_stride(t):
+    """t itself when its last stride is 1 (the kernels read every other stride as given), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
@@ -475,6 +483,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     -> out (B,L,H,DV), o2 (B,L,H,DV), lse (B,H,2,L) float32."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
+    q, k, v = map(unit_last_stride, (q, k, v))
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     o2 = torch.empty_like(out)
     lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
@@ -492,8 +501,10 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2)."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))  # gradients are written with the inputs' strides
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # inputs are read with their strides (v is a slice of the fused projection: no copy of it); the
+    # gradients are written contiguous
+    q, k, v, do = map(unit_last_stride, (q, k, v, do))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     bm = blocks("delta", D, DV, q.dtype, shared_k)[0]
@@ -507,11 +518,11 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     diagonal = OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if q.dtype.itemsize == 2 else "first")
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
-        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps, num_stages=stages,
-        **common)
+        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
+        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps,
+        num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
-        q, k, v, do, lam_rows, lse, delta, dq, *strides, L, H, H // G, sm_scale * LOG2E, sm_scale,
+        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, delta
