@@ -58,6 +58,30 @@ def signature(fn, bf16_pointers, constexprs):
     return sig
 
 
+def main_loop(sass):
+    """'instructions / MMA work' of one main-loop iteration: of the innermost loops (a backward branch
+    and its target, no loop inside) with the most warpgroup MMAs, the shortest (the unmasked one).
+    Instructions are per warp; MMA work is the iteration's multiply-adds per warpgroup (an
+    HGMMA.64xNx16 does 64 N 16), in thousands. Their ratio is the issue work each MMA carries."""
+    ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    where = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (a, text) in enumerate(ins):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in where:
+            loops.append((where[int(target.group(1), 16)], i))
+    inner = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    rows = []
+    for s, e in inner:
+        macs = sum(64 * int(n) * 16 for n in re.findall(r"HGMMA\.64x(\d+)x16", " ".join(t for _, t in ins[s:e + 1])))
+        if macs:
+            rows.append((macs, -(e - s + 1)))
+    if not rows:
+        return "-"
+    macs, minus_n = max(rows)
+    return f"{-minus_n} / {macs // 1024}k"
+
+
 def jit_divisibility(fn, sig):
     """The tt.divisibility=16 hints Triton's JIT gives at launch to every pointer and every integer
     divisible by 16: all strides and L of the tables' shapes, not H. Without them the compiler cannot
@@ -100,6 +124,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
                                  os.path.join(tmp, "again.cubin")], capture_output=True, text=True).stderr
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma="serialized" if "C7515" in advice else "pipelined")
+    row["loop"] = main_loop(sass)
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
     return row
 
@@ -115,7 +140,7 @@ def main():
     options = {k: int(v) if v.isdigit() else v for k, v in (item.split("=") for item in a.constexprs.split(",") if item)}
     extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
     columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", "wgmma",
-               *SASS_OPS]
+               "main loop: instr / k MACs", *SASS_OPS]
     lines = [f"triton {triton.__version__}, target sm_{a.arch}, bf16 inputs; commands: "
              f"`PYTHONPATH=. python benchmarks/scripts/kernels_resources.py {' '.join(sys.argv[1:])}`", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -130,9 +155,9 @@ def main():
                     for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):
                         try:
                             r = resources(kernel, variant, d, tile, tma, a.arch, options)
-                            cells = [r["regs"], r["stack"], r["wgmma"], *(r[op] for op in SASS_OPS)]
+                            cells = [r["regs"], r["stack"], r["wgmma"], r["loop"], *(r[op] for op in SASS_OPS)]
                         except Exception as e:  # a tile that does not compile (shared memory, layout)
-                            cells = [f"does not compile: {type(e).__name__}"] + [""] * (len(SASS_OPS) + 1)
+                            cells = [f"does not compile: {type(e).__name__}"] + [""] * (len(SASS_OPS) + 2)
                         line = "| " + " | ".join(map(str, [kernel, variant, d, tile, "tma" if tma else "pointers",
                                                             *cells])) + " |"
                         lines.append(line)
