@@ -187,14 +187,9 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
 
 
 @triton.jit
-def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh,
-                               L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr):
-    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row).
-    NORM: DO is the gradient of y = RMSNorm(out) * W (DIFF V1's subln), whose backward comes first:
-    with x = out as stored, r = 1 / sqrt(mean(x^2) + eps) and g = dy * w,
-        dx = r (g - x r mean(g x r))  -> DX (OUT's strides), the dO of the other kernels,
-        d w = sum over rows of dy x r -> DW_PART (one row of partial sums per program),
-    and the deltas take dx rounded to the inputs' dtype, as the other kernels read it."""
+def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh, L, H,
+                               DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -208,17 +203,43 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol
     do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
                  other=0.0).to(tl.float32)
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
-    if NORM:
-        r = tl.math.rsqrt(tl.sum(out * out, 1) / DV + eps)
-        xhat = out * r[:, None]
-        g = do * tl.load(W + offs_dv).to(tl.float32)[None, :]
-        dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
-        tl.store(DX + o_off, dx, mask=row_ok[:, None])
-        tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(do * xhat, 0))
-        do = dx.to(tl.float32)
     base = DELTA + (b * H + i) * 2 * L
     tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
     tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
+
+
+@triton.jit
+def paired_attention_bwd_norm_delta(OUT, O2, DY, W, LAM, DX, DELTA, DW_PART, sob, sol, soh, sdb, sdl, sdh,
+                                    slb, sll, slh, L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The subln's backward and the deltas in one pass over a head's rows. With x = out as stored,
+    r = 1 / sqrt(mean(x^2) + eps) and g = dy * w:
+        dx = r (g - x r mean(g x r)),     d w = sum over rows of dy x r   (partial sums per program)
+    then delta1, delta2' from dx (rounded to the inputs' dtype, as the other kernels read it), as
+    paired_attention_bwd_delta does. DX has OUT's strides."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    i = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
+    offs_dv = tl.arange(0, DV)
+    o_off = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
+    x = tl.load(OUT + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    dy = tl.load(DY + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
+                 other=0.0).to(tl.float32)
+    w = tl.load(W + offs_dv).to(tl.float32)
+    lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+    r = tl.math.rsqrt(tl.sum(x * x, 1) / DV + eps)
+    xhat = x * r[:, None]
+    g = dy * w[None, :]
+    dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
+    tl.store(DX + o_off, dx, mask=row_ok[:, None])
+    dxf = dx.to(tl.float32)
+    base = DELTA + (b * H + i) * 2 * L
+    tl.store(base + offs_m, tl.sum(dxf * (x + lam[:, None] * o2), 1), mask=row_ok)
+    tl.store(base + L + offs_m, tl.sum(dxf * o2, 1), mask=row_ok)
+    tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(dy * xhat, 0))
 
 
 @triton.jit
@@ -540,15 +561,19 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
-    weight, eps = norm if norm is not None else (out, 0.0)
-    bm = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)[0]
-    dy, dw_part = do, None
-    if norm is not None:  # do becomes the norm's input gradient, computed in the same pass as the deltas
-        do = torch.empty_like(out)
+    if norm is None:
+        bm = blocks("delta", D, DV, q.dtype, shared_k)[0]
+        paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
+            out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
+            DV=DV, BLOCK_M=bm)
+    else:  # do becomes the gradient of out, dx, computed in the same pass as the deltas
+        weight, eps = norm
+        bm = blocks("norm_delta", D, DV, q.dtype, shared_k)[0]
+        dy, do = do, torch.empty_like(out)
         dw_part = torch.empty(B * H * triton.cdiv(L, bm), DV, dtype=torch.float32, device=q.device)
-    paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
-        out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
-        *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, NORM=norm is not None)
+        paired_attention_bwd_norm_delta[(triton.cdiv(L, bm), B * H)](
+            out, o2, dy, weight, lam_rows, do, delta, dw_part, *out.stride()[:3], *dy.stride()[:3],
+            *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
