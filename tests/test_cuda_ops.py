@@ -254,51 +254,6 @@ def test_fused_reads_any_strides(variant):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def subln_oracle(o, weight, eps):
-    """DIFF V1's subln written out: o / sqrt(mean(o^2) + eps) * weight over the last dim."""
-    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 16), (1, 40, 4, 2, 16), (1, 33, 2, 1, 32)])
-def test_fused_subln_interpreted(shape):
-    """DIFF V1 with its subln fused (forward epilogue, backward in the deltas' pass), float32,
-    against the float64 naive attention followed by the norm written out; every gradient,
-    the norm's weight included, to float32 precision."""
-    B, L, H, G, d = shape
-    gen = torch.Generator().manual_seed(3)
-    x = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in
-         ((B, L, 2 * H, d), (B, L, 2 * G, d), (B, L, G, 2 * d))]
-    x += [torch.tensor(0.6, dtype=torch.float64), torch.rand(2 * d, generator=gen, dtype=torch.float64) + 0.5]
-    dy = torch.randn(B, L, H, 2 * d, generator=gen, dtype=torch.float64)
-    results = {}
-    for impl, dtype in (("naive", torch.float64), ("fused", torch.float32)):
-        ts = [t.detach().to(dtype).requires_grad_(True) for t in x]
-        q, k, v, lam, weight = ts
-        if impl == "naive":
-            y = subln_oracle(diff_v1_attention(q, k, v, lam, impl="naive"), weight, 1e-5)
-        else:
-            y = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
-        y.backward(dy.to(dtype))
-        results[impl] = [y] + [t.grad for t in ts]
-    names = ["y", "dq", "dk", "dv", "dlam", "dweight"]
-    errs = {n: rel(a.detach().double(), b.detach().numpy()) for n, a, b in zip(names, results["fused"], results["naive"])}
-    assert_close(errs, torch.float32)
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
-    """At a head dim the kernels pad (24 -> 32) the zero columns must not enter the norm's mean: the
-    op normalizes the sliced output instead, exactly rms_norm of the unnormed op's output."""
-    from diffattn.backends.cuda.ops.norm import rms_norm
-    q, k, v = torch.randn(1, 21, 4, 24), torch.randn(1, 21, 2, 24), torch.randn(1, 21, 1, 48)
-    lam, weight = torch.tensor(0.6), torch.rand(48) + 0.5
-    normed = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
-    assert torch.equal(normed, rms_norm(diff_v1_attention(q, k, v, lam, impl="fused"), weight, 1e-5))
-
-
 @needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
@@ -371,13 +326,6 @@ def test_fused_custom_ops_pass_opcheck(variant):
     saved = [t.detach() for t in fwd(*x.values())]
     do = torch.randn(saved[0].shape)
     torch.library.opcheck(bwd, (do, *(t.detach() for t in x.values()), *saved))
-    if variant == "diff_v1":  # and the pair with the fused subln
-        fwd, bwd = torch.ops.diffattn.diff_v1_normed_fwd.default, torch.ops.diffattn.diff_v1_normed_bwd.default
-        weight = torch.rand(x["v"].shape[-1]) + 0.5
-        torch.library.opcheck(fwd, (*x.values(), weight.requires_grad_(True), 1e-5))
-        y, *saved = [t.detach() for t in fwd(*x.values(), weight, 1e-5)]
-        torch.library.opcheck(bwd, (torch.randn(y.shape), *(t.detach() for t in x.values()), weight.detach(), 1e-5,
-                                    *saved))
 
 
 @needs_triton

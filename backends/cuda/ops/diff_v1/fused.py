@@ -5,10 +5,10 @@ from ..paired_op import make_op
 # key sub-heads 2g, 2g+1 pair with query sub-heads 2i, 2i+1; lambda is one scalar for every row
 _op = make_op("diff_v1", k_step=2, shared_k=False,
               lam_rows=lambda lam, B, L, H: lam.expand(B, L, H),
-              lam_grad=lambda d2, lam: (-d2.sum()).to(lam.dtype), with_norm=True)
+              lam_grad=lambda d2, lam: (-d2.sum()).to(lam.dtype))
 
 
-def attention(q, k, v, lam, norm=None):
+def attention(q, k, v, lam):
     diff_v1_heads(q, k, v, lam)
     fused_inputs(q, k, v)
-    return _op(q, k, v, lam, norm)
+    return _op(q, k, v, lam)
