@@ -104,8 +104,6 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.DKDV_DIAGONAL.get((d, DV), "first")
-    if "HEAVY_FIRST" in fn.arg_names:
-        consts["HEAVY_FIRST"] = ps.OPTIONS["dkdv_heavy_first"]
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     consts["GROUP"] = 1  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
     sig = signature(fn, pointers, consts)

@@ -271,18 +271,14 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sgkb, sgkl, sgkh, sgvb, sgvl, sgvh, L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have their own strides (sgk*, sgv*). DIAGONAL places the masked query blocks that cross the
     block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
     loop after). The order changes only the summation order; what it changes for speed is whether
     ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
-    if HEAVY_FIRST:  # axis 0 is (batch, kv head): every head's first key block (the most query blocks) starts first
-        bg = tl.program_id(0)
-        pid_n = tl.program_id(1)
-    else:
-        pid_n = tl.program_id(0)
-        bg = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    bg = tl.program_id(1)
     G = H // GROUP
     b = (bg // G).to(tl.int64)
     g = bg % G
@@ -422,7 +418,7 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_heavy_first": False}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -521,11 +517,10 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     diagonal = OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if q.dtype.itemsize == 2 else "first")
-    heavy_first = OPTIONS["dkdv_heavy_first"]
-    paired_attention_bwd_dkdv[(B * G, triton.cdiv(L, bn)) if heavy_first else (triton.cdiv(L, bn), B * G)](
+    paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
-        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, HEAVY_FIRST=heavy_first,
-        num_warps=warps, num_stages=stages, **common)
+        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps,
+        num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
