@@ -1,15 +1,19 @@
-"""Registers, spills and instruction mix of the paired-softmax Triton kernels, compiled ahead of time
-for a Hopper GPU (sm_90) on any machine: no GPU needed, only Triton's own ptxas and cuobjdump.
+"""Registers, spills, wgmma pipelining and instruction mix of the paired-softmax Triton kernels,
+compiled ahead of time for a Hopper GPU (sm_90) on any machine: no GPU needed, only Triton's own
+ptxas and cuobjdump.
 
-    PYTHONPATH=. python benchmarks/scripts/kernels_resources.py [--tiles fwd:128,64,8,3 ...] [--out DIR]
+    PYTHONPATH=. python benchmarks/scripts/kernels_resources.py [--tiles fwd:128,64,8,3 ...]
+        [--constexprs DIAGONAL=last] [--out DIR]
 
 For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the tiles the GPU
 uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
-registers per thread, the stack frame (spilled registers live there), the number of local-memory
-load / store instructions (LDL / STL: spill traffic) and of warpgroup MMAs (HGMMA), exponentials
-(MUFU.EX2), bulk tensor copies (UTMALDG), FP32 arithmetic, integer and shared-memory instructions
-in the SASS (static counts: prologue, both loops and epilogue together). A kernel at 255 registers with a stack
-frame spills; the spill instructions sit in the main loop, so they cost every tile.
+registers per thread, the stack frame (spilled registers live there), whether ptxas serialized the
+warpgroup MMAs (its advisory C7515: each wgmma then waits for the one before), the main loop's
+instructions per warp against its multiply-adds per warpgroup, and static SASS counts (prologue,
+loops and epilogue together) of HGMMA, spill traffic (LDL / STL), exponentials (MUFU.EX2), bulk
+tensor copies (UTMALDG), FP32, integer and shared-memory instructions.
+The compile mimics a launch at the tables' shapes: the JIT's divisibility hints on pointers and
+strides (without them the compiler cannot vectorize loads and every count is wrong) and GROUP = 1.
 Register allocation differs between Triton versions: to read what the GPU machine runs, install its
 Triton beside the project's and put it first, e.g.
     pip install --no-deps --target /tmp/t36site triton==3.6.0
