@@ -1,0 +1,47 @@
+"""The ahead-of-time kernel inspection tools (benchmarks/scripts/kernels_resources.py): how they
+find the main loop in SASS, which arguments get the JIT's divisibility hints, and one real sm_90
+compile of a kernel read end to end (no GPU needed: Triton ships ptxas and cuobjdump)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "scripts"))
+import kernels_resources as kr  # noqa: E402
+
+
+def sass(lines):
+    """cuobjdump-like text: one '/*addr*/ INSTR ;' per line, 16 bytes apart."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {text} ;" for i, text in enumerate(lines))
+
+
+def test_main_loop_is_the_shortest_innermost_loop_with_the_most_mma_work():
+    body = ["FFMA R1, R2, R3, R4", "HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8", "HGMMA.64x128x16.F32.BF16 R8, R9, gdesc[UR8], R8"]
+    masked = ["ISETP.GE.AND P0, PT, R1, R2, PT", "FSEL R3, R3, RZ, P0"] + body
+    text = sass(["MOV R0, RZ",  # 0x0000
+                 *masked, "BRA 0x10",  # masked loop: 0x0010 .. 0x0060 (6 instructions)
+                 *body, "BRA 0x70",  # unmasked loop: 0x0070 .. 0x00a0 (4 instructions)
+                 "BRA 0x0",  # an outer loop around both: not innermost
+                 "EXIT"])
+    assert kr.main_loop(text) == f"4 / {(64 * 64 * 16 + 64 * 128 * 16) // 1024}k"
+    assert kr.main_loop(sass(["FFMA R1, R2, R3, R4", "BRA 0x0", "EXIT"])) == "-"  # loops without MMAs
+
+
+def test_pointers_and_strides_get_the_jit_hints_and_head_count_and_scales_do_not():
+    fn, pointers = kr.KERNELS["dkdv"]
+    consts = dict(D=64, DV=128, K_STEP=2, SHARED_K=False, BLOCK_M=32, BLOCK_N=128, PREC="tf32",
+                  SCALAR_LAM=True, DIAGONAL="last", GROUP=1)
+    sig = kr.signature(fn, pointers, consts)
+    hinted = {fn.arg_names[i] for (i,) in kr.jit_divisibility(fn, sig)}
+    assert {"Q", "K", "V", "DO", "LSE", "DELTA", "sql", "skh", "L"} <= hinted
+    assert not hinted & {"H", "qk_scale", "sm_scale", "GROUP", "BLOCK_M", "DIAGONAL"}
+
+
+def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
+    row = kr.resources("dq", "diff_v2", 64, (64, 64, 4, 2), tma=False, arch=90)
+    assert 0 < row["regs"] <= 255 and row["stack"] >= 0
+    assert row["wgmma"] in ("pipelined", "serialized")
+    assert row["HGMMA"] > 0 and row["MUFU.EX2"] > 0
+    n, work = row["loop"].split(" / ")
+    assert int(n) > 0 and work.endswith("k") and int(work[:-1]) > 0
