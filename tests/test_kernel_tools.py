@@ -1,6 +1,9 @@
 """The ahead-of-time kernel inspection tools (benchmarks/scripts/kernels_resources.py): how they
 find the main loop in SASS, which arguments get the JIT's divisibility hints, and one real sm_90
 compile of a kernel read end to end (no GPU needed: Triton ships ptxas and cuobjdump)."""
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +42,16 @@ def test_pointers_and_strides_get_the_jit_hints_and_head_count_and_scales_do_not
 
 
 def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
-    row = kr.resources("dq", "diff_v2", 64, (64, 64, 4, 2), tma=False, arch=90)
+    """In a fresh process without TRITON_INTERPRET (the interpreter tests set it in this one, and
+    interpreted kernels cannot be compiled)."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks/scripts'); import kernels_resources as kr; "
+            "print(json.dumps(kr.resources('dq', 'diff_v2', 64, (64, 64, 4, 2), tma=False, arch=90)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 < row["regs"] <= 255 and row["stack"] >= 0
     assert row["wgmma"] in ("pipelined", "serialized")
     assert row["HGMMA"] > 0 and row["MUFU.EX2"] > 0
