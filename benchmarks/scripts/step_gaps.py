@@ -1,0 +1,69 @@
+"""Where a training step leaves the GPU idle: the gaps between consecutive GPU kernels of a few
+profiled steps, largest first, with the kernels on either side (a gap after a kernel that the
+host waits for, or before a launch the host was slow to make, shows here and nowhere in a table
+of kernel times).
+
+    PYTHONPATH=. python benchmarks/scripts/step_gaps.py --preset stage1 --variant diff --seq-len 2048 --tokens 16384 [--compile]
+"""
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from diffattn.backends.cuda import create
+from diffattn.config import preset
+from diffattn.params import init_params
+
+
+def kernel_intervals(prof):
+    """(start us, end us, name) of every GPU kernel / memcpy / memset the profiler saw, by start."""
+    spans = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            spans.append((e.time_range.start, e.time_range.end, e.name))
+    return sorted(spans)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="stage1")
+    ap.add_argument("--variant", default="diff")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args(argv)
+    cfg = preset(a.preset, attention=a.variant)
+    model = create(device="cuda", dtype="bfloat16", kernels="auto", compile=a.compile).build(cfg, init_params(cfg, seed=0))
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (a.tokens // a.seq_len, a.seq_len + 1))).cuda()
+    for _ in range(3):
+        float(model.train_step(batch, 1e-3))
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(a.steps):
+            model.train_step(batch, 1e-3)
+        torch.cuda.synchronize()
+    spans = kernel_intervals(prof)
+    busy_end, gaps, busy = spans[0][1], [], 0.0
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        busy_end = max(busy_end, e0)
+        if s1 > busy_end:
+            gaps.append((s1 - busy_end, n0, n1))
+    for s, e, _ in spans:
+        busy += e - s
+    window = spans[-1][1] - spans[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"{a.preset} {a.variant} compile={a.compile}: {a.steps} steps, GPU window {window / 1e3 / a.steps:.2f} ms/step, "
+          f"idle between kernels {idle / 1e3 / a.steps:.2f} ms/step in {len(gaps)} gaps "
+          f"({sum(g > 20 for g, _, _ in gaps)} over 20 us)")
+    print("| gap us | after kernel | before kernel |\n|---|---|---|")
+    for g, n0, n1 in sorted(gaps, reverse=True)[:a.top]:
+        print(f"| {g:.0f} | {n0[:70]} | {n1[:70]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
