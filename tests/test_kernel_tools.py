@@ -57,3 +57,9 @@ def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
     assert row["HGMMA"] > 0 and row["MUFU.EX2"] > 0
     n, work = row["loop"].split(" / ")
     assert int(n) > 0 and work.endswith("k") and int(work[:-1]) > 0
+
+
+def test_idle_gaps_count_only_time_when_no_kernel_runs():
+    import step_gaps
+    spans = [(0, 10, "a"), (5, 20, "b"), (8, 12, "c"), (50, 60, "d"), (61, 70, "e")]  # b overlaps a and c
+    assert step_gaps.idle_gaps(spans) == [(30, "b", "d"), (1, "d", "e")]

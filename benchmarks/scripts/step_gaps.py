@@ -25,6 +25,18 @@ def kernel_intervals(prof):
     return sorted(spans)
 
 
+def idle_gaps(spans):
+    """(gap, kernel before, kernel after) for every stretch in which no kernel of `spans` (sorted
+    (start, end, name), possibly overlapping) runs."""
+    gaps, busy_end, last = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_end:
+            gaps.append((start - busy_end, last, name))
+        if end >= busy_end:
+            busy_end, last = end, name
+    return gaps
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="stage1")
@@ -47,13 +59,7 @@ def main(argv=None):
             model.train_step(batch, 1e-3)
         torch.cuda.synchronize()
     spans = kernel_intervals(prof)
-    busy_end, gaps, busy = spans[0][1], [], 0.0
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
-        busy_end = max(busy_end, e0)
-        if s1 > busy_end:
-            gaps.append((s1 - busy_end, n0, n1))
-    for s, e, _ in spans:
-        busy += e - s
+    gaps = idle_gaps(spans)
     window = spans[-1][1] - spans[0][0]
     idle = sum(g for g, _, _ in gaps)
     print(f"{a.preset} {a.variant} compile={a.compile}: {a.steps} steps, GPU window {window / 1e3 / a.steps:.2f} ms/step, "
