@@ -62,6 +62,21 @@ def signature(fn, bf16_pointers, constexprs):
     return sig
 
 
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")  # ptxas, cuobjdump
+
+
+def ptxas_advice(ptx, arch):
+    """What `ptxas -v` says about a PTX file for sm_{arch} (e.g. '90a'): registers, spills, advisories."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run([os.path.join(TOOLS, "ptxas"), f"-arch=sm_{arch}", "-v", ptx, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+
+
+def wgmma_verdict(advice):
+    """'serialized' when ptxas made every wgmma wait for the one before (its advisory C7515)."""
+    return "serialized" if "C7515" in advice else "pipelined"
+
+
 def main_loop(sass):
     """'instructions / MMA work' of one main-loop iteration: of the innermost loops (a backward branch
     and its target, no loop inside) with the most warpgroup MMAs, the shortest (the unmasked one).
@@ -107,27 +122,24 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
     if "DIAGONAL" in fn.arg_names:
-        consts["DIAGONAL"] = ps.DKDV_DIAGONAL.get((d, DV), "first")
+        consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     consts["GROUP"] = 1  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
     sig = signature(fn, pointers, consts)
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=jit_divisibility(fn, sig))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        usage, sass = (subprocess.run([os.path.join(tools, "cuobjdump"), flag, cubin], capture_output=True,
+        usage, sass = (subprocess.run([os.path.join(TOOLS, "cuobjdump"), flag, cubin], capture_output=True,
                                       text=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
-        # ptxas says when it had to wait for every wgmma before issuing the next (advisory C7515)
-        advice = subprocess.run([os.path.join(tools, "ptxas"), f"-arch=sm_{arch}a", "-v", ptx, "-o",
-                                 os.path.join(tmp, "again.cubin")], capture_output=True, text=True).stderr
+        advice = ptxas_advice(ptx, f"{arch}a")
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma="serialized" if "C7515" in advice else "pipelined")
+    row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma=wgmma_verdict(advice))
     row["loop"] = main_loop(sass)
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
     return row

@@ -13,10 +13,8 @@ import glob
 import json
 import os
 import re
-import subprocess
-import tempfile
 
-import triton
+from kernels_resources import ptxas_advice, wgmma_verdict  # this script's folder is on sys.path when it runs
 
 
 def main():
@@ -24,7 +22,6 @@ def main():
     ap.add_argument("--cache", default=os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache")))
     ap.add_argument("--match", default="paired_attention")
     a = ap.parse_args()
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     print("| kernel | warps | stages | shared B | regs | spill stores B | wgmma |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -34,14 +31,11 @@ def main():
             continue
         with open(ptx[:-4] + ".json") as f:
             meta = json.load(f)
-        arch = re.search(r"\.target sm_(\w+)", open(ptx).read()).group(1)
-        with tempfile.TemporaryDirectory() as tmp:
-            err = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                 capture_output=True, text=True).stderr
+        err = ptxas_advice(ptx, re.search(r"\.target sm_(\w+)", open(ptx).read()).group(1))
         regs = re.search(r"Used (\d+) registers", err).group(1)
         spill = re.search(r"(\d+) bytes spill stores", err).group(1)
         rows.append((name, meta["num_warps"], meta["num_stages"], meta["shared"], int(regs), int(spill),
-                     "serialized" if "C7515" in err else "pipelined"))
+                     wgmma_verdict(err)))
     for r in sorted(rows):
         print("| " + " | ".join(map(str, r)) + " |")
 

@@ -439,6 +439,12 @@ def blocks(kernel, D, DV, dtype, shared_k):
     return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
 
 
+def dkdv_diagonal(D, DV, dtype):
+    """Where the dK/dV kernel walks its diagonal query blocks: OPTIONS' forced choice, else
+    DKDV_DIAGONAL's for 16-bit inputs, else "first"."""
+    return OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if dtype.itemsize == 2 else "first")
+
+
 def _use_tma(*ts):
     """Tensor descriptors need sm_90+, a 16-byte aligned base and 16-byte multiples for every stride
     but the last; other inputs take the pointer path of the same kernels."""
@@ -516,10 +522,9 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
-    diagonal = OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if q.dtype.itemsize == 2 else "first")
     paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
-        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=diagonal, num_warps=warps,
+        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
         num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
