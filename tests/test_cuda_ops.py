@@ -372,7 +372,9 @@ def test_fused_gpu(variant, shape, dtype):
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_gpu_under_torch_compile(variant):
-    """torch.compile (inductor) traces through the custom ops: same output and gradients as eager."""
+    """torch.compile (inductor) traces into the triton ops: its generated code launches the four
+    kernels itself (no call back into the op's Python launcher), with eager's output and gradients."""
+    from torch._inductor.utils import run_and_get_code
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
                          requires_grad=True) for n, a in inputs(variant, 2, 333, 4, 2, 64, 9).items()}
@@ -381,7 +383,13 @@ def test_fused_gpu_under_torch_compile(variant):
         return (op(q, k, v, lam, "fused").float() ** 2).sum()
 
     eager = torch.autograd.grad(loss(**x), list(x.values()))
-    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(**x), list(x.values()))
+    compiled_loss = torch.compile(loss, fullgraph=True)
+    compiled, code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(**x), list(x.values())))
+    code = "\n".join(code)
+    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dkdv",
+                   "paired_attention_bwd_dq"):
+        assert kernel in code, f"{kernel} not launched by inductor's code"
+    assert "torch.ops.diffattn" not in code  # the opaque op would run the Python launcher per call
     for a, b in zip(compiled, eager):
         assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 1e-2
 

@@ -1,6 +1,14 @@
-"""The Triton paired-softmax kernels as torch.library custom ops with autograd, so torch.compile
-traces through them. One factory serves DIFF V1 and V2; they differ in how the keys are paired
-(K_STEP, SHARED_K), in lambda's shape, and so in how its gradient is reduced."""
+"""The Triton paired-softmax kernels as torch.library triton ops with autograd. One factory serves
+DIFF V1 and V2; they differ in how the keys are paired (K_STEP, SHARED_K), in lambda's shape, and
+so in how its gradient is reduced.
+
+triton_op rather than custom_op: torch.compile traces into the op (its launcher runs once, on fake
+tensors, at compile time) and Inductor launches the kernels from its generated code. An opaque
+custom op instead re-ran the Python launcher and Triton's JIT dispatch on every call, host time
+that left the GPU idle before each attention call of a training step (docs/kernels.md, v6).
+Eagerly, either runs the same launcher; the launcher is also the fake (shape) implementation.
+Under TRITON_INTERPRET the kernels cannot be traced (they would run on fake tensors), so there the
+ops are opaque custom ops with shape-only fake kernels."""
 import math
 
 import torch
@@ -21,19 +29,15 @@ def make_op(name, k_step, shared_k, lam_rows, lam_grad):
     lam_rows(lam, B, L, H) gives lambda as a (B, L, H) view; lam_grad(d2, lam) turns
     d2 = rowsum(dO * o2) (B, H, L) into lambda's gradient (d out / d lam = -o2)."""
 
-    @torch.library.custom_op(f"diffattn::{name}_fwd", mutates_args=())
+    define = torch.library.custom_op if kernels.INTERPRETED else torch.library.triton_op
+
+    @define(f"diffattn::{name}_fwd", mutates_args=())
     def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, H2, _ = q.shape
         return kernels.forward(q, k, v, lam_rows(lam, B, L, H2 // 2), k_step, shared_k)
 
-    @fwd.register_fake
-    def _(q, k, v, lam):
-        B, L, H2, _ = q.shape
-        out = q.new_empty(B, L, H2 // 2, v.shape[3])
-        return out, torch.empty_like(out), q.new_empty(B, H2 // 2, 2, L, dtype=torch.float32)
-
-    @torch.library.custom_op(f"diffattn::{name}_bwd", mutates_args=())
+    @define(f"diffattn::{name}_bwd", mutates_args=())
     def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
             out: torch.Tensor, o2: torch.Tensor, lse: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,9 +45,16 @@ def make_op(name, k_step, shared_k, lam_rows, lam_grad):
         dq, dk, dv, delta = kernels.backward(do, q, k, v, lam_rows(lam, B, L, H2 // 2), out, o2, lse, k_step, shared_k)
         return dq, dk, dv, lam_grad(delta[:, :, 1], lam)
 
-    @bwd.register_fake
-    def _(do, q, k, v, lam, out, o2, lse):  # the kernels write contiguous gradients
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape)
+    if kernels.INTERPRETED:
+        @fwd.register_fake
+        def _(q, k, v, lam):
+            B, L, H2, _ = q.shape
+            out = q.new_empty(B, L, H2 // 2, v.shape[3])
+            return out, torch.empty_like(out), q.new_empty(B, H2 // 2, 2, L, dtype=torch.float32)
+
+        @bwd.register_fake
+        def _(do, q, k, v, lam, out, o2, lse):  # the kernels write contiguous gradients
+            return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape)
 
     def setup_context(ctx, inputs, output):
         out, o2, lse = output

@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 def _fix_interpreter_loop_bounds():
@@ -47,7 +48,9 @@ def _fix_interpreter_loop_bounds():
     interpreter._patch_lang_tensor = patch
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+# Triton decides at @triton.jit time whether the kernels below are interpreted, so this is read once
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:
     _fix_interpreter_loop_bounds()
 
 
@@ -422,7 +425,7 @@ OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's ch
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         return 16, 16, 4, 1
     if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
@@ -448,7 +451,7 @@ def dkdv_diagonal(D, DV, dtype):
 def _use_tma(*ts):
     """Tensor descriptors need sm_90+, a 16-byte aligned base and 16-byte multiples for every stride
     but the last; other inputs take the pointer path of the same kernels."""
-    if not OPTIONS["tma"] or os.environ.get("TRITON_INTERPRET") == "1" or not ts[0].is_cuda:
+    if not OPTIONS["tma"] or INTERPRETED or not ts[0].is_cuda:
         return False
     if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
         return False
@@ -462,8 +465,9 @@ def _use_tma(*ts):
 
 def tma_aligned(t):
     """Whether a tensor descriptor can address t: 16-byte aligned base, unit last stride, every
-    other stride a multiple of 16 bytes."""
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+    other stride a multiple of 16 bytes. The base is read from the storage offset (CUDA's
+    allocations are 256-byte aligned), which torch.compile's fake tensors have and data_ptr not."""
+    return (t.storage_offset() * t.element_size() % 16 == 0 and t.stride(-1) == 1
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
 
 
@@ -496,7 +500,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
     slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
     sm_scale = 1.0 / math.sqrt(D)
-    paired_attention_fwd[(B * H, triton.cdiv(L, bm) * slices)](
+    wrap_triton(paired_attention_fwd)[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
         L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
         BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), num_warps=warps, num_stages=stages)
@@ -514,7 +518,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     bm = blocks("delta", D, DV, q.dtype, shared_k)[0]
-    paired_attention_bwd_delta[(triton.cdiv(L, bm), B * H)](
+    wrap_triton(paired_attention_bwd_delta)[(triton.cdiv(L, bm), B * H)](
         out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
         DV=DV, BLOCK_M=bm)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
@@ -522,12 +526,12 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
-    paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
+    wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
         sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
         num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
-    paired_attention_bwd_dq[(B * H, triton.cdiv(L, bm))](
+    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv, delta

@@ -2,10 +2,18 @@
 from ..checks import diff_v1_heads, fused_inputs
 from ..paired_op import make_op
 
-# key sub-heads 2g, 2g+1 pair with query sub-heads 2i, 2i+1; lambda is one scalar for every row
-_op = make_op("diff_v1", k_step=2, shared_k=False,
-              lam_rows=lambda lam, B, L, H: lam.expand(B, L, H),
-              lam_grad=lambda d2, lam: (-d2.sum()).to(lam.dtype))
+
+# named functions, not lambdas: torch.library.triton_op reads the op's source, helpers included
+def lam_rows(lam, B, L, H):  # one scalar for every row, as a zero-stride view
+    return lam.expand(B, L, H)
+
+
+def lam_grad(d2, lam):
+    return (-d2.sum()).to(lam.dtype)
+
+
+# key sub-heads 2g, 2g+1 pair with query sub-heads 2i, 2i+1
+_op = make_op("diff_v1", k_step=2, shared_k=False, lam_rows=lam_rows, lam_grad=lam_grad)
 
 
 def attention(q, k, v, lam):
