@@ -21,6 +21,9 @@ from diffattn.params import check_params
 from diffattn.backends.cuda.model import build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
+# Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and
+# Triton's debug mode guards every int32 add and multiply with an overflow assert (docs/kernels.md, v6)
+COMPILE_OPTIONS = {"assert_indirect_indexing": False}
 
 
 def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool) -> torch.optim.AdamW:
@@ -46,7 +49,7 @@ class CudaModel:
         self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda")
         if compile:  # each block (forward and its backward); all blocks share one compiled graph
             for block in self.module.layers:
-                block.compile()
+                block.compile(options=COMPILE_OPTIONS)
 
     # ---- helpers ---------------------------------------------------------------------------
     def autocast(self):

@@ -145,6 +145,7 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
     when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
     (query block, column slice), backwards; each slice recomputes both maps' scores."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64; Triton's JIT as fp32
     n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
     job = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_m = job // n_slices
@@ -280,6 +281,7 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
     block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
     loop after). The order changes only the summation order; what it changes for speed is whether
     ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     G = H // GROUP
@@ -357,6 +359,7 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                             TMA: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
