@@ -373,7 +373,8 @@ def test_fused_gpu(variant, shape, dtype):
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_gpu_under_torch_compile(variant):
     """torch.compile (inductor) traces into the triton ops: its generated code launches the four
-    kernels itself (no call back into the op's Python launcher), with eager's output and gradients."""
+    kernels itself (no call back into the op's Python launcher) and copies no input, with eager's
+    output and gradients."""
     from torch._inductor.utils import run_and_get_code
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
@@ -390,6 +391,9 @@ def test_fused_gpu_under_torch_compile(variant):
                    "paired_attention_bwd_dq"):
         assert kernel in code, f"{kernel} not launched by inductor's code"
     assert "torch.ops.diffattn" not in code  # the opaque op would run the Python launcher per call
+    # Inductor's mutation analysis must see that the kernels write only their outputs: an input it
+    # took for written would be copied before every launch (Q was, through _query_block's results)
+    assert "aten.clone" not in code and "aten.copy_" not in code
     for a, b in zip(compiled, eager):
         assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 1e-2
 

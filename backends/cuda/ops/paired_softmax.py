@@ -120,19 +120,24 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, sv
 
 
 @triton.jit
-def _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's (batch, output head i, kv head g), its query rows and both sub-heads' tiles.
-    Grid axis 0 is (batch, head); the launchers walk axis 1 backwards (pid_m), so the query blocks
-    with the most keys start first and the short ones fill the last wave."""
+def _query_rows(pid_m, L, H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (batch, output head i, kv head g) and query rows. Grid axis 0 is (batch, head);
+    the launchers walk axis 1 backwards (pid_m), so the query blocks with the most keys start first
+    and the short ones fill the last wave. Q is not an argument: torch.compile's mutation analysis
+    counts every argument of a call whose results address a store as written, and would copy Q."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     i = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < L
+    return b, i, i // GROUP, pid_m * BLOCK_M, offs_m, offs_m < L
+
+
+@triton.jit
+def _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D: tl.constexpr):
+    """Both query sub-heads' tiles of output head i."""
     q_off = b * sqb + (2 * i) * sqh + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
-    q1 = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(Q + q_off + sqh, mask=row_ok[:, None], other=0.0)
-    return b, i, i // GROUP, pid_m * BLOCK_M, offs_m, row_ok, q_off, q1, q2
+    return (tl.load(Q + q_off, mask=row_ok[:, None], other=0.0),
+            tl.load(Q + q_off + sqh, mask=row_ok[:, None], other=0.0))
 
 
 @triton.jit
@@ -150,7 +155,8 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     job = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_m = job // n_slices
     col0 = (job % n_slices) * DV
-    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
+    q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     k1_base = K + b * skb + (g * K_STEP) * skh
     k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh + col0, skl, svl, L, D, DV,
                                         SHARED_K, BLOCK_N, TMA)
@@ -361,7 +367,8 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b, i, g, diag, offs_m, row_ok, q_off, q1, q2 = _query_block(Q, sqb, sql, sqh, pid_m, L, H, GROUP, D, BLOCK_M)
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
+    q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
     lse_base = LSE + (b * H + i) * 2 * L
