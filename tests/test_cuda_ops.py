@@ -254,6 +254,66 @@ def test_fused_reads_any_strides(variant):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def subln_oracle(o, weight, eps):
+    """DIFF V1's subln written out: o / sqrt(mean(o^2) + eps) * weight over the last dim."""
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def subln_errors(shape, dtype, device):
+    """DIFF V1 with its subln fused (forward epilogue, backward in the deltas' pass) in dtype against
+    the float64 naive attention followed by the norm written out: relative error of the output and
+    of every gradient, the norm's weight included."""
+    B, L, H, G, d = shape
+    gen = torch.Generator().manual_seed(3)
+    x = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in
+         ((B, L, 2 * H, d), (B, L, 2 * G, d), (B, L, G, 2 * d))]
+    x += [torch.tensor(0.6, dtype=torch.float64), torch.rand(2 * d, generator=gen, dtype=torch.float64) + 0.5]
+    dy = torch.randn(B, L, H, 2 * d, generator=gen, dtype=torch.float64)
+    results = {}
+    for impl, dt, dev in (("naive", torch.float64, "cpu"), ("fused", dtype, device)):
+        # lambda and the norm's weight stay float32, as the model holds them
+        ts = [t.detach().to(dev, dt if t.ndim == 4 or dt == torch.float64 else torch.float32).requires_grad_(True)
+              for t in x]
+        q, k, v, lam, weight = ts
+        if impl == "naive":
+            y = subln_oracle(diff_v1_attention(q, k, v, lam, impl="naive"), weight, 1e-5)
+        else:
+            y = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
+        y.backward(dy.to(dev, y.dtype))
+        results[impl] = [y] + [t.grad for t in ts]
+    names = ["y", "dq", "dk", "dv", "dlam", "dweight"]
+    return {n: rel(a.detach().cpu().double(), b.detach().numpy()) for n, a, b in
+            zip(names, results["fused"], results["naive"])}
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("shape", [(2, 37, 2, 2, 16), (1, 40, 4, 2, 16), (1, 33, 2, 1, 32)])
+def test_fused_subln_interpreted(shape):
+    assert_close(subln_errors(shape, torch.float32, "cpu"), torch.float32)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_subln_gpu(dtype):
+    """The same on the GPU at the training shape's head dim (64, v 128): bf16 within bf16's 2e-2."""
+    assert_close(subln_errors((2, 300, 4, 2, 64), dtype, "cuda"), dtype)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
+    """At a head dim the kernels pad (24 -> 32) the zero columns must not enter the norm's mean: the
+    op normalizes the sliced output instead, exactly rms_norm of the unnormed op's output."""
+    from diffattn.backends.cuda.ops.norm import rms_norm
+    q, k, v = torch.randn(1, 21, 4, 24), torch.randn(1, 21, 2, 24), torch.randn(1, 21, 1, 48)
+    lam, weight = torch.tensor(0.6), torch.rand(48) + 0.5
+    normed = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
+    assert torch.equal(normed, rms_norm(diff_v1_attention(q, k, v, lam, impl="fused"), weight, 1e-5))
+
+
 @needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
@@ -326,6 +386,13 @@ def test_fused_custom_ops_pass_opcheck(variant):
     saved = [t.detach() for t in fwd(*x.values())]
     do = torch.randn(saved[0].shape)
     torch.library.opcheck(bwd, (do, *(t.detach() for t in x.values()), *saved))
+    if variant == "diff_v1":  # and the pair with the fused subln
+        fwd, bwd = torch.ops.diffattn.diff_v1_normed_fwd.default, torch.ops.diffattn.diff_v1_normed_bwd.default
+        weight = torch.rand(x["v"].shape[-1]) + 0.5
+        torch.library.opcheck(fwd, (*x.values(), weight.requires_grad_(True), 1e-5))
+        y, *saved = [t.detach() for t in fwd(*x.values(), weight, 1e-5)]
+        torch.library.opcheck(bwd, (torch.randn(y.shape), *(t.detach() for t in x.values()), weight.detach(), 1e-5,
+                                    *saved))
 
 
 @needs_triton
@@ -397,8 +464,8 @@ def test_fused_gpu_under_torch_compile(variant):
 @gpu
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant):
+@pytest.mark.parametrize("variant, normed", [("diff_v1", False), ("diff_v1", True), ("diff_v2", False)])
+def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, normed):
     """torch.compile's functional form of a kernel launch copies every argument its mutation
     analysis takes for written. The four launches may write only the buffers the launcher
     allocates; an input among them would be copied before every launch (Q was, while the helper
@@ -407,13 +474,15 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant):
     op, backend = OPS[variant][0], AotEagerAndRecordGraphs()
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
                          requires_grad=True) for n, a in inputs(variant, 1, 130, 4, 2, 64, 3).items()}
-    loss = torch.compile(lambda q, k, v, lam: (op(q, k, v, lam, "fused").float() ** 2).sum(), backend=backend,
+    norm = {"norm": (torch.rand(x["v"].shape[-1], device="cuda") + 0.5, 1e-5)} if normed else {}
+    loss = torch.compile(lambda q, k, v, lam: (op(q, k, v, lam, "fused", **norm).float() ** 2).sum(), backend=backend,
                          fullgraph=True)
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
     assert len(written) == 4  # forward, deltas, dK/dV, dQ
-    assert all(set(w) <= {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} for w in written), written
+    outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DX", "DW_PART"} if normed else set())
+    assert all(set(w) <= outputs for w in written), written
 
 
 @gpu

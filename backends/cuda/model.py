@@ -14,16 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffattn.backends.cuda import ops
+from diffattn.backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 from diffattn.params import attention_shapes, param_shapes
 
 SUBLN_EPS = 1e-5  # DIFF V1's per-head RMSNorm, fixed by the reference module
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (or float64), returned in x's dtype."""
-    xf = x.to(weight.dtype) if x.dtype in (torch.float16, torch.bfloat16) else x
-    return F.rms_norm(xf, xf.shape[-1:], weight, eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -101,8 +96,10 @@ class Attention(nn.Module):
         if cfg.attention == "vanilla":
             o = ops.vanilla_attention(q, k, v, self.kernels)
         elif cfg.attention == "diff":
-            o = ops.diff_v1_attention(q, k, v, self.lam(), self.kernels)  # (B, L, H, 2d)
-            o = self.subln(o) * (1.0 - self.lambda_init)
+            # subln(o) * (1 - lambda_init), the scale folded into the norm's weight, done by the op
+            # (the fused kernels normalize in their epilogue)
+            weight = (self.subln.weight * (1.0 - self.lambda_init)).to(self.subln.weight.dtype)
+            o = ops.diff_v1_attention(q, k, v, self.lam(), self.kernels, norm=(weight, self.subln.eps))
         else:
             lam = torch.sigmoid(self.lambda_proj(x))  # (B, L, H), token-wise
             o = ops.diff_v2_attention(q, k, v, lam, self.kernels)

@@ -35,11 +35,11 @@ sys.path.insert(0, os.getcwd())
 from diffattn.backends.cuda.ops import paired_softmax as ps  # noqa: E402
 
 KERNELS = {
-    "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2")),
+    "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2", "Y")),
     "dkdv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
     "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
 }
-FLOAT32_POINTERS = ("LSE", "DELTA")
+FLOAT32_POINTERS = ("LSE", "DELTA", "W")
 # static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
 # per-score FP32 work (FFMA, FMUL, FADD, F2FP conversions), integer / address work (IMAD, LOP3) and
 # shared-memory traffic of layout conversions (STS, LDS)
@@ -55,7 +55,7 @@ def signature(fn, bf16_pointers, constexprs):
             sig[name] = "*bf16"
         elif name in FLOAT32_POINTERS:
             sig[name] = "*fp32"
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in ("qk_scale", "sm_scale", "eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -121,6 +121,8 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
+    if "NORM" in fn.arg_names:
+        consts["NORM"] = v1 and slices == 1  # the model's V1 forward normalizes (subln) where rows are whole
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})

@@ -9,8 +9,11 @@ strides); scale is 1/sqrt(d); the output is contiguous in q's dtype. `lam` is a 
 DIFF V1 and the sigmoid'd token-wise lambda for V2; gradients flow to q, k, v and lam.
 impl: "naive" (materialized softmax, the paper's form), "composed" (PyTorch SDPA + elementwise),
 "fused" (Triton; for vanilla, SDPA's own fused kernel: there is no DIFF-specific work to fuse).
+DIFF V1 takes norm=(weight (2d,), eps): the output then goes through RMSNorm over its last dim
+(the model's subln, weight already scaled by 1 - lambda_init); "fused" does it in the kernels.
 """
-from .checks import IMPLS, check_impl
+from .checks import IMPLS, check_impl, check_norm
+from .norm import rms_norm
 from .vanilla import naive as _vanilla_naive, composed as _vanilla_composed
 from .diff_v1 import naive as _v1_naive, composed as _v1_composed
 from .diff_v2 import naive as _v2_naive, composed as _v2_composed
@@ -25,14 +28,15 @@ def vanilla_attention(q, k, v, impl="composed"):
     return _vanilla_composed.attention(q, k, v)
 
 
-def diff_v1_attention(q, k, v, lam, impl="composed"):
+def diff_v1_attention(q, k, v, lam, impl="composed", norm=None):
     check_impl(impl, q)
-    if impl == "naive":
-        return _v1_naive.attention(q, k, v, lam)
-    if impl == "composed":
-        return _v1_composed.attention(q, k, v, lam)
-    from .diff_v1 import fused
-    return fused.attention(q, k, v, lam)
+    if norm is not None:
+        check_norm(norm, v)
+    if impl == "fused":
+        from .diff_v1 import fused
+        return fused.attention(q, k, v, lam, norm)
+    out = (_v1_naive if impl == "naive" else _v1_composed).attention(q, k, v, lam)
+    return out if norm is None else rms_norm(out, *norm)
 
 
 def diff_v2_attention(q, k, v, lam, impl="composed"):

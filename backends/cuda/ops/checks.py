@@ -72,3 +72,11 @@ def fused_inputs(q, k, v):
     d = q.shape[-1]
     if d % 2 or not 2 <= d <= 128:
         raise ValueError(f"impl 'fused' supports an even head_dim up to 128, got {d}")
+
+
+def check_norm(norm, v):
+    """norm = (weight, eps) for DIFF V1's output rows, 2d = v's head dim wide."""
+    weight, eps = norm
+    if weight.shape != (v.shape[-1],) or not eps > 0:
+        raise ValueError(f"norm wants (weight of shape ({v.shape[-1]},), eps > 0), got weight "
+                         f"{tuple(weight.shape)}, eps {eps}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paired_softmax as kernels
+from .norm import rms_norm
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # tile widths are powers of two; 16 is Triton's smallest dot
 
@@ -23,21 +24,72 @@ def padded_head_dim(d):
     return next((w for w in KERNEL_HEAD_DIMS if w >= d), None)
 
 
-def make_op(name, k_step, shared_k, lam_rows, lam_grad):
-    """Registers diffattn::{name}_fwd / _bwd and returns fn(q, k, v, lam) -> out.
+def define(name):
+    """The op decorator: a triton op, or under the interpreter an opaque custom op (see above)."""
+    return (torch.library.custom_op if kernels.INTERPRETED else torch.library.triton_op)(name, mutates_args=())
+
+
+def make_normed_op(name, k_step, shared_k, lam_rows, lam_grad):
+    """Registers diffattn::{name}_normed_fwd / _bwd: the attention of make_op followed by RMSNorm over
+    each output row (DIFF V1's subln, weight (DV,) float32), the norm in the forward's epilogue and
+    its backward in the pass that computes the deltas. Returns the forward op: (y, out, o2, lse)."""
+
+    @define(f"diffattn::{name}_normed_fwd")
+    def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, H2, _ = q.shape
+        out, o2, lse, y = kernels.forward(q, k, v, lam_rows(lam, B, L, H2 // 2), k_step, shared_k, (weight, eps))
+        return y, out, o2, lse
+
+    @define(f"diffattn::{name}_normed_bwd")
+    def bwd(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
+            weight: torch.Tensor, eps: float, out: torch.Tensor, o2: torch.Tensor, lse: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, H2, _ = q.shape
+        dq, dk, dv, delta, dweight = kernels.backward(dy, q, k, v, lam_rows(lam, B, L, H2 // 2), out, o2, lse,
+                                                      k_step, shared_k, (weight, eps))
+        return dq, dk, dv, lam_grad(delta[:, :, 1], lam), dweight.to(weight.dtype)
+
+    if kernels.INTERPRETED:
+        @fwd.register_fake
+        def _(q, k, v, lam, weight, eps):
+            B, L, H2, _ = q.shape
+            y = q.new_empty(B, L, H2 // 2, v.shape[3])
+            return y, torch.empty_like(y), torch.empty_like(y), q.new_empty(B, H2 // 2, 2, L, dtype=torch.float32)
+
+        @bwd.register_fake
+        def _(dy, q, k, v, lam, weight, eps, out, o2, lse):
+            return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(lam.shape),
+                    weight.new_empty(weight.shape))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, lam, weight, ctx.eps = inputs
+        _, out, o2, lse = output
+        ctx.save_for_backward(q, k, v, lam, weight, out, o2, lse)
+        ctx.mark_non_differentiable(out, o2, lse)
+
+    def backward(ctx, dy, _dout, _do2, _dlse):
+        q, k, v, lam, weight, out, o2, lse = ctx.saved_tensors
+        return *bwd(dy, q, k, v, lam, weight, ctx.eps, out, o2, lse), None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+def make_op(name, k_step, shared_k, lam_rows, lam_grad, with_norm=False):
+    """Registers diffattn::{name}_fwd / _bwd (with_norm: also the _normed_ pair of make_normed_op) and
+    returns fn(q, k, v, lam, norm=None) -> out; norm = (weight, eps) gives RMSNorm(out) * weight.
 
     lam_rows(lam, B, L, H) gives lambda as a (B, L, H) view; lam_grad(d2, lam) turns
     d2 = rowsum(dO * o2) (B, H, L) into lambda's gradient (d out / d lam = -o2)."""
 
-    define = torch.library.custom_op if kernels.INTERPRETED else torch.library.triton_op
-
-    @define(f"diffattn::{name}_fwd", mutates_args=())
+    @define(f"diffattn::{name}_fwd")
     def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, H2, _ = q.shape
         return kernels.forward(q, k, v, lam_rows(lam, B, L, H2 // 2), k_step, shared_k)
 
-    @define(f"diffattn::{name}_bwd", mutates_args=())
+    @define(f"diffattn::{name}_bwd")
     def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: torch.Tensor,
             out: torch.Tensor, o2: torch.Tensor, lse: torch.Tensor) -> tuple[
             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,11 +118,20 @@ def make_op(name, k_step, shared_k, lam_rows, lam_grad):
 
     fwd.register_autograd(backward, setup_context=setup_context)
 
-    def attention(q, k, v, lam):
+    normed_fwd = make_normed_op(name, k_step, shared_k, lam_rows, lam_grad) if with_norm else None
+
+    def attention(q, k, v, lam, norm=None):
         if lam.device != q.device:
             raise ValueError(f"lambda is on {lam.device} but q is on {q.device}")
         d, dv = q.shape[-1], v.shape[-1]
         dp = padded_head_dim(d)
+        if norm is not None and normed_fwd is None:
+            raise ValueError(f"{name} has no fused norm")
+        if dp == d and norm is not None:
+            weight, eps = norm
+            return normed_fwd(q, k, v, lam, weight, float(eps))[0]
+        if norm is not None:  # the padded columns would enter the norm's mean: norm outside the kernels
+            return rms_norm(attention(q, k, v, lam), *norm)
         if dp == d:
             return fwd(q, k, v, lam)[0]
         # Other head dims run at the next kernel width: zero columns leave every q.k and the

@@ -141,16 +141,18 @@ def _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D: tl.constexpr):
 
 
 @triton.jit
-def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
+def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-                         L, H, GROUP, qk_scale,
+                         L, H, GROUP, qk_scale, eps,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                         TMA: tl.constexpr):
+                         TMA: tl.constexpr, NORM: tl.constexpr):
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
     when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
-    (query block, column slice), backwards; each slice recomputes both maps' scores."""
-    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64; Triton's JIT as fp32
+    (query block, column slice), backwards; each slice recomputes both maps' scores.
+    NORM (whole rows only): also Y = RMSNorm(out) * W, DIFF V1's subln, from the rounded output."""
+    # Inductor passes Python floats as fp64; Triton's JIT as fp32
+    qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
     n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
     job = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_m = job // n_slices
@@ -180,7 +182,13 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
     o1 = acc1 / l1[:, None]
     o2 = acc2 / l2[:, None]
     o_ptrs = b * sob + offs_m[:, None] * sol + i * soh + col0 + tl.arange(0, DV)[None, :]
-    tl.store(OUT + o_ptrs, (o1 - lam[:, None] * o2).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out = (o1 - lam[:, None] * o2).to(OUT.dtype.element_ty)
+    tl.store(OUT + o_ptrs, out, mask=row_ok[:, None])
+    if NORM:  # normalized from the stored (rounded) values, which the backward reads
+        x = out.to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(x * x, 1) / DV + eps)
+        w = tl.load(W + tl.arange(0, DV)).to(tl.float32)
+        tl.store(Y + o_ptrs, (x * r[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=row_ok[:, None])
     tl.store(O2 + o_ptrs, o2.to(O2.dtype.element_ty), mask=row_ok[:, None])
     lse_base = LSE + (b * H + i) * 2 * L
     first = row_ok & ((offs_m * 0 + col0) == 0)  # one slice writes the shared statistics
@@ -190,9 +198,15 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE,
 
 
 @triton.jit
-def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh, L, H,
-                               DV: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row)."""
+def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh,
+                               L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr):
+    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row).
+    NORM: DO is the gradient of y = RMSNorm(out) * W (DIFF V1's subln), whose backward comes first:
+    with x = out as stored, r = 1 / sqrt(mean(x^2) + eps) and g = dy * w,
+        dx = r (g - x r mean(g x r))  -> DX (OUT's strides), the dO of the other kernels,
+        d w = sum over rows of dy x r -> DW_PART (one row of partial sums per program),
+    and the deltas take dx rounded to the inputs' dtype, as the other kernels read it."""
+    eps = tl.cast(eps, tl.float32)  # fp64 from Inductor
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -206,6 +220,14 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, sob, sol, soh, sdb, sdl,
     do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
                  other=0.0).to(tl.float32)
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.math.rsqrt(tl.sum(out * out, 1) / DV + eps)
+        xhat = out * r[:, None]
+        g = do * tl.load(W + offs_dv).to(tl.float32)[None, :]
+        dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
+        tl.store(DX + o_off, dx, mask=row_ok[:, None])
+        tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(do * xhat, 0))
+        do = dx.to(tl.float32)
     base = DELTA + (b * H + i) * 2 * L
     tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
     tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
@@ -441,6 +463,8 @@ def blocks(kernel, D, DV, dtype, shared_k):
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
     if kernel == "delta":
         return 64, 0, 4, 1
+    if kernel == "norm_delta":  # about seven (rows, DV) float32 tiles live: 16 values a thread each
+        return max(1, 4096 // DV), 0, 8, 1
     if dtype.itemsize == 4:
         return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
     if (kernel, D, DV) in TUNED:
@@ -498,9 +522,10 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
-def forward(q, k, v, lam_rows, k_step, shared_k):
+def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     """q (B,L,2H,D), k (B,L,KH,D), v (B,L,G,DV), lam_rows (B,L,H) (any strides, last dims contiguous)
-    -> out (B,L,H,DV), o2 (B,L,H,DV), lse (B,H,2,L) float32."""
+    -> out (B,L,H,DV), o2 (B,L,H,DV), lse (B,H,2,L) float32; with norm = (weight (DV,), eps) also
+    y = RMSNorm(out) * weight (in the kernel's epilogue when a program holds whole rows)."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
     q, k, v = map(unit_last_stride, (q, k, v))
@@ -510,15 +535,25 @@ def forward(q, k, v, lam_rows, k_step, shared_k):
     bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
     slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
     sm_scale = 1.0 / math.sqrt(D)
+    fused_norm = norm is not None and slices == 1
+    y = torch.empty_like(out) if fused_norm else out
+    weight, eps = norm if norm is not None else (out, 0.0)
     wrap_triton(paired_attention_fwd)[(B * H, triton.cdiv(L, bm) * slices)](
-        q, k, v, lam_rows, out, o2, lse, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
-        L, H, H // G, sm_scale * LOG2E, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), num_warps=warps, num_stages=stages)
-    return out, o2, lse
+        q, k, v, lam_rows, out, o2, lse, y, weight, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
+        L, H, H // G, sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm, num_warps=warps,
+        num_stages=stages)
+    if norm is None:
+        return out, o2, lse
+    if not fused_norm:  # column slices: no program holds a whole row
+        xf = out.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(out.dtype)
+    return out, o2, lse, y
 
 
-def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
-    """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2)."""
+def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
+    """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2).
+    With norm = (weight, eps), do is the gradient of forward's y, and d weight (float32) comes last."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
     # inputs are read with their strides (v is a slice of the fused projection: no copy of it); the
@@ -527,10 +562,15 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
-    bm = blocks("delta", D, DV, q.dtype, shared_k)[0]
+    weight, eps = norm if norm is not None else (out, 0.0)
+    bm, _, warps, _ = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)
+    dy, dw_part = do, None
+    if norm is not None:  # do becomes the norm's input gradient, computed in the same pass as the deltas
+        do = torch.empty_like(out)
+        dw_part = torch.empty(B * H * triton.cdiv(L, bm), DV, dtype=torch.float32, device=q.device)
     wrap_triton(paired_attention_bwd_delta)[(triton.cdiv(L, bm), B * H)](
-        out, o2, do, lam_rows, delta, *out.stride()[:3], *do.stride()[:3], *lam_rows.stride(), L, H,
-        DV=DV, BLOCK_M=bm)
+        out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
+        *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, NORM=norm is not None, num_warps=warps)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
@@ -544,4 +584,6 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k):
     wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
-    return dq, dk, dv, delta
+    if norm is None:
+        return dq, dk, dv, delta
+    return dq, dk, dv, delta, dw_part.sum(0)

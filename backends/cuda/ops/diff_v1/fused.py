@@ -13,10 +13,11 @@ def lam_grad(d2, lam):
 
 
 # key sub-heads 2g, 2g+1 pair with query sub-heads 2i, 2i+1
-_op = make_op("diff_v1", k_step=2, shared_k=False, lam_rows=lam_rows, lam_grad=lam_grad)
+_op = make_op("diff_v1", k_step=2, shared_k=False, lam_rows=lam_rows, lam_grad=lam_grad,
+              with_norm=True)
 
 
-def attention(q, k, v, lam):
+def attention(q, k, v, lam, norm=None):
     diff_v1_heads(q, k, v, lam)
     fused_inputs(q, k, v)
-    return _op(q, k, v, lam)
+    return _op(q, k, v, lam, norm)
