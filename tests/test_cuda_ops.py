@@ -475,8 +475,9 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
                          requires_grad=True) for n, a in inputs(variant, 1, 130, 4, 2, 64, 3).items()}
     norm = {"norm": (torch.rand(x["v"].shape[-1], device="cuda") + 0.5, 1e-5)} if normed else {}
+    # dynamic: batch and length symbolic, as torch.compile makes them after a shape change
     loss = torch.compile(lambda q, k, v, lam: (op(q, k, v, lam, "fused", **norm).float() ** 2).sum(), backend=backend,
-                         fullgraph=True)
+                         fullgraph=True, dynamic=True)
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
