@@ -130,6 +130,8 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
+    if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
+        consts["STEPS"], consts["LOAD_STAGES"] = bn, stages
     if "GROUP" in fn.arg_names:  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
         consts["GROUP"] = 1
     sig = signature(fn, pointers, consts)
@@ -146,7 +148,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
                                       text=True).stdout for flag in ("--dump-resource-usage", "--dump-sass"))
         advice = ptxas_advice(ptx, f"{arch}a")
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma=wgmma_verdict(advice))
+    row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma=wgmma_verdict(advice) if "HGMMA" in sass else "-")
     row["loop"] = main_loop(sass)
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
     return row

@@ -199,38 +199,49 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
 
 @triton.jit
 def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh,
-                               L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr):
-    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row).
+                               L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr,
+                               LOAD_STAGES: tl.constexpr, NORM: tl.constexpr):
+    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row),
+    for STEPS consecutive blocks of BLOCK_M rows per program.
     NORM: DO is the gradient of y = RMSNorm(out) * W (DIFF V1's subln), whose backward comes first:
     with x = out as stored, r = 1 / sqrt(mean(x^2) + eps) and g = dy * w,
         dx = r (g - x r mean(g x r))  -> DX (OUT's strides), the dO of the other kernels,
         d w = sum over rows of dy x r -> DW_PART (one row of partial sums per program),
-    and the deltas take dx rounded to the inputs' dtype, as the other kernels read it."""
+    and the deltas take dx rounded to the inputs' dtype, as the other kernels read it. d w's sum over
+    rows crosses warps; it is accumulated in registers over the program's blocks and reduced once."""
     eps = tl.cast(eps, tl.float32)  # fp64 from Inductor
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     i = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < L
     offs_dv = tl.arange(0, DV)
-    o_off = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
-    out = tl.load(OUT + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
-                 other=0.0).to(tl.float32)
-    lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
-    if NORM:
-        r = tl.math.rsqrt(tl.sum(out * out, 1) / DV + eps)
-        xhat = out * r[:, None]
-        g = do * tl.load(W + offs_dv).to(tl.float32)[None, :]
-        dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
-        tl.store(DX + o_off, dx, mask=row_ok[:, None])
-        tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(do * xhat, 0))
-        do = dx.to(tl.float32)
     base = DELTA + (b * H + i) * 2 * L
-    tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
-    tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
+    if NORM:
+        w = tl.load(W + offs_dv).to(tl.float32)
+        dw = tl.zeros([BLOCK_M, DV], tl.float32)
+    # LOAD_STAGES > 1 prefetches the next blocks' tiles (cp.async): Triton pipelines loads that feed
+    # no dot only in a loop that asks for it
+    for step in tl.range(0, STEPS, num_stages=LOAD_STAGES):
+        offs_m = (pid_m * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
+        o_off = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
+        out = tl.load(OUT + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
+                     other=0.0).to(tl.float32)
+        lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
+        if NORM:  # rows past L read zeros: they add nothing to d w
+            r = tl.math.rsqrt(tl.sum(out * out, 1) / DV + eps)
+            xhat = out * r[:, None]
+            g = do * w[None, :]
+            dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
+            tl.store(DX + o_off, dx, mask=row_ok[:, None])
+            dw += do * xhat
+            do = dx.to(tl.float32)
+        tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
+        tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
+    if NORM:
+        tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(dw, 0))
 
 
 @triton.jit
@@ -457,14 +468,15 @@ OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's ch
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
-    if INTERPRETED:
-        return 16, 16, 4, 1
+    if INTERPRETED:  # the norm pass walks 2 blocks a program, so the loop is tested
+        return (16, 2, 4, 2) if kernel == "norm_delta" else (16, 1, 4, 1) if kernel == "delta" else (16, 16, 4, 1)
     if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
+    # the deltas' passes: (rows per block, blocks per program, warps, load stages)
     if kernel == "delta":
-        return 64, 0, 4, 1
-    if kernel == "norm_delta":  # about seven (rows, DV) float32 tiles live: 16 values a thread each
-        return max(1, 2048 // DV), 0, 4, 1  # 32 rows of 8 warps and 64 of 8 measured the same (v6c)
+        return 64, 1, 4, 1
+    if kernel == "norm_delta":  # about seven (rows, DV) float32 tiles live: 16 values a thread each; d w's
+        return max(1, 2048 // DV), 8, 4, 3  # cross-warp sum once per 8 blocks, loads prefetched (v6d)
     if dtype.itemsize == 4:
         return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
     if (kernel, D, DV) in TUNED:
@@ -565,14 +577,16 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     weight, eps = norm if norm is not None else (out, 0.0)
-    bm, _, warps, _ = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)
+    bm, steps, warps, stages = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)
+    row_programs = triton.cdiv(L, bm * steps)
     dy, dw_part = do, None
     if norm is not None:  # do becomes the norm's input gradient, computed in the same pass as the deltas
         do = torch.empty_like(out)
-        dw_part = torch.empty(B * H * triton.cdiv(L, bm), DV, dtype=torch.float32, device=q.device)
-    wrap_triton(paired_attention_bwd_delta)[(triton.cdiv(L, bm), B * H)](
+        dw_part = torch.empty(B * H * row_programs, DV, dtype=torch.float32, device=q.device)
+    wrap_triton(paired_attention_bwd_delta)[(row_programs, B * H)](
         out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
-        *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, NORM=norm is not None, num_warps=warps)
+        *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, STEPS=steps, LOAD_STAGES=stages,
+        NORM=norm is not None, num_warps=warps)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
