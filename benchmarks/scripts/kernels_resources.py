@@ -43,10 +43,10 @@ KERNELS = {
 FLOAT32_POINTERS = ("LSE", "DELTA", "W", "DW_PART")
 # static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
 # per-score FP32 work (FFMA, FMUL, FADD, F2FP conversions), integer / address work (IMAD, LOP3) and
-# shared-memory traffic of layout conversions and cross-warp reductions (STS, LDS) and the barriers
-# that order it (BAR.SYNC)
+# shared-memory traffic of layout conversions and cross-warp reductions (STS, LDS), the barriers
+# that order it (BAR.SYNC), and asynchronous global-to-shared copies of pipelined loads (LDGSTS)
 SASS_OPS = ("HGMMA", "LDL", "STL", "MUFU.EX2", "UTMALDG", "FFMA", "FMUL", "FADD", "F2FP", "IMAD", "LOP3", "STS", "LDS",
-            "BAR.SYNC")
+            "BAR.SYNC", "LDGSTS")
 
 
 def signature(fn, bf16_pointers, constexprs):
