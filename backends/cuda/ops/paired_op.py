@@ -3,9 +3,9 @@ DIFF V1 and V2; they differ in how the keys are paired (K_STEP, SHARED_K), in la
 so in how its gradient is reduced.
 
 triton_op rather than custom_op: torch.compile traces into the op (its launcher runs once, on fake
-tensors, at compile time) and Inductor launches the kernels from its generated code. An opaque
-custom op instead re-ran the Python launcher and Triton's JIT dispatch on every call, host time
-that left the GPU idle before each attention call of a training step (docs/kernels.md, v6).
+tensors, at compile time) and Inductor launches the kernels from its generated code, where an
+opaque custom op re-ran the Python launcher and Triton's JIT dispatch on every call. Traced, the
+fused subln paid, where as an opaque op it had cost a step 1.2 ms (docs/kernels.md, v6 and v6c).
 Eagerly, either runs the same launcher; the launcher is also the fake (shape) implementation.
 Under TRITON_INTERPRET the kernels cannot be traced (they would run on fake tensors), so there the
 ops are opaque custom ops with shape-only fake kernels."""
