@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .norm import rms_norm
+
 
 def _fix_interpreter_loop_bounds():
     """Triton 3.6's interpreter turns a scalar into a loop bound with int() of a 1-element array,
@@ -560,8 +562,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     if norm is None:
         return out, o2, lse
     if not fused_norm:  # column slices: no program holds a whole row
-        xf = out.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(out.dtype)
+        y = rms_norm(out, weight, eps)
     return out, o2, lse, y
 
 
