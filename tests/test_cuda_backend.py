@@ -389,3 +389,63 @@ def test_gpu_bf16_fused_step_tracks_float32(attention, compile):
     (p32, _), (pbf, _) = f32.state(), bf.state()
     assert all(pbf[n].dtype == np.float32 for n in pbf)
     assert max(rel(pbf[n], p32[n]) for n in p32) <= 2e-2
+
+
+def test_graphs_need_a_cuda_device():
+    from diffattn.backends.cuda import create
+
+    with pytest.raises(BackendError, match="graphs") as e:
+        create(device="cpu", graphs=True)
+    assert "\n" not in str(e.value)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention,compile", [("diff", True), ("vanilla", True), ("diff_v2", False)])
+def test_gpu_graph_replay_is_the_eagerly_launched_step(attention, compile):
+    """A step replayed from a CUDA graph is the step launched from Python. float32 fused kernels,
+    every step a new batch (two micro-batches) and a new lr, which a replay must read afresh:
+    3 eager warm-up steps, the recorded step, 4 replays. Losses, weights and moments agree to
+    float32's 1e-5 (the same kernels in the same order; a stale batch or lr misses by far more)."""
+    from diffattn.backends.cuda import create
+
+    cfg = preset("tiny", attention=attention)
+    params = init_params(cfg, seed=0)
+    eager, graphed = (create(device="cuda", dtype="float32", kernels="fused", compile=compile, graphs=g).build(cfg, params)
+                      for g in (False, True))
+    for i, b in enumerate(batches(cfg, 8, (2, 2, 33))):
+        lr = 1e-3 * (i + 1)
+        le, lg = float(eager.train_step(b, lr)), float(graphed.train_step(b, lr))
+        assert abs(lg - le) <= 1e-5 * le, i
+    assert graphed.step_graph.graph is not None  # the last five steps were replays
+    (pe, se), (pg, sg) = eager.state(), graphed.state()
+    assert se["step"] == sg["step"] == 8
+    for n in pe:
+        assert rel(pg[n], pe[n]) <= 1e-5 and rel(sg["m"][n], se["m"][n]) <= 1e-5, n
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_graph_is_recorded_again_after_load_state_and_a_new_shape():
+    """load_state replaces the optimizer's moments that a recorded step updates, and a new batch
+    shape does not fit the recorded buffers: both must record afresh, not replay the old graph."""
+    from diffattn.backends.cuda import create
+
+    cfg = preset("tiny", attention="diff")
+    backend = lambda g: create(device="cuda", dtype="float32", kernels="fused", graphs=g)  # noqa: E731
+    eager, graphed = backend(False).build(cfg, init_params(cfg, seed=0)), backend(True).build(cfg, init_params(cfg, seed=3))
+    data = batches(cfg, 15, (2, 33))
+    for b in data[:5]:  # the graphed model records its step on other weights
+        eager.train_step(b, 1e-3)
+        graphed.train_step(b, 1e-3)
+    assert graphed.step_graph.graph is not None
+    graphed.load_state(*eager.state())
+    # five steps of the recorded shape (3 eager, recorded, replayed), then five of a new shape
+    for b in [*data[5:10], *(b[:1] for b in data[10:])]:
+        le, lg = float(eager.train_step(b, 2e-3)), float(graphed.train_step(b, 2e-3))
+        assert abs(lg - le) <= 1e-5 * le
+    assert graphed.step_graph.graph is not None and graphed.step_graph.shape == (1, 33)
+    (pe, se), (pg, sg) = eager.state(), graphed.state()
+    assert se["step"] == sg["step"] == 15
+    for n in pe:
+        assert rel(pg[n], pe[n]) <= 1e-5 and rel(sg["v"][n], se["v"][n]) <= 1e-5, n

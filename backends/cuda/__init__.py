@@ -1,6 +1,6 @@
 """The PyTorch backend (`diffattn.backend.load("cuda", ...)`): model, training step, Triton kernels.
 
-    create(device=None, dtype=None, kernels="auto", compile=False)
+    create(device=None, dtype=None, kernels="auto", compile=False, graphs=False)
 
 device  None: "cuda" if a GPU is visible, else "cpu" ("gpu" is read as "cuda").
 dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
@@ -9,6 +9,7 @@ dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
 kernels "auto": "fused" on CUDA, "composed" on the CPU; "naive" is the materialized softmax
         (the paper's form); "fused" needs Triton (on the CPU only under TRITON_INTERPRET=1).
 compile torch.compile the model's forward and backward (the harness's load() leaves it off).
+graphs  record the whole training step as a CUDA graph and replay it (CUDA only; train.StepGraph).
 
 Submodules import torch; this file imports it only inside create(), so the package is cheap to
 import and `ops` can be imported without loading the model.
@@ -29,14 +30,14 @@ DTYPES = ("float32", "bfloat16", "float64")
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, device, dtype: str, kernels: str, compile: bool):
-        self.torch_device, self.device, self.dtype, self.kernels, self.compile = \
-            device, device.type, dtype, kernels, compile
+    def __init__(self, device, dtype: str, kernels: str, compile: bool, graphs: bool):
+        self.torch_device, self.device, self.dtype, self.kernels, self.compile, self.graphs = \
+            device, device.type, dtype, kernels, compile, graphs
 
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
         from diffattn.backends.cuda.train import CudaModel
 
-        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile)
+        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray):
@@ -61,7 +62,7 @@ class CudaBackend:
         import torch
 
         info = {"backend": "cuda", "torch": torch.__version__, "device": self.device, "dtype": self.dtype,
-                "kernels": self.kernels, "compile": self.compile}
+                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs}
         if self.device == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.torch_device)
             info["cuda"] = torch.version.cuda
@@ -72,7 +73,7 @@ class CudaBackend:
         return info
 
 
-def create(device=None, dtype=None, kernels="auto", compile=False) -> CudaBackend:
+def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False) -> CudaBackend:
     import torch
 
     if device == "gpu":
@@ -88,6 +89,8 @@ def create(device=None, dtype=None, kernels="auto", compile=False) -> CudaBacken
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"backend 'cuda': device {device!r} requested but PyTorch {torch.__version__} "
                            f"sees no CUDA GPU (use --device cpu)")
+    if graphs and dev.type != "cuda":
+        raise BackendError(f"backend 'cuda': graphs=True records CUDA graphs, which need device='cuda', not {device!r}")
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise BackendError(f"backend 'cuda' computes in {' / '.join(DTYPES)}, not {dtype!r} "
@@ -108,4 +111,4 @@ def create(device=None, dtype=None, kernels="auto", compile=False) -> CudaBacken
     if dtype in ("float32", "float64"):  # IEEE float32 matmuls: no TF32, so float32 parity holds
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return CudaBackend(dev, dtype, kernels, bool(compile))
+    return CudaBackend(dev, dtype, kernels, bool(compile), bool(graphs))

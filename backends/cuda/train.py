@@ -6,6 +6,10 @@ adamw_step (checked step by step against the numpy backend in tests/test_cuda_ba
 bfloat16 runs under autocast with float32 master weights and optimizer state; float32 and
 float64 run plainly. Gradient accumulation: a (n_micro, B, L+1) batch backpropagates each
 micro-batch's loss / n_micro, then takes one update.
+
+graphs=True (CUDA only) records the whole step once as a CUDA graph and replays it (StepGraph):
+the GPU then runs the step's ~900 kernels back to back instead of waiting on the Python that
+launches them (docs/kernels.md, v7).
 """
 from __future__ import annotations
 
@@ -26,27 +30,74 @@ TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": 
 COMPILE_OPTIONS = {"assert_indirect_indexing": False}
 
 
-def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool) -> torch.optim.AdamW:
+def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool, lr=0.0) -> torch.optim.AdamW:
+    """lr: a float, set per step; or a CUDA tensor that a captured step reads at every replay."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         (decay if optim_spec.decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+    if isinstance(lr, torch.Tensor):
+        kw["capturable"] = True  # the step count stays on the GPU, and the update never syncs
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+
+
+class StepGraph:
+    """A training step recorded once as a CUDA graph and replayed.
+
+    The first WARMUP steps of a batch shape run eagerly on a side stream, as capture requires:
+    torch.compile compiles there, and cuBLAS, cuDNN and the optimizer's state are set up. The next
+    step is recorded, then replayed; it and every later step of that shape replay the graph. A
+    replay reads the batch from a buffer the graph owns (filled before each replay) and the
+    learning rate from the optimizer's lr tensor, and writes the loss to a tensor the graph owns;
+    callers get a copy. Anything that replaces tensors the graph reads (new optimizer state, a new
+    batch shape) must reset() it.
+    """
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step = step  # batch on the GPU -> mean loss; forward, backward, clip, update
+        self.side = torch.cuda.Stream()
+        self.reset()
+
+    def reset(self):
+        self.shape, self.eager_steps, self.graph, self.batch, self.loss = None, 0, None, None, None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape != self.shape:
+            self.reset()
+            self.shape = batch.shape
+        if self.eager_steps < self.WARMUP:
+            self.eager_steps += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                loss = self.step(batch)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return loss
+        if self.graph is None:
+            self.batch, self.graph = batch.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, runs nothing
+                self.loss = self.step(self.batch)
+        else:
+            self.batch.copy_(batch)
+        self.graph.replay()
+        return self.loss.clone()
 
 
 class CudaModel:
     """A Transformer with its optimizer, speaking numpy at the Backend protocol's edge."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
-                 device: torch.device, dtype: str, kernels: str, compile: bool = False):
+                 device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False):
         check_params(cfg, params)
         self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
         self.param_dtype = TORCH_DTYPES[dtype]
         self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
-        self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda")
+        self.lr = torch.zeros((), dtype=torch.float32, device=device) if graphs else 0.0
+        self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda", lr=self.lr)
+        self.step_graph = StepGraph(self._step) if graphs else None
         if compile:  # each block (forward and its backward); all blocks share one compiled graph
             for block in self.module.layers:
                 block.compile(options=COMPILE_OPTIONS)
@@ -103,6 +154,15 @@ class CudaModel:
 
     def train_step(self, batch, lr: float) -> torch.Tensor:
         b = self._tokens(batch, (2, 3), "batch")
+        if self.step_graph is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(lr)
+            return self._step(b)
+        self.lr.fill_(lr)  # outside the graph: a recorded fill would replay the first step's lr
+        return self.step_graph(b)
+
+    def _step(self, b: torch.Tensor) -> torch.Tensor:
+        """One update at the optimizer's lr: the mean loss of b's micro-batches, backward, clip, AdamW."""
         micro = b if b.ndim == 3 else b[None]
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device, dtype=torch.float64 if self.dtype == "float64" else torch.float32)
@@ -112,8 +172,6 @@ class CudaModel:
             total += loss.detach()
         if self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip, foreach=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(lr)
         self.optimizer.step()
         return total / len(micro)
 
@@ -130,8 +188,10 @@ class CudaModel:
     @torch.no_grad()
     def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None:
         check_params(self.cfg, params)
-        load_numpy(self.module, params)
+        load_numpy(self.module, params)  # in place: a recorded step still reads these parameters
         self.optimizer.state.clear()
+        if self.step_graph is not None:
+            self.step_graph.reset()  # it would update the replaced moments
         step = int(opt_state["step"])
         if step == 0:
             return  # a fresh optimizer: torch creates zero moments at the first step

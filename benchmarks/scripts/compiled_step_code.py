@@ -12,13 +12,9 @@ import argparse
 import os
 import re
 
-import numpy as np
-import torch
 from torch._inductor.utils import run_and_get_code
 
-from diffattn.backends.cuda import create
-from diffattn.config import preset
-from diffattn.params import init_params
+from benchmarks.scripts.train_step_table import step_case
 
 WORDS = ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dkdv", "paired_attention_bwd_dq",
          "torch.ops.diffattn", "clone", "copy_")
@@ -29,9 +25,7 @@ def main():
     ap.add_argument("--attention", default="diff")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    cfg = preset("stage1", attention=a.attention)
-    model = create(device="cuda", dtype="bfloat16", kernels="auto", compile=True).build(cfg, init_params(cfg, seed=0))
-    batch = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 2049))).cuda()
+    _, model, (batch,), _ = step_case("stage1", a.attention, 2048, 16384, n_batches=1)
     _, code = run_and_get_code(lambda: float(model.train_step(batch, 1e-3)))
     text = "\n\n######\n\n".join(code)
     print(f"stage1 {a.attention}, one compiled training step: {len(code)} generated graphs")

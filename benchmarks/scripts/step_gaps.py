@@ -3,17 +3,14 @@ profiled steps, largest first, with the kernels on either side (a gap after a ke
 host waits for, or before a launch the host was slow to make, shows here and nowhere in a table
 of kernel times).
 
-    PYTHONPATH=. python benchmarks/scripts/step_gaps.py --preset stage1 --variant diff --seq-len 2048 --tokens 16384 [--compile]
+    PYTHONPATH=. python benchmarks/scripts/step_gaps.py --preset stage1 --variant diff --seq-len 2048 --tokens 16384 [--compile] [--graphs]
 """
 import argparse
 import sys
 
-import numpy as np
 import torch
 
-from diffattn.backends.cuda import create
-from diffattn.config import preset
-from diffattn.params import init_params
+from benchmarks.scripts.train_step_table import step_case
 
 
 def kernel_intervals(prof):
@@ -44,13 +41,13 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="replay the step as a CUDA graph")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args(argv)
-    cfg = preset(a.preset, attention=a.variant)
-    model = create(device="cuda", dtype="bfloat16", kernels="auto", compile=a.compile).build(cfg, init_params(cfg, seed=0))
-    batch = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (a.tokens // a.seq_len, a.seq_len + 1))).cuda()
-    for _ in range(3):
+    _, model, (batch,), _ = step_case(a.preset, a.variant, a.seq_len, a.tokens, compile=a.compile, graphs=a.graphs,
+                                      n_batches=1)
+    for _ in range(5):  # compiles, and with --graphs records the graph
         float(model.train_step(batch, 1e-3))
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -62,7 +59,7 @@ def main(argv=None):
     gaps = idle_gaps(spans)
     window = spans[-1][1] - spans[0][0]
     idle = sum(g for g, _, _ in gaps)
-    print(f"{a.preset} {a.variant} compile={a.compile}: {a.steps} steps, GPU window {window / 1e3 / a.steps:.2f} ms/step, "
+    print(f"{a.preset} {a.variant} compile={a.compile} graphs={a.graphs}: {a.steps} steps, GPU window {window / 1e3 / a.steps:.2f} ms/step, "
           f"idle between kernels {idle / 1e3 / a.steps:.2f} ms/step in {len(gaps)} gaps "
           f"({sum(g > 20 for g, _, _ in gaps)} over 20 us)")
     print("| gap us | after kernel | before kernel |\n|---|---|---|")

@@ -5,8 +5,14 @@
 
 A step = forward, backward, global-norm clip and fused AdamW (the backend's train_step) on a
 (B, L+1) batch of random tokens, bf16 autocast with float32 master weights, kernels="auto"
-(fused Triton DIFF attention, SDPA's fused kernel for vanilla). Timing: after warm-up steps
-(compilation, autotuning), wall time of N steps between two torch.cuda.synchronize() calls, /N.
+(fused Triton DIFF attention, SDPA's fused kernel for vanilla), eager or torch.compile'd blocks,
+launched from Python or replayed as one CUDA graph (--graphs). Timing: after warm-up steps
+(compilation, autotuning, the graph's recording), wall time of N steps between two
+torch.cuda.synchronize() calls, /N.
+
+Host ms/step: the time Python takes to issue one step while the GPU is held busy by a
+torch.cuda._sleep kernel, so that no launch waits on the GPU. Where it nears ms/step the host
+paces the step and the GPU idles between kernels.
 
 FLOPs per token (stated in the output):
     6 * N_params                        (forward 2, backward 4 per parameter; the tied embedding
@@ -32,6 +38,7 @@ import torch
 
 from benchmarks import _common
 from diffattn.backends.cuda import create
+from diffattn.backends.cuda.train import StepGraph
 from diffattn.config import preset
 from diffattn.params import init_params
 
@@ -57,15 +64,41 @@ def matmul_tflops(n=8192, reps=10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def measure(name, variant, seq_len, tokens, micro, compile, device, dtype, kernels, warmup, steps, profile=None):
-    """One row: `micro` micro-batches of `tokens` tokens each per optimizer step."""
+def step_case(name, variant, seq_len, tokens, micro=1, compile=True, graphs=False, device="cuda",
+              dtype="bfloat16", kernels="auto", n_batches=4):
+    """The model (init seed 0) and random token batches of one row: `micro` micro-batches of
+    `tokens` tokens each per optimizer step. Returns (cfg, model, batches, batch size)."""
     cfg = preset(name, attention=variant)
     batch_size = max(1, tokens // seq_len)
     shape = (micro, batch_size, seq_len + 1) if micro > 1 else (batch_size, seq_len + 1)
-    model = create(device=device, dtype=dtype, kernels=kernels, compile=compile).build(cfg, init_params(cfg, seed=0))
+    backend = create(device=device, dtype=dtype, kernels=kernels, compile=compile, graphs=graphs)
+    model = backend.build(cfg, init_params(cfg, seed=0))
     rng = np.random.default_rng(0)
-    batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, shape)).to(device)
-               for _ in range(4)]
+    batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, shape)).to(device) for _ in range(n_batches)]
+    return cfg, model, batches, batch_size
+
+
+def host_ms(model, batch, reps=3, sleep_cycles=1_000_000_000):
+    """Host time to issue one step with the GPU stalled (see the module docstring), best of reps.
+    sleep_cycles (~0.5 s at H100/H200 clocks) outlasts any step's host time; a result near it
+    means the host blocked anyway (a full launch queue or a synchronization in the step)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(sleep_cycles)
+        t0 = time.perf_counter()
+        model.train_step(batch, 1e-3)
+        times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    return min(times) * 1e3
+
+
+def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtype, kernels, warmup, steps, profile=None):
+    """One row: `micro` micro-batches of `tokens` tokens each per optimizer step."""
+    cfg, model, batches, batch_size = step_case(name, variant, seq_len, tokens, micro, compile, graphs,
+                                                device, dtype, kernels)
+    if graphs:  # the eager warm-up steps and the recording stay out of the clock
+        warmup = max(warmup, StepGraph.WARMUP + 2)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     losses = [float(model.train_step(batches[i % 4], 1e-3)) for i in range(warmup)]
@@ -79,11 +112,12 @@ def measure(name, variant, seq_len, tokens, micro, compile, device, dtype, kerne
     sync()
     step_s = (time.perf_counter() - t0) / steps
     losses.append(float(loss))
+    host = host_ms(model, batches[0]) if device == "cuda" else float("nan")
     kernel_summary = profile_steps(model, batches[0], profile) if profile else ""
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
-    return dict(preset=name, variant=variant, compile=compile, micro=micro, B=batch_size, L=seq_len,
-                params=cfg.num_params(), step_ms=step_s * 1e3, tokens_s=micro * batch_size * seq_len / step_s,
+    return dict(preset=name, variant=variant, compile=compile, graphs=graphs, micro=micro, B=batch_size, L=seq_len,
+                params=cfg.num_params(), step_ms=step_s * 1e3, host_ms=host, tokens_s=micro * batch_size * seq_len / step_s,
                 flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
                 warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary)
@@ -132,6 +166,7 @@ def main(argv=None):
     ap.add_argument("--variants", default="diff,vanilla,diff_v2")
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
     ap.add_argument("--compile-presets", default="stage1", help="presets also timed compiled")
+    ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
@@ -144,7 +179,7 @@ def main(argv=None):
     start = time.perf_counter()
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
-        a.runs, a.compile, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", 1, 2
+        a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
     os.makedirs(a.out, exist_ok=True)
     head = [f"# Training-step throughput ({'smoke, CPU' if a.smoke else torch.cuda.get_device_name()})", "",
             f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/scripts/train_step_table.py', *argv])}`",
@@ -166,42 +201,47 @@ def main(argv=None):
         for compile in [c == "on" for c in a.compile.split(",")]:
             if compile and name not in a.compile_presets.split(","):
                 continue
-            for variant in a.variants.split(","):
+            for graphs, variant in [(g == "on", v) for g in a.graphs.split(",") for v in a.variants.split(",")]:
+                row = f"{name} {variant} compile={'on' if compile else 'off'} graphs={'on' if graphs else 'off'}"
                 if time.perf_counter() - start > a.budget_s:
-                    notes.append(f"not run (time budget): {name} {variant} compile={compile}")
+                    notes.append(f"not run (time budget): {row}")
                     continue
                 try:
-                    prof = (os.path.join(a.out, f"profile_{name}_{variant}_compile_{'on' if compile else 'off'}.txt")
+                    prof = (os.path.join(a.out, f"profile_{name}_{variant}_compile_{'on' if compile else 'off'}"
+                                                f"{'_graphs' if graphs else ''}.txt")
                             if f"{name}:{variant}" in a.profile.split(",") and micro == 1 and not a.smoke else None)
-                    r = measure(name, variant, int(seq_len), int(tokens), micro, compile, device, dtype, kernels,
+                    r = measure(name, variant, int(seq_len), int(tokens), micro, compile, graphs, device, dtype, kernels,
                                 a.warmup, a.steps, prof)
                 except Exception as e:  # one failing row must not hide the others
-                    notes.append(f"FAILED {name} {variant} compile={compile}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    notes.append(f"FAILED {row}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                     continue
                 rows.append(r)
-                print(f"{name} {variant} compile={compile}: {r['step_ms']:.1f} ms/step, {r['tokens_s']:.0f} tok/s", flush=True)
-    table = ["| preset | variant | compile | micro x B x L | params | ms/step | tokens/s | vs vanilla | TFLOP/s | MFU (datasheet) "
-             "| MFU (measured matmul) | MFU (PaLM conv.) | peak GiB | warm-up s | loss first -> last |",
-             "|" + "---|" * 15]
+                print(f"{row}: {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f}), {r['tokens_s']:.0f} tok/s", flush=True)
+    table = ["| preset | variant | compile | graphs | micro x B x L | params | ms/step | host ms/step | tokens/s | vs vanilla "
+             "| TFLOP/s | MFU (datasheet) | MFU (measured matmul) | MFU (PaLM conv.) | peak GiB | warm-up s | loss first -> last |",
+             "|" + "---|" * 17]
     for r in rows:
-        key = lambda x: (x["preset"], x["compile"], x["micro"], x["L"])  # noqa: E731
+        key = lambda x: (x["preset"], x["compile"], x["graphs"], x["micro"], x["L"])  # noqa: E731
         base = next((x for x in rows if key(x) == key(r) and x["variant"] == "vanilla"), None)
         tf = r["flops_tok"] * r["tokens_s"]
         table.append(
-            f"| {r['preset']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {r['micro']} x {r['B']} x {r['L']} | {r['params'] / 1e6:.1f}M "
-            f"| {r['step_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / base['tokens_s'] if base else float('nan'):.3f} "
+            f"| {r['preset']} | {r['variant']} | {'on' if r['compile'] else 'off'} | {'on' if r['graphs'] else 'off'} "
+            f"| {r['micro']} x {r['B']} x {r['L']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['step_ms']:.1f} | {r['host_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / base['tokens_s'] if base else float('nan'):.3f} "
             f"| {tf / 1e12:.0f} | {tf / peak:.1%} | {tf / mm:.1%} | {r['palm_flops_tok'] * r['tokens_s'] / peak:.1%} "
             f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     verdict = []
-    for compile, micro in sorted({(r["compile"], r["micro"]) for r in rows}):
-        d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"], x["micro"]) == ("stage1", var, compile, micro)), None)
-                for var in ("diff", "vanilla"))
+    for compile, graphs, micro in sorted({(r["compile"], r["graphs"], r["micro"]) for r in rows}):
+        d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"], x["graphs"], x["micro"])
+                      == ("stage1", var, compile, graphs, micro)), None) for var in ("diff", "vanilla"))
         if d and v:
             mfu = d["flops_tok"] * d["tokens_s"] / peak
-            verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'} micro-batches={micro}: DIFF MFU "
+            verdict.append(f"- issue 7 target 5, stage1 L={d['L']} compile={'on' if compile else 'off'} "
+                           f"graphs={'on' if graphs else 'off'} micro-batches={micro}: DIFF MFU "
                            f"{mfu:.1%} ({'MET' if mfu >= 0.40 else 'NOT MET'}, goal >= 40% of datasheet); DIFF/vanilla "
                            f"tokens/s {d['tokens_s'] / v['tokens_s']:.3f} ({'MET' if d['tokens_s'] >= 0.92 * v['tokens_s'] else 'NOT MET'}, goal >= 0.92)")
-    kernel_lines = [f"- kernels, {r['preset']} {r['variant']} compile={'on' if r['compile'] else 'off'}: {r['kernels']}"
+    kernel_lines = [f"- kernels, {r['preset']} {r['variant']} compile={'on' if r['compile'] else 'off'} "
+                    f"graphs={'on' if r['graphs'] else 'off'}: {r['kernels']}"
                     for r in rows if r["kernels"]]
     text = "\n".join(head + [""] + table + [""] + verdict + kernel_lines + [""] + [f"- {n}" for n in notes]) + "\n"
     print(text)
