@@ -113,7 +113,10 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
     step_s = (time.perf_counter() - t0) / steps
     losses.append(float(loss))
     host = host_ms(model, batches[0]) if device == "cuda" else float("nan")
-    kernel_summary = profile_steps(model, batches[0], profile) if profile else ""
+    try:  # a profile is a diagnosis: failing, it must not cost the row its timing
+        kernel_summary = profile_steps(model, batches[0], profile) if profile else ""
+    except Exception as e:
+        kernel_summary = f"profile FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
     return dict(preset=name, variant=variant, compile=compile, graphs=graphs, micro=micro, B=batch_size, L=seq_len,
