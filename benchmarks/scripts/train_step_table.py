@@ -10,6 +10,9 @@ launched from Python or replayed as one CUDA graph (--graphs). Timing: after war
 (compilation, autotuning, the graph's recording), wall time of N steps between two
 torch.cuda.synchronize() calls, /N.
 
+Peak GiB: the allocator's peak over the timed steps; with --graphs, over the warm-up and the
+recording (a replay allocates nothing; its tensors live in the graph's pool from the recording on).
+
 Host ms/step: the time Python takes to issue one step while the GPU is held busy by a
 torch.cuda._sleep kernel, so that no launch waits on the GPU. Where it nears ms/step the host
 paces the step and the GPU idles between kernels.
@@ -100,11 +103,14 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
     if graphs:  # the eager warm-up steps and the recording stay out of the clock
         warmup = max(warmup, StepGraph.WARMUP + 2)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reset_peak = torch.cuda.reset_peak_memory_stats if device == "cuda" else (lambda: None)
+    if graphs:  # a replay allocates nothing: a graph's peak is its recording's
+        reset_peak()
     t0 = time.perf_counter()
     losses = [float(model.train_step(batches[i % 4], 1e-3)) for i in range(warmup)]
     warm_s = time.perf_counter() - t0
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if not graphs:
+        reset_peak()
     sync()
     t0 = time.perf_counter()
     for i in range(steps):
