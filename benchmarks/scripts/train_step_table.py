@@ -41,6 +41,7 @@ import torch
 
 from benchmarks import _common
 from diffattn.backends.cuda import create
+from diffattn.backends.cuda import train
 from diffattn.backends.cuda.train import StepGraph
 from diffattn.config import preset
 from diffattn.params import init_params
@@ -175,6 +176,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="diff,vanilla,diff_v2")
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
     ap.add_argument("--compile-presets", default="stage1", help="presets also timed compiled")
+    ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
+                    "for this run's compiled rows (A/B of the defaults)")
     ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
@@ -186,6 +189,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     start = time.perf_counter()
+    for kv in filter(None, a.inductor.split(",")):
+        key, value = kv.split("=")
+        train.COMPILE_OPTIONS[key] = int(value)
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
@@ -194,6 +200,7 @@ def main(argv=None):
             f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/scripts/train_step_table.py', *argv])}`",
             f"- commit: {a.commit or git_commit()}; torch {torch.__version__}; dtype {dtype}"
             f"{' (autocast, fp32 master weights)' if dtype == 'bfloat16' else ''}; kernels {kernels}; {a.warmup} warm-up + {a.steps} timed steps, synchronized wall clock",
+            f"- Inductor options of compiled rows: {train.COMPILE_OPTIONS}",
             "- FLOPs/token = 6 * params + 3 * n_layers * q_heads * L * (d_qk + d_v) (causal attention, fwd+bwd); "
             "MFU(PaLM) counts attention without the causal halving (nanoGPT's 12 L H Q T)"]
     peak = mm = float("nan")
