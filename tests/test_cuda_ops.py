@@ -501,3 +501,115 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
 def test_reference_impls_gpu(variant, impl):
     torch.backends.cuda.matmul.allow_tf32 = False
     assert_close(check(variant, impl, 2, 300, 4, 2, 64, torch.float32, device="cuda"), torch.float32)
+
+
+# ---- split_heads: the fused path's q, k, v from the qkv projection ---------------------------------
+
+def split_heads_case(B, L, heads, d, dv, dtype, device, seed=0):
+    """A projection output, Rotary tables longer than L, and gradients of the three outputs (dq in
+    the (B, H, L, d) layout an attention backward may give, read through a transposed view)."""
+    from diffattn.backends.cuda.model import Rotary
+
+    g = torch.Generator().manual_seed(seed)
+    qh, kh, vh = heads
+    qkv = torch.randn(B, L, (qh + kh) * d + vh * dv, generator=g, dtype=torch.float64)
+    grads = (torch.randn(B, qh, L, d, generator=g, dtype=torch.float64).transpose(1, 2),
+             torch.randn(B, L, kh, d, generator=g, dtype=torch.float64), torch.randn(B, L, vh, dv, generator=g,
+                                                                                      dtype=torch.float64))
+    return qkv, grads, Rotary(d, 10000.0, L + 9).to(device)
+
+
+def split_heads_reference(qkv, grads, rotary, heads, d):
+    """float64: model.Rotary (the composed path's RoPE) on views of the split projection, and autograd."""
+    qh, kh, vh = heads
+    qkv = qkv.clone().requires_grad_(True)
+    B, L, C = qkv.shape
+    q, k, v = qkv.split([qh * d, kh * d, C - (qh + kh) * d], -1)
+    outs = (rotary.double()(q.view(B, L, qh, d)), rotary.double()(k.view(B, L, kh, d)), v.view(B, L, vh, -1))
+    return outs, torch.autograd.grad(outs, qkv, grads)[0]
+
+
+@needs_triton
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, d, dv", [((4, 2, 2), 16, 24), ((16, 16, 8), 64, 128)])
+def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
+    """Outputs and the projection's gradient against float64 Rotary; L (70) is not a multiple of
+    the kernel's 64 rows, the v width (24) not a power of two, k has fewer heads than q (GQA).
+    Errors: float32 1e-5 (one rounding of each input and product: ~1e-7); 16-bit 2e-2 (one
+    rounding of each output: ~2e-3 for bf16)."""
+    from diffattn.backends.cuda.ops import split_heads
+
+    if dtype == torch.bfloat16 and INTERPRETED:
+        pytest.skip("the interpreter's bf16 is numpy float32 reinterpreted; the GPU run covers bf16")
+    if d == 64 and INTERPRETED:
+        pytest.skip("stage1's widths run on the GPU; the interpreter takes the small case")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qkv, grads, rotary = split_heads_case(2, 70, heads, d, dv, dtype, device)
+    ref_outs, ref_grad = split_heads_reference(qkv.to(device), [g.to(device) for g in grads], rotary, heads, d)
+    x = qkv.to(device, dtype).requires_grad_(True)
+    cos, sin = rotary.float().tables(70)
+    outs = split_heads(x, cos, sin, *heads, d)
+    for out, ref in zip(outs, ref_outs):
+        assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+        assert rel(out.detach().double().cpu(), ref.detach().cpu().numpy()) <= TOL[dtype]
+    grad = torch.autograd.grad(outs, x, [g.to(device, dtype) for g in grads])[0]
+    assert grad.shape == x.shape and rel(grad.double().cpu(), ref_grad.cpu().numpy()) <= TOL[dtype]
+
+
+@needs_triton
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
+def test_split_heads_passes_opcheck():
+    from diffattn.backends.cuda.ops import split_heads
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    qkv, grads, rotary = split_heads_case(1, 19, (2, 2, 1), 16, 32, torch.float32, device)
+    cos, sin = rotary.float().tables(19)
+    args = (qkv.float().to(device).requires_grad_(True), cos, sin, 2, 2, 1, 16)
+    split_heads(*args)  # imports the module that registers the ops
+    torch.library.opcheck(torch.ops.diffattn.split_heads.default, args)
+    torch.library.opcheck(torch.ops.diffattn.split_heads_bwd.default,
+                          (*(g.float().to(device) for g in grads), cos, sin))
+
+
+@needs_triton
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
+def test_split_heads_bad_inputs_are_one_line_errors():
+    from diffattn.backends.cuda.ops import split_heads
+
+    cos = torch.zeros(8, 8)
+    for qkv, tables, needle in [(torch.zeros(1, 8, 60), (cos, cos), "do not hold"),  # 2 + 2 heads of 16 need 64
+                                (torch.zeros(1, 8, 100), (cos[:5], cos[:5]), "tables"),  # 5 positions for L = 8
+                                (torch.zeros(1, 8, 100), (cos, cos[:, :4]), "tables")]:
+        with pytest.raises(ValueError, match=needle) as e:
+            split_heads(qkv, *tables, 2, 2, 1, 16)
+        assert "\n" not in str(e.value)
+
+
+@gpu
+@needs_cuda
+@needs_triton
+def test_split_heads_under_torch_compile():
+    """Inductor launches rope_heads itself with eager's result, and its mutation analysis (dynamic
+    shapes) takes only what the op allocates, `dst`, for written: the projection is never copied."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    from torch._inductor.utils import run_and_get_code
+
+    from diffattn.backends.cuda.ops import split_heads
+
+    qkv, grads, rotary = split_heads_case(2, 333, (16, 16, 8), 64, 128, torch.bfloat16, "cuda")
+    x, cos_sin = qkv.to("cuda", torch.bfloat16).requires_grad_(True), rotary.float().tables(333)
+
+    def loss(x):
+        return sum((t.float() ** 2).sum() for t in split_heads(x, *cos_sin, 16, 16, 8, 64))
+
+    eager = torch.autograd.grad(loss(x), x)[0]
+    compiled_loss = torch.compile(loss, fullgraph=True)
+    (compiled,), code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(x), x))
+    assert "rope_heads" in "\n".join(code) and "torch.ops.diffattn" not in "\n".join(code)
+    assert rel(compiled.double().cpu(), eager.double().cpu().numpy()) <= 1e-2
+    backend = AotEagerAndRecordGraphs()
+    torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True, dynamic=True)(x), x)
+    written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
+               if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    assert len(written) == 6 and all(set(w) <= {"dst"} for w in written), written  # 3 parts each way

@@ -48,6 +48,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.from_numpy(np.cos(angle)).to(device), persistent=False)
         self.register_buffer("sin", torch.from_numpy(np.sin(angle) * sign).to(device), persistent=False)
 
+    def tables(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (>= L, dim/2) views: the angles of coordinates j < dim/2, sin unsigned."""
+        if L > self.cos.shape[0]:
+            self._build(L, self.cos.device)
+        return self.cos[:, :self.dim // 2], self.sin[:, self.dim // 2:]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, heads, dim) in half-split order -> same shape; the position of x[:, t] is t."""
         L = x.shape[1]
@@ -87,12 +93,15 @@ class Attention(nn.Module):
         # one matmul for q, k, v: the weights concatenated (q and k rows in Rotary's half-split
         # order), the output split. V2's lambda_proj stays apart: its n_heads columns would make
         # the row stride of the v view a non-multiple of 8, which CUDA's flash SDPA misreads.
-        projs = [self.q_proj, self.k_proj, self.v_proj]
         qk = torch.cat([self.q_proj.weight, self.k_proj.weight])[self.qk_rows]
-        outs = F.linear(x, torch.cat([qk, self.v_proj.weight])).split([p.out_features for p in projs], -1)
-        q = self.rotary(outs[0].view(B, L, cfg.q_heads, d))
-        k = self.rotary(outs[1].view(B, L, cfg.k_heads, d))
-        v = outs[2].view(B, L, cfg.kv_heads, cfg.v_head_dim)
+        qkv = F.linear(x, torch.cat([qk, self.v_proj.weight]))
+        if self.kernels == "fused":  # one op: heads split, q and k rotated (its backward writes d qkv whole)
+            q, k, v = ops.split_heads(qkv, *self.rotary.tables(L), cfg.q_heads, cfg.k_heads, cfg.kv_heads, d)
+        else:
+            outs = qkv.split([p.out_features for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
+            q = self.rotary(outs[0].view(B, L, cfg.q_heads, d))
+            k = self.rotary(outs[1].view(B, L, cfg.k_heads, d))
+            v = outs[2].view(B, L, cfg.kv_heads, cfg.v_head_dim)
         if cfg.attention == "vanilla":
             o = ops.vanilla_attention(q, k, v, self.kernels)
         elif cfg.attention == "diff":

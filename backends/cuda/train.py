@@ -17,7 +17,6 @@ import contextlib
 
 import numpy as np
 import torch
-from torch._inductor import config as inductor_config
 
 from diffattn import optim as optim_spec
 from diffattn.backend import BackendError
@@ -26,16 +25,9 @@ from diffattn.params import check_params
 from diffattn.backends.cuda.model import build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
-# Inductor's options for the compiled blocks (docs/kernels.md):
-# - assert_indirect_indexing: Inductor compiles Triton kernels, ours among them, in Triton's debug
-#   mode, which guards every int32 add and multiply with an overflow assert (v6);
-# - the *_pointwise_cat_inputs: a cat becomes one kernel per input writing its slice of the result,
-#   not one kernel that computes every input under masks. The backward of the q/k/v split is a cat
-#   of RoPE's backward of dq and dk with dv, which as one masked kernel ran at ~1 TB/s (v7b).
-#   Older releases lack max_complex_pointwise_cat_inputs, and an unknown option fails the compile.
-COMPILE_OPTIONS = {"assert_indirect_indexing": False,
-                   **{k: 0 for k in ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs")
-                      if hasattr(inductor_config, k)}}
+# Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and
+# Triton's debug mode guards every int32 add and multiply with an overflow assert (docs/kernels.md, v6)
+COMPILE_OPTIONS = {"assert_indirect_indexing": False}
 
 
 def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool, lr=0.0) -> torch.optim.AdamW:

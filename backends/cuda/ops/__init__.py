@@ -11,6 +11,9 @@ impl: "naive" (materialized softmax, the paper's form), "composed" (PyTorch SDPA
 "fused" (Triton; for vanilla, SDPA's own fused kernel: there is no DIFF-specific work to fuse).
 DIFF V1 takes norm=(weight (2d,), eps): the output then goes through RMSNorm over its last dim
 (the model's subln, weight already scaled by 1 - lambda_init); "fused" does it in the kernels.
+
+The fused path also takes its q, k, v from one op, split_heads (rope.py): the qkv projection split
+into heads, q and k rotated, in a Triton kernel each way.
 """
 from .checks import IMPLS, check_impl, check_norm
 from .norm import rms_norm
@@ -18,7 +21,7 @@ from .vanilla import naive as _vanilla_naive, composed as _vanilla_composed
 from .diff_v1 import naive as _v1_naive, composed as _v1_composed
 from .diff_v2 import naive as _v2_naive, composed as _v2_composed
 
-__all__ = ["IMPLS", "vanilla_attention", "diff_v1_attention", "diff_v2_attention"]
+__all__ = ["IMPLS", "vanilla_attention", "diff_v1_attention", "diff_v2_attention", "split_heads"]
 
 
 def vanilla_attention(q, k, v, impl="composed"):
@@ -47,3 +50,9 @@ def diff_v2_attention(q, k, v, lam, impl="composed"):
         return _v2_composed.attention(q, k, v, lam)
     from .diff_v2 import fused
     return fused.attention(q, k, v, lam)
+
+
+def split_heads(qkv, cos, sin, q_heads, k_heads, v_heads, head_dim):
+    """q, k, v (B, L, heads, dim) from the qkv projection (B, L, C), q and k rotated (Triton; rope.py)."""
+    from . import rope
+    return rope.split_heads(qkv, cos, sin, q_heads, k_heads, v_heads, head_dim)
