@@ -78,22 +78,28 @@ class Backend(Protocol):
         """Framework versions and device name, for run manifests."""
 
 
-def load(name: str, device: str | None = None, dtype: str | None = None, kernels: str = "auto") -> Backend:
+def load(name: str, device: str | None = None, dtype: str | None = None, kernels: str = "auto",
+         compile: bool = False, graphs: bool = False) -> Backend:
     """Load a backend by name; a missing framework is a one-line BackendError naming the extra.
-    dtype None means the backend's default (numpy: float64, mlx and cuda: float32)."""
+    dtype None means the backend's default (numpy: float64, mlx and cuda: float32). compile and
+    graphs are the cuda backend's (torch.compile'd blocks; the training step replayed as a CUDA
+    graph); they change speed, not the math."""
     if name not in REGISTRY:
         raise BackendError(f"unknown backend {name!r}, expected one of {tuple(REGISTRY)}")
     if dtype is not None and dtype not in DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}, expected one of {DTYPES}")
     if kernels not in KERNELS:
         raise BackendError(f"unknown kernels {kernels!r}, expected one of {KERNELS}")
+    options = {k: True for k, v in (("compile", compile), ("graphs", graphs)) if v}
+    if options and name != "cuda":
+        raise BackendError(f"backend {name!r} has no {' / '.join(options)} option (the cuda backend's)")
     module, extra, framework = REGISTRY[name]
     try:
         importlib.import_module(framework)
     except ImportError:
         raise BackendError(f"backend {name!r} needs {framework.split('.')[0]}, which is not installed: "
                            f"pip install 'diffattn[{extra}]'") from None
-    return importlib.import_module(module).create(device=device, dtype=dtype, kernels=kernels)
+    return importlib.import_module(module).create(device=device, dtype=dtype, kernels=kernels, **options)
 
 
 # ---- the numpy reference backend ------------------------------------------------------------

@@ -60,6 +60,8 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--device", default=None, help="cpu | gpu | cuda (backend default if omitted)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (backend default if omitted)")
     g.add_argument("--kernels", default="auto", help="auto | fused | composed | naive")
+    g.add_argument("--compile", action="store_true", help="cuda: torch.compile each block")
+    g.add_argument("--cuda-graphs", action="store_true", help="cuda: replay each training step as one CUDA graph")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, help=f"tiny | small | stage0 | stage1 (default {DEFAULTS['preset']})")
     g.add_argument("--attention", default=None, help="diff | vanilla | diff_v2 (default diff)")
@@ -244,7 +246,8 @@ def _prepare(args, command):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
-    backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                   compile=getattr(args, "compile", False), graphs=getattr(args, "cuda_graphs", False))
     data = _load_data(args, args.vocab_size, getattr(args, "tokenizer_file", None))
     if getattr(args, "model_config", None):
         cfg = model_config_from(args.model_config)

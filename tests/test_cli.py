@@ -149,6 +149,8 @@ BAD = {
     "unknown backend": (["--backend", "tpu"], "unknown backend"),
     "backend not installed": (["--backend", "cuda"], "not installed"),
     "negative steps": (["--steps", "-3"], "positive"),
+    "cuda-only option elsewhere": (["--cuda-graphs"], "no graphs option"),
+    "CUDA graphs on a CPU": (["--backend", "cuda", "--device", "cpu", "--cuda-graphs"], "need device='cuda'"),
     "bad flag": (["--stepz", "3"], "unrecognized"),
 }
 

@@ -392,11 +392,16 @@ def test_gpu_bf16_fused_step_tracks_float32(attention, compile):
 
 
 def test_graphs_need_a_cuda_device():
-    from diffattn.backends.cuda import create
-
     with pytest.raises(BackendError, match="graphs") as e:
-        create(device="cpu", graphs=True)
+        load("cuda", device="cpu", graphs=True)
     assert "\n" not in str(e.value)
+
+
+def test_load_passes_the_cuda_options_and_refuses_them_elsewhere():
+    assert load("cuda", device="cpu", compile=True).describe()["compile"] is True
+    assert load("cuda", device="cpu").describe()["graphs"] is False
+    with pytest.raises(BackendError, match="no compile option"):
+        load("numpy", compile=True)
 
 
 @gpu
