@@ -152,6 +152,20 @@ def load_backend(rt: Runtime, kernels: str = "auto", dtype: str | None = None):
     return backend.load(REGISTRY_NAME[rt.backend], device=device, dtype=dtype or rt.dtype, kernels=kernels)
 
 
+def warm_gpu(seconds: float = 2.0) -> None:
+    """Keep a CUDA GPU busy with bf16 matmuls for `seconds`, so its clocks have left idle (345 MHz
+    on a fresh H200) before anything is timed: without it the first timings of a process read up
+    to 2x slow (docs/kernels.md, sweep 11)."""
+    import torch
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:
     """Median wall time of fn() with a sync after every call, after one untimed warm-up call.
     Runs at least min_reps and stops at max_reps or once budget_s is spent."""
