@@ -9,8 +9,9 @@ by RoPE, as one torch.library op with a Triton kernel each way.
 
 Why an op: written with torch ops (model.Rotary on views of the projection), the backward of the
 split is a cat of RoPE's backward of dq and dk with dv, which Inductor fuses into one kernel that
-computes every input under masks; it moved 192 MB a layer at ~1.1 TB/s (177 us, stage1), three
-times RoPE's forward (docs/kernels.md, v7c). Here the backward writes the projection's gradient
+computes every input under masks; it moved 192 MB a layer at ~1.1 TB/s (177 us, stage1), a third
+of the bandwidth RoPE's forward reached (docs/kernels.md, v7c). torch 2.11's cat options did not
+change that kernel (v7b). Here the backward writes the projection's gradient
 directly, one head slice at a time, and the forward copies v (its 32 MB read and write are what
 the clean backward costs). The backward is the inverse rotation: the same kernel with -sin.
 """
