@@ -507,7 +507,7 @@ def test_reference_impls_gpu(variant, impl):
 
 # ---- split_heads: the fused path's q, k, v from the qkv projection ---------------------------------
 
-def split_heads_case(B, L, heads, d, dv, dtype, device, seed=0):
+def split_heads_case(B, L, heads, d, dv, device, seed=0):
     """A projection output, Rotary tables longer than L, and gradients of the three outputs (dq in
     the (B, H, L, d) layout an attention backward may give, read through a transposed view)."""
     from diffattn.backends.cuda.model import Rotary
@@ -547,7 +547,7 @@ def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
     if d == 64 and INTERPRETED:
         pytest.skip("stage1's widths run on the GPU; the interpreter takes the small case")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    qkv, grads, rotary = split_heads_case(2, 70, heads, d, dv, dtype, device)
+    qkv, grads, rotary = split_heads_case(2, 70, heads, d, dv, device)
     ref_outs, ref_grad = split_heads_reference(qkv.to(device), [g.to(device) for g in grads], rotary, heads, d)
     x = qkv.to(device, dtype).requires_grad_(True)
     cos, sin = rotary.float().tables(70)
@@ -565,7 +565,7 @@ def test_split_heads_passes_opcheck():
     from diffattn.backends.cuda.ops import split_heads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    qkv, grads, rotary = split_heads_case(1, 19, (2, 2, 1), 16, 32, torch.float32, device)
+    qkv, grads, rotary = split_heads_case(1, 19, (2, 2, 1), 16, 32, device)
     cos, sin = rotary.float().tables(19)
     args = (qkv.float().to(device).requires_grad_(True), cos, sin, 2, 2, 1, 16)
     split_heads(*args)  # imports the module that registers the ops
@@ -599,7 +599,7 @@ def test_split_heads_under_torch_compile():
 
     from diffattn.backends.cuda.ops import split_heads
 
-    qkv, grads, rotary = split_heads_case(2, 333, (16, 16, 8), 64, 128, torch.bfloat16, "cuda")
+    qkv, grads, rotary = split_heads_case(2, 333, (16, 16, 8), 64, 128, "cuda")
     x, cos_sin = qkv.to("cuda", torch.bfloat16).requires_grad_(True), rotary.float().tables(333)
 
     def loss(x):
