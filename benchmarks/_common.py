@@ -166,6 +166,25 @@ def warm_gpu(seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """The dense bf16 matmul rate on this CUDA GPU, TFLOP/s: an n^3 product of random data after
+    warm_gpu(), CUDA events, median of reps after 3 warm-ups. The reference of the tables' MFU."""
+    import torch
+
+    warm_gpu()  # timed first in a run: the clocks must have left idle
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:
     """Median wall time of fn() with a sync after every call, after one untimed warm-up call.
     Runs at least min_reps and stops at max_reps or once budget_s is spent."""

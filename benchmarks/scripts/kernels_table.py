@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from benchmarks import _common
 from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
@@ -143,18 +144,6 @@ def measure(fn, variant, x32, do32, dtype, mode, ref):
     return dict(ms=ms, peak_mib=peak, **errs)
 
 
-def matmul_tflops(device):
-    if device != "cuda":
-        return float("nan")
-    from triton.testing import do_bench
-
-    from benchmarks._common import warm_gpu
-    warm_gpu()  # timed first in a run: the clocks must have left idle (sweep 11)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median") / 1e9
-
-
 def run(variants, dims, lengths, modes, device, dtype, log):
     rows = []
     for variant in variants:
@@ -272,7 +261,7 @@ def main(argv=None):
         header["triton"] = triton.__version__
     except ImportError:
         pass
-    header["matmul_bf16_tflops"] = mm = matmul_tflops(device)
+    header["matmul_bf16_tflops"] = mm = _common.matmul_tflops() if device == "cuda" else float("nan")
     print(json.dumps(header), flush=True)
     rows = run(a.variants.split(","), dims, lengths, ("fwd", "fwd+bwd"), device, dtype,
                lambda r: print(json.dumps(r), flush=True))

@@ -31,7 +31,6 @@ halving (_common.train_flops_per_token); that convention's MFU is printed too.
 """
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -51,21 +50,6 @@ def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token with causal attention (see the module docstring)."""
     attention = cfg.n_layers * cfg.q_heads * seq_len * (cfg.head_dim + cfg.v_head_dim)
     return 6.0 * cfg.num_params() + 3.0 * attention
-
-
-def matmul_tflops(n=8192, reps=10) -> float:
-    """Dense bf16 matmul rate on random data (CUDA events, median of reps after 3 warm-ups)."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    times = []
-    for i in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def step_case(name, variant, seq_len, tokens, micro=1, compile=True, graphs=False, device="cuda",
@@ -207,8 +191,7 @@ def main(argv=None):
     if not a.smoke:
         peak = _common.PEAK_FLOPS.get((next((n for n, _ in _common.PEAK_FLOPS if n in torch.cuda.get_device_name()), ""),
                                        "bfloat16"), float("nan"))
-        _common.warm_gpu()  # the matmul reference, timed first, would otherwise catch idle clocks
-        mm = matmul_tflops() * 1e12
+        mm = _common.matmul_tflops() * 1e12
         head.append(f"- peak: datasheet dense bf16 {peak / 1e12:.0f} TFLOP/s; measured bf16 8192^3 matmul "
                     f"{mm / 1e12:.0f} TFLOP/s (this run)")
     rows, notes = [], []
