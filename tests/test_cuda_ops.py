@@ -463,7 +463,7 @@ def test_fused_gpu_under_torch_compile(variant):
     compiled_loss = torch.compile(loss, fullgraph=True)
     compiled, code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(**x), list(x.values())))
     code = "\n".join(code)
-    for kernel in ("paired_attention_fwd", "paired_attention_bwd_dkdv",
+    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dkdv",
                    "paired_attention_bwd_dq"):
         assert kernel in code, f"{kernel} not launched by inductor's code"
     assert "torch.ops.diffattn" not in code  # the opaque op would run the Python launcher per call
@@ -477,7 +477,7 @@ def test_fused_gpu_under_torch_compile(variant):
 @pytest.mark.parametrize("variant, normed", [("diff_v1", False), ("diff_v1", True), ("diff_v2", False)])
 def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, normed):
     """torch.compile's functional form of a kernel launch copies every argument its mutation
-    analysis takes for written. The three launches may write only the buffers the launcher
+    analysis takes for written. The four launches may write only the buffers the launcher
     allocates; an input among them would be copied before every launch (Q was, while the helper
     whose results address the stores took Q as an argument)."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
@@ -491,9 +491,8 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(written) == 3  # forward, dQ (its prologue writes the deltas), dK/dV
-    # with the norm, DO is the subln backward's output, a buffer the launcher allocates; without, dO's input
-    outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DO", "DW_PART"} if normed else set())
+    assert len(written) == 4  # forward, deltas, dK/dV, dQ
+    outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DX", "DW_PART"} if normed else set())
     assert all(set(w) <= outputs for w in written), written
 
 

@@ -16,7 +16,7 @@ from torch._inductor.utils import run_and_get_code
 
 from benchmarks.scripts.train_step_table import step_case
 
-WORDS = ("paired_attention_fwd", "paired_attention_bwd_dkdv", "paired_attention_bwd_dq",
+WORDS = ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dkdv", "paired_attention_bwd_dq",
          "torch.ops.diffattn", "clone", "copy_")
 
 

@@ -37,7 +37,8 @@ from diffattn.backends.cuda.ops import paired_softmax as ps  # noqa: E402
 KERNELS = {
     "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2", "Y")),
     "dkdv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
-    "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ", "OUT", "O2", "DY")),
+    "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
+    "delta": (ps.paired_attention_bwd_delta, ("OUT", "O2", "DO", "LAM", "DX")),
 }
 FLOAT32_POINTERS = ("LSE", "DELTA", "W", "DW_PART")
 # static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
@@ -119,18 +120,18 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     slices = ps.FWD_SLICES.get((d, DV, 2), 1) if kernel == "fwd" else 1
     bm, bn, warps, stages = tile
     consts = dict(D=d, DV=DV // slices, K_STEP=2 if v1 else 1, SHARED_K=not v1, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the deltas' pass has no D, K_STEP, ...
     if "TMA" in fn.arg_names:
         consts["TMA"] = tma
     if "SCALAR_LAM" in fn.arg_names:
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
     if "NORM" in fn.arg_names:  # the model's V1 normalizes (subln): the forward where rows are whole, and
-        consts["NORM"] = v1 and (slices == 1 or kernel == "dq")  # the dQ kernel's prologue always
-    if "SUB_M" in fn.arg_names:
-        consts["SUB_M"] = ps.delta_rows(bm, warps, DV)
+        consts["NORM"] = v1 and slices == 1  # the deltas' pass always
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
+    if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
+        consts["STEPS"], consts["LOAD_STAGES"] = bn, stages
     if "GROUP" in fn.arg_names:  # the tables' shapes: one query head per kv head, an int the JIT makes a constant
         consts["GROUP"] = 1
     sig = signature(fn, pointers, consts)
@@ -173,7 +174,8 @@ def main():
         for d in (64, 128):
             DV = 2 * d if variant == "diff_v1" else d
             for kernel in KERNELS:
-                tiles = [ps.blocks(kernel, d, DV, torch.bfloat16, variant == "diff_v2")]
+                blocks_of = "norm_delta" if kernel == "delta" and variant == "diff_v1" else kernel  # V1's subln
+                tiles = [ps.blocks(blocks_of, d, DV, torch.bfloat16, variant == "diff_v2")]
                 tiles += [t for k, t in extra if k == kernel and t not in tiles]
                 for tile in tiles:
                     for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):

@@ -13,7 +13,7 @@ the combined output, map 2's output o2 (map 1's is out + lam * o2) and each map'
 
 Backward (the method of Triton's fused-attention tutorial, extended to two maps): with
 dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
-    delta1 = rowsum(dO * o1), delta2' = rowsum(dO * o2)            (the dQ kernel's prologue)
+    delta1 = rowsum(dO * o1), delta2' = rowsum(dO * o2)            (preprocess kernel)
     dV  += (P1 - lam P2)^T dO                                        (one matmul for both maps)
     dS1  = P1 (dP - delta1),   dS2 = -lam P2 (dP - delta2')
     dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
@@ -200,44 +200,50 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
 
 
 @triton.jit
-def _row_deltas(OUT, O2, DY, DO, LAM, DELTA, W, DW_PART, sob, sol, soh, syb, syl, syh, sdb, sdl, sdh, slb, sll,
-                slh, b, i, part, row0, L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
-                NORM: tl.constexpr):
-    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2) of query rows row0..+BLOCK_M of
-    (batch b, head i), SUB_M rows at a time (a few (SUB_M, DV) float32 tiles live, not the block's).
-    NORM: DY is the gradient of y = RMSNorm(out) * W (DIFF V1's subln), whose backward comes first:
+def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol, soh, sdb, sdl, sdh, slb, sll, slh,
+                               L, H, eps, DV: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr,
+                               LOAD_STAGES: tl.constexpr, NORM: tl.constexpr):
+    """delta1 = rowsum(dO * (out + lam o2)) and delta2' = rowsum(dO * o2), per (batch, head, row),
+    for STEPS consecutive blocks of BLOCK_M rows per program.
+    NORM: DO is the gradient of y = RMSNorm(out) * W (DIFF V1's subln), whose backward comes first:
     with x = out as stored, r = 1 / sqrt(mean(x^2) + eps) and g = dy * w,
-        dx = r (g - x r mean(g x r))  -> DO, the dO every other step reads,
-        d w = sum over rows of dy x r -> row `part` of DW_PART (summed by the launcher),
-    and the deltas take dx rounded to the inputs' dtype, as the dQ and dK/dV loops read it.
-    Without NORM, DY is dO itself and nothing is written but the deltas."""
+        dx = r (g - x r mean(g x r))  -> DX (OUT's strides), the dO of the other kernels,
+        d w = sum over rows of dy x r -> DW_PART (one row of partial sums per program),
+    and the deltas take dx rounded to the inputs' dtype, as the other kernels read it. d w's sum over
+    rows crosses warps; it is accumulated in registers over the program's blocks and reduced once."""
     eps = tl.cast(eps, tl.float32)  # fp64 from Inductor
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    i = bh % H
     offs_dv = tl.arange(0, DV)
     base = DELTA + (b * H + i) * 2 * L
     if NORM:
         w = tl.load(W + offs_dv).to(tl.float32)
-        dw = tl.zeros([SUB_M, DV], tl.float32)
-    for sub in range(0, BLOCK_M, SUB_M):
-        offs_m = row0 + sub + tl.arange(0, SUB_M)
-        row_ok = (offs_m < L)[:, None]
+        dw = tl.zeros([BLOCK_M, DV], tl.float32)
+    # LOAD_STAGES > 1 prefetches the next blocks' tiles (cp.async): Triton pipelines loads that feed
+    # no dot only in a loop that asks for it
+    for step in tl.range(0, STEPS, num_stages=LOAD_STAGES):
+        offs_m = (pid_m * STEPS + step) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < L
         o_off = b * sob + offs_m[:, None] * sol + i * soh + offs_dv[None, :]
-        out = tl.load(OUT + o_off, mask=row_ok, other=0.0).to(tl.float32)
-        o2 = tl.load(O2 + o_off, mask=row_ok, other=0.0).to(tl.float32)
-        do = tl.load(DY + b * syb + offs_m[:, None] * syl + i * syh + offs_dv[None, :], mask=row_ok,
+        out = tl.load(OUT + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        o2 = tl.load(O2 + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], mask=row_ok[:, None],
                      other=0.0).to(tl.float32)
-        lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=offs_m < L, other=0.0).to(tl.float32)
+        lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
         if NORM:  # rows past L read zeros: they add nothing to d w
             r = tl.math.rsqrt(tl.sum(out * out, 1) / DV + eps)
             xhat = out * r[:, None]
             g = do * w[None, :]
-            dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DO.dtype.element_ty)
-            tl.store(DO + b * sdb + offs_m[:, None] * sdl + i * sdh + offs_dv[None, :], dx, mask=row_ok)
+            dx = (r[:, None] * (g - xhat * (tl.sum(g * xhat, 1) / DV)[:, None])).to(DX.dtype.element_ty)
+            tl.store(DX + o_off, dx, mask=row_ok[:, None])
             dw += do * xhat
             do = dx.to(tl.float32)
-        tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=offs_m < L)
-        tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=offs_m < L)
+        tl.store(base + offs_m, tl.sum(do * (out + lam[:, None] * o2), 1), mask=row_ok)
+        tl.store(base + L + offs_m, tl.sum(do * o2, 1), mask=row_ok)
     if NORM:
-        tl.store(DW_PART + part * DV + offs_dv, tl.sum(dw, 0))
+        tl.store(DW_PART + (bh * tl.num_programs(0) + pid_m) * DV + offs_dv, tl.sum(dw, 0))
 
 
 @triton.jit
@@ -387,23 +393,16 @@ def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v
 
 
 @triton.jit
-def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ, OUT, O2, DY, W, DW_PART,
+def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
-                            sgqb, sgql, sgqh, sob, sol, soh, syb, syl, syh, L, H, GROUP, qk_scale, sm_scale, eps,
+                            sgqb, sgql, sgqh, L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                            TMA: tl.constexpr, SUB_M: tl.constexpr, NORM: tl.constexpr):
-    """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*).
-    It first computes its rows' deltas (and, NORM, the subln backward into DO: _row_deltas), which
-    the dK/dV kernel, launched after it, reads too; then reads them back after a barrier (every
-    thread needs rows other threads wrote)."""
+                            TMA: tl.constexpr):
+    """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
-    _row_deltas(OUT, O2, DY, DO, LAM, DELTA, W, DW_PART, sob, sol, soh, syb, syl, syh, sdb, sdl, sdh, slb, sll,
-                slh, b, i, tl.program_id(0) * tl.num_programs(1) + pid_m, diag, L, H, eps, DV, BLOCK_M, SUB_M,
-                NORM)
-    tl.debug_barrier()
     q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
@@ -471,10 +470,15 @@ OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's ch
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
-    if INTERPRETED:
-        return (16, 16, 4, 1)
+    if INTERPRETED:  # the norm pass walks 2 blocks a program, so the loop is tested
+        return (16, 2, 4, 2) if kernel == "norm_delta" else (16, 1, 4, 1) if kernel == "delta" else (16, 16, 4, 1)
     if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
+    # the deltas' passes: (rows per block, blocks per program, warps, load stages)
+    if kernel == "delta":
+        return 64, 1, 4, 1
+    if kernel == "norm_delta":  # about seven (rows, DV) float32 tiles live: 16 values a thread each; d w's
+        return max(1, 2048 // DV), 8, 4, 3  # cross-warp sum once per 8 blocks, loads prefetched (v6d)
     if dtype.itemsize == 4:
         return {"fwd": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)}[kernel]
     if (kernel, D, DV) in TUNED:
@@ -484,15 +488,6 @@ def blocks(kernel, D, DV, dtype, shared_k):
     if kernel == "dkdv":
         return (64, 128, 8, 2) if DV + (1 if shared_k else 2) * D <= 256 else (32, 128, 8, 2)
     return (64, 64, 4, 2) if 2 * D <= 128 else (64, 32, 8, 2)  # dq
-
-
-def delta_rows(block_m, warps, DV):
-    """Rows the dQ kernel's prologue (_row_deltas) takes at a time: about seven (rows, DV) float32 tiles
-    live, 16 values a thread each (the v6d norm pass's measured best). The interpreter takes half a
-    block, so the loop is tested."""
-    if INTERPRETED:
-        return max(1, block_m // 2)
-    return max(1, min(block_m, 16 * 32 * warps // DV))
 
 
 def dkdv_diagonal(D, DV, dtype):
@@ -583,26 +578,29 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     weight, eps = norm if norm is not None else (out, 0.0)
-    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
-    # the dQ kernel runs first: its prologue writes the deltas (and with the norm, dO) for the dK/dV kernel
-    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
+    bm, steps, warps, stages = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)
+    row_programs = triton.cdiv(L, bm * steps)
     dy, dw_part = do, None
-    if norm is not None:  # do becomes the norm's input gradient (out's strides), written by the prologue
+    if norm is not None:  # do becomes the norm's input gradient, computed in the same pass as the deltas
         do = torch.empty_like(out)
-        dw_part = torch.empty(B * H * triton.cdiv(L, bm), DV, dtype=torch.float32, device=q.device)
-    strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
-        q, k, v, do, lam_rows, lse, delta, dq, out, o2, dy, weight, out if dw_part is None else dw_part,
-        *strides, *_strides(dq), *out.stride()[:3], *dy.stride()[:3], L, H, H // G, sm_scale * LOG2E, sm_scale,
-        eps, BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), SUB_M=delta_rows(bm, warps, DV), NORM=norm is not None,
-        num_warps=warps, num_stages=stages, **common)
+        dw_part = torch.empty(B * H * row_programs, DV, dtype=torch.float32, device=q.device)
+    wrap_triton(paired_attention_bwd_delta)[(row_programs, B * H)](
+        out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
+        *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, STEPS=steps, LOAD_STAGES=stages,
+        NORM=norm is not None, num_warps=warps)
+    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
+    strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
         sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
         num_stages=stages, **common)
+    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
+    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
+        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     if norm is None:
         return dq, dk, dv, delta
     return dq, dk, dv, delta, dw_part.sum(0)
