@@ -316,10 +316,10 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sgkb, sgkl, sgkh, sgvb, sgvl, sgvh, L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have their own strides (sgk*, sgv*). DIAGONAL places the masked query blocks that cross the
-    block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
+    DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's. DIAGONAL
+    places the masked query blocks that cross the block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
     loop after). The order changes only the summation order; what it changes for speed is whether
     ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
@@ -363,14 +363,17 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
                                           BLOCK_N, PREC, SCALAR_LAM, False)
-    dk_off = b * sgkb + (g * K_STEP) * sgkh + offs_n[:, None] * sgkl + offs_d[None, :]
+    if GRADS_LIKE_INPUTS:  # the loads' offsets: V2 d64 runs ~4% faster than with offsets of its own (run 22)
+        dk_off, dk_head, dv_off = k_off, skh, v_off
+    else:
+        dk_off = b * sgkb + (g * K_STEP) * sgkh + offs_n[:, None] * sgkl + offs_d[None, :]
+        dk_head, dv_off = sgkh, b * sgvb + g * sgvh + offs_n[:, None] * sgvl + offs_dv[None, :]
     tl.store(DK + dk_off, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     if not SHARED_K:
         if SCALAR_LAM:
             dk2 = dk2 * -tl.load(LAM + b * slb + (g * GROUP) * slh).to(tl.float32)
-        tl.store(DK + dk_off + sgkh, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV_ + b * sgvb + g * sgvh + offs_n[:, None] * sgvl + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=kv_ok)
+        tl.store(DK + dk_off + dk_head, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV_ + dv_off, dv.to(DV_.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -596,7 +599,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
         sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
-        num_stages=stages, **common)
+        num_stages=stages, GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
