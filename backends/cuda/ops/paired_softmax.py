@@ -318,10 +318,11 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                               SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
-    DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's. DIAGONAL
-    places the masked query blocks that cross the block's diagonal: "first" (a loop before the others), "unrolled" (first, unrolled) or "last" (a
-    loop after). The order changes only the summation order; what it changes for speed is whether
-    ptxas keeps the warpgroup MMAs asynchronous (see DKDV_DIAGONAL)."""
+    DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's.
+    DIAGONAL places the masked query blocks that cross the block's diagonal: "first" (a loop before
+    the others), "unrolled" (first, unrolled) or "last" (a loop after). The order changes only the
+    summation order; what it changes for speed is whether ptxas keeps the warpgroup MMAs
+    asynchronous (see DKDV_DIAGONAL)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
@@ -363,7 +364,9 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
                                           BLOCK_N, PREC, SCALAR_LAM, False)
-    if GRADS_LIKE_INPUTS:  # the loads' offsets: V2 d64 runs ~4% faster than with offsets of its own (run 22)
+    # with the loads' offsets ptxas allocates the main loop as before v5b: V2 d64 fwd+bwd ~4% faster than
+    # with offsets of the gradients' own (runs 21-23, docs/kernels.md v8)
+    if GRADS_LIKE_INPUTS:
         dk_off, dk_head, dv_off = k_off, skh, v_off
     else:
         dk_off = b * sgkb + (g * K_STEP) * sgkh + offs_n[:, None] * sgkl + offs_d[None, :]
