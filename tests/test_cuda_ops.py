@@ -229,12 +229,32 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_reads_any_strides(variant):
+def test_fused_reads_any_strides(monkeypatch, variant):
     """Views as the model passes them (v a column slice of the fused projection, row stride 3x its
-    width) and views whose last stride is not 1 give the contiguous inputs' output and gradients."""
+    width) and views whose last stride is not 1 give the contiguous inputs' output and gradients.
+    The dK/dV kernel stores through its loads' offsets (GRADS_LIKE_INPUTS, faster: docs/kernels.md
+    v8) exactly when the gradients, written contiguous, share the inputs' strides: for contiguous
+    inputs and for the copies the launcher makes of views whose last stride is not 1."""
+    from torch.library import wrap_triton
+
+    from diffattn.backends.cuda.ops import paired_softmax
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 1, 37, 2, 2, 16, 0).items()}
     do = torch.randn(out_shape(variant, x), generator=torch.Generator().manual_seed(1))
+    grads_like_inputs = []
+
+    def recording(kernel):  # wrap_triton, noting the dK/dV launch's choice
+        launcher = wrap_triton(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if kernel is paired_softmax.paired_attention_bwd_dkdv:
+                        grads_like_inputs.append(kwargs["GRADS_LIKE_INPUTS"])
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Grid()
+    monkeypatch.setattr(paired_softmax, "wrap_triton", recording)
 
     def run(views):
         ts = {n: t.clone().requires_grad_(True) for n, t in x.items()}
@@ -252,6 +272,7 @@ def test_fused_reads_any_strides(variant):
     for views in (slice_of_wider, last_stride_2):
         for got, want in zip(run(views), expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert grads_like_inputs == [True, False, True]
 
 
 def subln_oracle(o, weight, eps):
