@@ -66,3 +66,20 @@ def test_idle_gaps_count_only_time_when_no_kernel_runs():
     import step_gaps
     spans = [(0, 10, "a"), (5, 20, "b"), (8, 12, "c"), (50, 60, "d"), (61, 70, "e")]  # b overlaps a and c
     assert step_gaps.idle_gaps(spans) == [(30, "b", "d"), (1, "d", "e")]
+
+
+def test_ws_probe_gives_a_verdict_for_every_variant():
+    """benchmarks/scripts/ws_probe.py compiles each variant for sm_90 and says whether Triton
+    warp-specialized it; which verdict depends on the installed Triton (3.6's are in
+    docs/kernels.md), so only their form is checked. Fresh process, as above."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks/scripts'); import ws_probe; "
+            "print(json.dumps({name: ws_probe.probe(*v) for name, v in ws_probe.VARIANTS.items()}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    verdicts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(verdicts) == 6
+    assert all(v.startswith(("specialized (", "compiled, not specialized (", "refused (")) for v in verdicts.values()), \
+        verdicts
