@@ -44,17 +44,21 @@ def test_pointers_and_strides_get_the_jit_hints_and_head_count_and_scales_do_not
     assert not hinted & {"H", "qk_scale", "sm_scale", "GROUP", "BLOCK_M", "DIAGONAL"}
 
 
-def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
-    """In a fresh process without TRITON_INTERPRET (the interpreter tests set it in this one, and
-    interpreted kernels cannot be compiled)."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks/scripts'); import kernels_resources as kr; "
-            "print(json.dumps(kr.resources('dq', 'diff_v2', 64, (64, 64, 4, 2), tma=False, arch=90)))")
+def json_of_fresh_process(code):
+    """The JSON that `code` prints last, run with benchmarks/scripts importable in a fresh process
+    without TRITON_INTERPRET (the interpreter tests set it in this one, and interpreted kernels cannot
+    be compiled)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, 'benchmarks/scripts'); " + code],
+                       cwd=root, env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    row = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
+    row = json_of_fresh_process("import kernels_resources as kr; "
+                                "print(json.dumps(kr.resources('dq', 'diff_v2', 64, (64, 64, 4, 2), tma=False, arch=90)))")
     assert 0 < row["regs"] <= 255 and row["stack"] >= 0
     assert row["wgmma"] in ("pipelined", "serialized")
     assert row["HGMMA"] > 0 and row["MUFU.EX2"] > 0
@@ -71,15 +75,9 @@ def test_idle_gaps_count_only_time_when_no_kernel_runs():
 def test_ws_probe_gives_a_verdict_for_every_variant():
     """benchmarks/scripts/ws_probe.py compiles each variant for sm_90 and says whether Triton
     warp-specialized it; which verdict depends on the installed Triton (3.6's are in
-    docs/kernels.md), so only their form is checked. Fresh process, as above."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks/scripts'); import ws_probe; "
-            "print(json.dumps({name: ws_probe.probe(*v) for name, v in ws_probe.VARIANTS.items()}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    verdicts = json.loads(r.stdout.strip().splitlines()[-1])
+    docs/kernels.md), so only their form is checked."""
+    verdicts = json_of_fresh_process("import ws_probe; "
+                                     "print(json.dumps({n: ws_probe.probe(*v) for n, v in ws_probe.VARIANTS.items()}))")
     assert len(verdicts) == 6
     assert all(v.startswith(("specialized (", "compiled, not specialized (", "refused (")) for v in verdicts.values()), \
         verdicts
