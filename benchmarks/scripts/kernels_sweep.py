@@ -7,8 +7,8 @@ For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
 (paired_softmax.OPTIONS). Kernel "fwd_ws" is the forward with OPTIONS["ws"] on (one warp-specialized
-loop), so `--kernels fwd,fwd_ws --default-tiles` is its A/B. Each result is compared with the first option set's defaults (relative
-error), so a wrong tile shows up. Prints one JSON line per candidate, then the fastest candidate per
+loop), so `--kernels fwd,fwd_ws --default-tiles` is its A/B. Each result is compared with the first
+option set's defaults (relative error), so a wrong tile shows up. Prints one JSON line per candidate, then the fastest candidate per
 (variant, d, L, kernel) against the tile that kernel uses now under the first option set.
 """
 import argparse

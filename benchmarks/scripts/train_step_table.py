@@ -41,7 +41,6 @@ import torch
 from benchmarks import _common
 from diffattn.backends.cuda import create
 from diffattn.backends.cuda import train
-from diffattn.backends.cuda.train import StepGraph
 from diffattn.config import preset
 from diffattn.params import init_params
 
@@ -86,7 +85,7 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
     cfg, model, batches, batch_size = step_case(name, variant, seq_len, tokens, micro, compile, graphs,
                                                 device, dtype, kernels)
     if graphs:  # the eager warm-up steps and the recording stay out of the clock
-        warmup = max(warmup, StepGraph.WARMUP + 2)
+        warmup = max(warmup, train.StepGraph.WARMUP + 2)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     reset_peak = torch.cuda.reset_peak_memory_stats if device == "cuda" else (lambda: None)
     if graphs:  # a replay allocates nothing: a graph's peak is its recording's

@@ -164,9 +164,9 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
     col0 = (job % n_slices) * DV
     b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
     if WS:
-        q1 = tl.make_tensor_descriptor(Q + b * sqb + (2 * i) * sqh, shape=[L, D], strides=[sql, 1],
-                                       block_shape=[BLOCK_M, D]).load([diag, 0])
-        q2 = tl.make_tensor_descriptor(Q + b * sqb + (2 * i + 1) * sqh, shape=[L, D], strides=[sql, 1],
+        q1_base = Q + b * sqb + (2 * i) * sqh
+        q1 = tl.make_tensor_descriptor(q1_base, shape=[L, D], strides=[sql, 1], block_shape=[BLOCK_M, D]).load([diag, 0])
+        q2 = tl.make_tensor_descriptor(q1_base + sqh, shape=[L, D], strides=[sql, 1],
                                        block_shape=[BLOCK_M, D]).load([diag, 0])
     else:
         q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
@@ -496,7 +496,8 @@ WS_TILE = (128, 16, 4, 2)  # 4 warps a partition: one producer and two consumer 
 def blocks(kernel, D, DV, dtype, shared_k):
     if INTERPRETED:  # the norm pass walks 2 blocks a program, and the warp-specialized forward's loop 2 key
         # blocks a query block, so their loops are tested
-        return {"norm_delta": (16, 2, 4, 2), "delta": (16, 1, 4, 1), "fwd_ws": (16, 8, 4, 1)}.get(kernel, (16, 16, 4, 1))
+        small = {"norm_delta": (16, 2, 4, 2), "delta": (16, 1, 4, 1), "fwd_ws": (16, 8, 4, 1)}
+        return small.get(kernel, (16, 16, 4, 1))
     if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
     if kernel == "fwd_ws":
@@ -577,7 +578,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
     slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
     tma = _use_tma(k, v)
-    ws = OPTIONS["ws"] and slices == 1 and tma and _use_tma(q)
+    ws = OPTIONS["ws"] and slices == 1 and tma and tma_aligned(q)  # tma: sm_90+ and the descriptors' allocator
     bm, bn, warps, stages = blocks("fwd_ws" if ws else "fwd", D, DV, q.dtype, shared_k)
     sm_scale = 1.0 / math.sqrt(D)
     fused_norm = norm is not None and slices == 1
