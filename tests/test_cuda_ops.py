@@ -380,25 +380,6 @@ def test_fused_tma_loads_interpreted(monkeypatch, variant):
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_warp_specialized_forward_interpreted(monkeypatch, variant):
-    """The "ws" option's forward (one loop over every key block, each masked, Q through descriptors)
-    gives the oracle's result; L = 37 leaves the last query block partly past L. Whether Triton
-    specializes it is the GPU compiler's business (benchmarks/scripts/ws_probe.py)."""
-    import triton
-    from diffattn.backends.cuda.ops import paired_softmax
-
-    def use_tma(*ts):  # as test_fused_tma_loads_interpreted
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
-        return True
-
-    monkeypatch.setattr(paired_softmax, "_use_tma", use_tma)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "ws", True)
-    assert_close(check(variant, "fused", 2, 37, 2, 2, 16, torch.float32), torch.float32)
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_interpreted_float16(variant):
     # bfloat16 is not tested here: Triton 3.6's interpreter computes bf16 dots wrongly; the GPU tests cover it
     assert_close(check(variant, "fused", 1, 37, 2, 1, 16, torch.float16), torch.float16)
@@ -482,17 +463,6 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 def test_fused_gpu(variant, shape, dtype):
     """Float32 runs every dot in IEEE precision (never tf32), so it must meet 1e-5."""
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
-
-
-@gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_warp_specialized_forward_gpu(monkeypatch, variant):
-    """The "ws" option's forward as the GPU compiles it (warp-specialized on sm_90), bf16 at d 64."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "ws", True)
-    assert_close(check(variant, "fused", 2, 300, 4, 2, 64, torch.bfloat16, device="cuda"), torch.bfloat16)
 
 
 @gpu

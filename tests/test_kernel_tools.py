@@ -71,13 +71,3 @@ def test_idle_gaps_count_only_time_when_no_kernel_runs():
     spans = [(0, 10, "a"), (5, 20, "b"), (8, 12, "c"), (50, 60, "d"), (61, 70, "e")]  # b overlaps a and c
     assert step_gaps.idle_gaps(spans) == [(30, "b", "d"), (1, "d", "e")]
 
-
-def test_ws_probe_gives_a_verdict_for_every_variant():
-    """benchmarks/scripts/ws_probe.py compiles each variant for sm_90 and says whether Triton
-    warp-specialized it; which verdict depends on the installed Triton (3.6's are in
-    docs/kernels.md), so only their form is checked."""
-    verdicts = json_of_fresh_process("import ws_probe; "
-                                     "print(json.dumps({n: ws_probe.probe(*v) for n, v in ws_probe.VARIANTS.items()}))")
-    assert len(verdicts) == 6
-    assert all(v.startswith(("specialized (", "compiled, not specialized (", "refused (")) for v in verdicts.values()), \
-        verdicts

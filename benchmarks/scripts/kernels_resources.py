@@ -127,8 +127,6 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["SCALAR_LAM"] = v1  # V1's lambda is one scalar
     if "NORM" in fn.arg_names:  # the model's V1 normalizes (subln): the forward where rows are whole, and
         consts["NORM"] = v1 and slices == 1  # the deltas' pass always
-    if "WS" in fn.arg_names:  # the forward's A/B option (--constexprs WS=1 with --tiles fwd:128,16,4,2)
-        consts["WS"] = False
     if "GRADS_LIKE_INPUTS" in fn.arg_names:  # the tables' and the model's inputs are contiguous
         consts["GRADS_LIKE_INPUTS"] = True
     if "DIAGONAL" in fn.arg_names:

@@ -6,9 +6,8 @@ paired_softmax.TUNED / OPTIONS).
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
-(paired_softmax.OPTIONS). Kernel "fwd_ws" is the forward with OPTIONS["ws"] on (one warp-specialized
-loop), so `--kernels fwd,fwd_ws --default-tiles` is its A/B. Each result is compared with the first
-option set's defaults (relative error), so a wrong tile shows up. Prints one JSON line per candidate, then the fastest candidate per
+(paired_softmax.OPTIONS). Each result is compared with the first option set's defaults (relative
+error), so a wrong tile shows up. Prints one JSON line per candidate, then the fastest candidate per
 (variant, d, L, kernel) against the tile that kernel uses now under the first option set.
 """
 import argparse
@@ -31,8 +30,6 @@ CANDIDATES = {
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
            (64, 64, 8, 3)],
-    # the warp-specialized forward (OPTIONS["ws"]): warps are a partition's, BLOCK_M 128 feeds two consumers
-    "fwd_ws": [(128, 16, 4, 2), (128, 16, 4, 3), (128, 32, 4, 2), (128, 64, 4, 2)],
 }
 DEFAULT_OPTIONS = dict(ps.OPTIONS)
 SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
@@ -88,10 +85,9 @@ def main():
             ps.OVERRIDES.clear()
             ps.OVERRIDES[(kernel, d, DV, 2)] = cfg
             ps.OPTIONS.update(opts)
-            ps.OPTIONS["ws"] = kernel == "fwd_ws"  # the warp-specialized forward, timed as a kernel of its own
             row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg, options=opts)
             try:
-                if kernel.startswith("fwd"):
+                if kernel == "fwd":
                     o = ps.forward(q, k, v, lam, ks, shared)[0]
                     row["err"] = rel(o, out.float())
                     row["ms"] = do_bench(lambda: ps.forward(q, k, v, lam, ks, shared), return_mode="median")

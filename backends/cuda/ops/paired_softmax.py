@@ -148,14 +148,11 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
                          L, H, GROUP, qk_scale, eps,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                         TMA: tl.constexpr, NORM: tl.constexpr, WS: tl.constexpr):
+                         TMA: tl.constexpr, NORM: tl.constexpr):
     """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
     when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
     (query block, column slice), backwards; each slice recomputes both maps' scores.
-    NORM (whole rows only): also Y = RMSNorm(out) * W, DIFF V1's subln, from the rounded output.
-    WS (with TMA, an A/B option): the key blocks in one loop that Triton's Hopper pass warp-specializes
-    (a producer and two consumer warpgroups); it takes only one loop, with Q in shared memory
-    (benchmarks/scripts/ws_probe.py), so Q comes through descriptors and every block is masked."""
+    NORM (whole rows only): also Y = RMSNorm(out) * W, DIFF V1's subln, from the rounded output."""
     # Inductor passes Python floats as fp64; Triton's JIT as fp32
     qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
     n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
@@ -163,13 +160,7 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
     pid_m = job // n_slices
     col0 = (job % n_slices) * DV
     b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
-    if WS:
-        q1_base = Q + b * sqb + (2 * i) * sqh
-        q1 = tl.make_tensor_descriptor(q1_base, shape=[L, D], strides=[sql, 1], block_shape=[BLOCK_M, D]).load([diag, 0])
-        q2 = tl.make_tensor_descriptor(q1_base + sqh, shape=[L, D], strides=[sql, 1],
-                                       block_shape=[BLOCK_M, D]).load([diag, 0])
-    else:
-        q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
+    q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     k1_base = K + b * skb + (g * K_STEP) * skh
     k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh + col0, skl, svl, L, D, DV,
                                         SHARED_K, BLOCK_N, TMA)
@@ -180,20 +171,14 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
     l2 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, DV], tl.float32)
     acc2 = tl.zeros([BLOCK_M, DV], tl.float32)
-    if WS:
-        for start_n in tl.range(0, tl.minimum(diag + BLOCK_M, L), BLOCK_N, warp_specialize=True):
-            m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
-                                                   skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                                   BLOCK_N, True, PREC, TMA)
-    else:
-        for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
-            m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
-                                                   skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                                   BLOCK_N, False, PREC, TMA)
-        for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):  # the diagonal, masked
-            m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
-                                                   skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
-                                                   BLOCK_N, True, PREC, TMA)
+    for start_n in range(0, diag, BLOCK_N):  # fully visible blocks
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
+                                               skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
+                                               BLOCK_N, False, PREC, TMA)
+    for start_n in range(diag, tl.minimum(diag + BLOCK_M, L), BLOCK_N):  # the diagonal, masked
+        m1, l1, acc1, m2, l2, acc2 = _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src,
+                                               skl, svl, start_n, offs_m, L, qk_scale, D, DV, SHARED_K,
+                                               BLOCK_N, True, PREC, TMA)
 
     lam = tl.load(LAM + b * slb + offs_m * sll + i * slh, mask=row_ok, other=0.0).to(tl.float32)
     o1 = acc1 / l1[:, None]
@@ -487,21 +472,14 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-# "ws": the forward as one warp-specialized loop (kernel docstring), at WS_TILE; an A/B option, off
-# until timed: it compiles for sm_90 spill-free at V2 d64 and (128, 16) (docs/kernels.md, probe)
-OPTIONS = {"tma": True, "diagonal": None, "ws": False}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
-WS_TILE = (128, 16, 4, 2)  # 4 warps a partition: one producer and two consumer warpgroups of 64 rows
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
-    if INTERPRETED:  # the norm pass walks 2 blocks a program, and the warp-specialized forward's loop 2 key
-        # blocks a query block, so their loops are tested
-        small = {"norm_delta": (16, 2, 4, 2), "delta": (16, 1, 4, 1), "fwd_ws": (16, 8, 4, 1)}
-        return small.get(kernel, (16, 16, 4, 1))
+    if INTERPRETED:  # the norm pass walks 2 blocks a program, so the loop is tested
+        return (16, 2, 4, 2) if kernel == "norm_delta" else (16, 1, 4, 1) if kernel == "delta" else (16, 16, 4, 1)
     if (kernel, D, DV, dtype.itemsize) in OVERRIDES:
         return OVERRIDES[(kernel, D, DV, dtype.itemsize)]
-    if kernel == "fwd_ws":
-        return WS_TILE
     # the deltas' passes: (rows per block, blocks per program, warps, load stages)
     if kernel == "delta":
         return 64, 1, 4, 1
@@ -576,10 +554,8 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     out = torch.empty(B, L, H, DV, dtype=q.dtype, device=q.device)
     o2 = torch.empty_like(out)
     lse = torch.empty(B, H, 2, L, dtype=torch.float32, device=q.device)
+    bm, bn, warps, stages = blocks("fwd", D, DV, q.dtype, shared_k)
     slices = FWD_SLICES.get((D, DV, q.dtype.itemsize), 1)
-    tma = _use_tma(k, v)
-    ws = OPTIONS["ws"] and slices == 1 and tma and tma_aligned(q)  # tma: sm_90+ and the descriptors' allocator
-    bm, bn, warps, stages = blocks("fwd_ws" if ws else "fwd", D, DV, q.dtype, shared_k)
     sm_scale = 1.0 / math.sqrt(D)
     fused_norm = norm is not None and slices == 1
     y = torch.empty_like(out) if fused_norm else out
@@ -587,7 +563,7 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     wrap_triton(paired_attention_fwd)[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, y, weight, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
         L, H, H // G, sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=tma, NORM=fused_norm, WS=ws, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm, num_warps=warps,
         num_stages=stages)
     if norm is None:
         return out, o2, lse
