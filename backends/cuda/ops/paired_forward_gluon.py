@@ -9,7 +9,7 @@ Same contract as paired_softmax.paired_attention_fwd without NORM: out, o2, lse 
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 
 @gluon.jit
@@ -38,34 +38,44 @@ def _softmax(s, m, l, qk_scale, offs_m, start_n, BLOCK: gl.constexpr, S_LAYOUT: 
 
 
 @gluon.jit
-def _step(q1_s, q2_s, k1_s, k2_s, v_s, bars, k1_desc, k2_desc, v_desc, p1, p2, m1, l1, m2, l2, acc1, acc2, block, n,
+def _store_p(p_s, p1, p2, block):
+    """P of `block` into its half of the double buffer, made visible to the MMAs (async proxy) of
+    every warp: P V reads it from shared memory. Writing it before waiting for the previous P V is
+    what keeps ptxas from moving that wait above the softmax (docs/kernels.md, try gluon)."""
+    buf = (block % 2) * 2
+    p_s.index(buf).store(p1.to(gl.bfloat16))
+    p_s.index(buf + 1).store(p2.to(gl.bfloat16))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _step(q1_s, q2_s, k1_s, k2_s, v_s, p_s, bars, k1_desc, k2_desc, v_desc, m1, l1, m2, l2, acc1, acc2, block, n,
           offs_m, qk_scale, BLOCK: gl.constexpr, STAGES: gl.constexpr, SHARED_K: gl.constexpr,
-          S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, MASK: gl.constexpr):
-    """Scores of `block`, P V of the block before it (p1, p2), then the softmax of `block`."""
+          S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, MASK: gl.constexpr):
+    """Scores of `block`, P V of the block before it, then the softmax of `block` while P V runs."""
     slot = block % STAGES
     prev = (block - 1) % STAGES
+    prev_p = ((block - 1) % 2) * 2
     mbarrier.wait(bars.index(slot), (block // STAGES) & 1)
     zero = gl.zeros([BLOCK, BLOCK], gl.float32, layout=S_LAYOUT)
     s1 = warpgroup_mma(q1_s, k1_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
     s2 = warpgroup_mma(q2_s, k2_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-    acc1 = warpgroup_mma(p1, v_s.index(prev), acc1, is_async=True)
-    acc2 = warpgroup_mma(p2, v_s.index(prev), acc2, is_async=True)
-    s1 = warpgroup_mma_wait(3, deps=(s1, ))
+    acc1 = warpgroup_mma(p_s.index(prev_p), v_s.index(prev), acc1, is_async=True)
+    acc2 = warpgroup_mma(p_s.index(prev_p + 1), v_s.index(prev), acc2, is_async=True)
+    s1 = warpgroup_mma_wait(3, deps=(s1, ))  # groups retire in order: the scores first
     s2 = warpgroup_mma_wait(2, deps=(s2, ))
-    p1_new, alpha1, m1, l1 = _softmax(s1, m1, l1, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
-    p2_new, alpha2, m2, l2 = _softmax(s2, m2, l2, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
-    # p1, p2 are the in-flight MMAs' register operands: passed through the waits they stay live until
-    # then, so ptxas does not give their registers to the softmax (which would move the waits above it)
-    acc1, p1 = warpgroup_mma_wait(1, deps=(acc1, p1))
-    acc2, p2 = warpgroup_mma_wait(0, deps=(acc2, p2))
+    p1, alpha1, m1, l1 = _softmax(s1, m1, l1, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
+    p2, alpha2, m2, l2 = _softmax(s2, m2, l2, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
+    _store_p(p_s, p1, p2, block)
+    acc1 = warpgroup_mma_wait(1, deps=(acc1, ))
+    acc2 = warpgroup_mma_wait(0, deps=(acc2, ))
     if block + STAGES - 1 < n:  # the previous block's buffers are free: fetch the block STAGES - 1 ahead
         _issue_kv(k1_desc, k2_desc, v_desc, bars, k1_s, k2_s, v_s, block + STAGES - 1, BLOCK, STAGES, SHARED_K)
     row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     acc1 = acc1 * gl.convert_layout(alpha1, row_o)[:, None]
     acc2 = acc2 * gl.convert_layout(alpha2, row_o)[:, None]
-    p1 = gl.convert_layout(p1_new.to(gl.bfloat16), P_LAYOUT)
-    p2 = gl.convert_layout(p2_new.to(gl.bfloat16), P_LAYOUT)
-    return p1, p2, m1, l1, m2, l2, acc1, acc2
+    return m1, l1, m2, l2, acc1, acc2
 
 
 @gluon.jit
@@ -74,8 +84,8 @@ def paired_attention_fwd_gluon(Q, K, V, LAM, OUT, O2, LSE,
                                L, H, GROUP, qk_scale,
                                D: gl.constexpr, DV: gl.constexpr, K_STEP: gl.constexpr, SHARED_K: gl.constexpr,
                                BLOCK: gl.constexpr, STAGES: gl.constexpr, QK_SMEM: gl.constexpr,
-                               V_SMEM: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-                               P_LAYOUT: gl.constexpr):
+                               V_SMEM: gl.constexpr, P_SMEM: gl.constexpr, S_LAYOUT: gl.constexpr,
+                               O_LAYOUT: gl.constexpr):
     pid_m = gl.num_programs(1) - 1 - gl.program_id(1)  # the longest rows first
     bh = gl.program_id(0)
     b = (bh // H).to(gl.int64)
@@ -100,6 +110,7 @@ def paired_attention_fwd_gluon(Q, K, V, LAM, OUT, O2, LSE,
     else:
         k2_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK, D], QK_SMEM)
     v_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK, DV], V_SMEM)
+    p_s = gl.allocate_shared_memory(gl.bfloat16, [4, BLOCK, BLOCK], P_SMEM)  # (block parity, map)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -130,22 +141,22 @@ def paired_attention_fwd_gluon(Q, K, V, LAM, OUT, O2, LSE,
     s2 = warpgroup_mma(q2_s, k2_s.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
     s1 = warpgroup_mma_wait(1, deps=(s1, ))
     s2 = warpgroup_mma_wait(0, deps=(s2, ))
-    p1_f, alpha1, m1, l1 = _softmax(s1, m1, l1, qk_scale, offs_m, 0, BLOCK, S_LAYOUT, True)
-    p2_f, alpha2, m2, l2 = _softmax(s2, m2, l2, qk_scale, offs_m, 0, BLOCK, S_LAYOUT, True)
-    p1 = gl.convert_layout(p1_f.to(gl.bfloat16), P_LAYOUT)
-    p2 = gl.convert_layout(p2_f.to(gl.bfloat16), P_LAYOUT)
+    p1, alpha1, m1, l1 = _softmax(s1, m1, l1, qk_scale, offs_m, 0, BLOCK, S_LAYOUT, True)
+    p2, alpha2, m2, l2 = _softmax(s2, m2, l2, qk_scale, offs_m, 0, BLOCK, S_LAYOUT, True)
+    _store_p(p_s, p1, p2, 0)
 
     for block in range(1, n - 1):  # fully visible blocks
-        p1, p2, m1, l1, m2, l2, acc1, acc2 = _step(q1_s, q2_s, k1_s, k2_s, v_s, bars, k1_desc, k2_desc, v_desc, p1, p2,
-                                                   m1, l1, m2, l2, acc1, acc2, block, n, offs_m, qk_scale, BLOCK,
-                                                   STAGES, SHARED_K, S_LAYOUT, O_LAYOUT, P_LAYOUT, False)
+        m1, l1, m2, l2, acc1, acc2 = _step(q1_s, q2_s, k1_s, k2_s, v_s, p_s, bars, k1_desc, k2_desc, v_desc, m1, l1, m2,
+                                           l2, acc1, acc2, block, n, offs_m, qk_scale, BLOCK, STAGES, SHARED_K,
+                                           S_LAYOUT, O_LAYOUT, False)
     for block in range(n - 1 + (n == 1).to(gl.int32), n):  # the diagonal block, when it is not block 0
-        p1, p2, m1, l1, m2, l2, acc1, acc2 = _step(q1_s, q2_s, k1_s, k2_s, v_s, bars, k1_desc, k2_desc, v_desc, p1, p2,
-                                                   m1, l1, m2, l2, acc1, acc2, block, n, offs_m, qk_scale, BLOCK,
-                                                   STAGES, SHARED_K, S_LAYOUT, O_LAYOUT, P_LAYOUT, True)
+        m1, l1, m2, l2, acc1, acc2 = _step(q1_s, q2_s, k1_s, k2_s, v_s, p_s, bars, k1_desc, k2_desc, v_desc, m1, l1, m2,
+                                           l2, acc1, acc2, block, n, offs_m, qk_scale, BLOCK, STAGES, SHARED_K,
+                                           S_LAYOUT, O_LAYOUT, True)
     last = (n - 1) % STAGES
-    acc1 = warpgroup_mma(p1, v_s.index(last), acc1, is_async=True)
-    acc2 = warpgroup_mma(p2, v_s.index(last), acc2, is_async=True)
+    last_p = ((n - 1) % 2) * 2
+    acc1 = warpgroup_mma(p_s.index(last_p), v_s.index(last), acc1, is_async=True)
+    acc2 = warpgroup_mma(p_s.index(last_p + 1), v_s.index(last), acc2, is_async=True)
     acc1 = warpgroup_mma_wait(1, deps=(acc1, ))
     acc2 = warpgroup_mma_wait(0, deps=(acc2, ))
     for s in gl.static_range(STAGES):
@@ -167,14 +178,14 @@ def paired_attention_fwd_gluon(Q, K, V, LAM, OUT, O2, LSE,
 
 
 def layouts(D, DV, block):
-    """The constexpr layouts of one warpgroup's tiles: shared (TMA / wgmma operands), the scores'
-    and outputs' MMA accumulators, and P as the A operand from registers."""
+    """The constexpr layouts of one warpgroup's tiles: shared (TMA / wgmma operands, P), and the
+    scores' and outputs' MMA accumulators."""
     s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block, 16])
     o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DV, 16])
     return dict(QK_SMEM=gl.NVMMASharedLayout.get_default_for([block, D], gl.bfloat16),
                 V_SMEM=gl.NVMMASharedLayout.get_default_for([block, DV], gl.bfloat16),
-                S_LAYOUT=s_layout, O_LAYOUT=o_layout,
-                P_LAYOUT=gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+                P_SMEM=gl.NVMMASharedLayout.get_default_for([block, block], gl.bfloat16),
+                S_LAYOUT=s_layout, O_LAYOUT=o_layout)
 
 
 def forward(q, k, v, lam_rows, k_step, shared_k, block=64, stages=2):
