@@ -34,6 +34,18 @@ def test_main_loop_is_the_shortest_innermost_loop_with_the_most_mma_work():
     assert kr.main_loop(sass(["FFMA R1, R2, R3, R4", "BRA 0x0", "EXIT"])) == "-"  # loops without MMAs
 
 
+def test_exponentials_under_mma_count_only_those_issued_while_a_group_is_in_flight():
+    body = ["WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8", "MUFU.EX2 R1, R1",  # group 1 opens
+            "HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8, gsb0",  # and is committed
+            "WARPGROUP.ARRIVE", "HGMMA.64x128x16.F32.BF16 R40, R9, gdesc[UR8], R40, gsb0",  # group 2
+            "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R2, R2",  # group 2 still in flight: counts
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R3, R3"]  # nothing in flight: does not
+    assert kr.exps_under_mma(sass(["MOV R0, RZ", *body, "BRA 0x10", "EXIT"])) == "2 / 3"
+    hoisted = body[:6] + ["WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R2, R2", "MUFU.EX2 R3, R3"]  # waits first
+    assert kr.exps_under_mma(sass(["MOV R0, RZ", *hoisted, "BRA 0x10", "EXIT"])) == "1 / 3"
+    assert kr.exps_under_mma(sass(["MUFU.EX2 R1, R1", "BRA 0x0", "EXIT"])) == "-"
+
+
 def test_pointers_and_strides_get_the_jit_hints_and_head_count_and_scales_do_not():
     fn, pointers = kr.KERNELS["dkdv"]
     consts = dict(D=64, DV=128, K_STEP=2, SHARED_K=False, BLOCK_M=32, BLOCK_N=128, PREC="tf32",
@@ -61,6 +73,8 @@ def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
                                 "print(json.dumps(kr.resources('dq', 'diff_v2', 64, (64, 64, 4, 2), tma=False, arch=90)))")
     assert 0 < row["regs"] <= 255 and row["stack"] >= 0
     assert row["wgmma"] in ("pipelined", "serialized")
+    under, total = map(int, row["ex2_under_mma"].split(" / "))
+    assert 0 <= under <= total and total > 0
     assert row["HGMMA"] > 0 and row["MUFU.EX2"] > 0
     n, work = row["loop"].split(" / ")
     assert int(n) > 0 and work.endswith("k") and int(work[:-1]) > 0

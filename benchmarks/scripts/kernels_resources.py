@@ -9,7 +9,8 @@ For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the
 uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
 registers per thread, the stack frame (spilled registers live there), whether ptxas serialized the
 warpgroup MMAs (its advisory C7515: each wgmma then waits for the one before), the main loop's
-instructions per warp against its multiply-adds per warpgroup, and static SASS counts (prologue,
+instructions per warp against its multiply-adds per warpgroup, how many of its exponentials issue
+while an MMA group is in flight (where ptxas put the waits), and static SASS counts (prologue,
 loops and epilogue together) of HGMMA, spill traffic (LDL / STL), exponentials (MUFU.EX2), bulk
 tensor copies (UTMALDG), FP32, integer and shared-memory instructions.
 The compile mimics a launch at the tables' shapes: the JIT's divisibility hints on pointers and
@@ -80,11 +81,9 @@ def wgmma_verdict(advice):
     return "serialized" if "C7515" in advice else "pipelined"
 
 
-def main_loop(sass):
-    """'instructions / MMA work' of one main-loop iteration: of the innermost loops (a backward branch
-    and its target, no loop inside) with the most warpgroup MMAs, the shortest (the unmasked one).
-    Instructions are per warp; MMA work is the iteration's multiply-adds per warpgroup (an
-    HGMMA.64xNx16 does 64 N 16), in thousands. Their ratio is the issue work each MMA carries."""
+def _main_loop_body(sass):
+    """The main loop's instructions: of the innermost loops (a backward branch and its target, no
+    loop inside) with the most warpgroup MMAs, the shortest (the unmasked one); None without one."""
     ins = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     where = {a: i for i, (a, _) in enumerate(ins)}
     loops = []
@@ -97,11 +96,43 @@ def main_loop(sass):
     for s, e in inner:
         macs = sum(64 * int(n) * 16 for n in re.findall(r"HGMMA\.64x(\d+)x16", " ".join(t for _, t in ins[s:e + 1])))
         if macs:
-            rows.append((macs, -(e - s + 1)))
+            rows.append((macs, -(e - s + 1), s))
     if not rows:
+        return None
+    macs, minus_n, s = max(rows)
+    return macs, [t for _, t in ins[s:s - minus_n]]
+
+
+def main_loop(sass):
+    """'instructions / MMA work' of one main-loop iteration. Instructions are per warp; MMA work is
+    the iteration's multiply-adds per warpgroup (an HGMMA.64xNx16 does 64 N 16), in thousands.
+    Their ratio is the issue work each MMA carries."""
+    found = _main_loop_body(sass)
+    return "-" if found is None else f"{len(found[1])} / {found[0] // 1024}k"
+
+
+def exps_under_mma(sass):
+    """'k / n': of the main loop's n exponentials (MUFU.EX2), the k issued while a warpgroup MMA
+    group is in flight (from its first HGMMA until the WARPGROUP.DEPBAR that retires it; the loop is
+    walked twice so groups left in flight at the back edge count). Only such exponentials can run
+    under the tensor cores within one warpgroup; ptxas decides where the waits go."""
+    found = _main_loop_body(sass)
+    if found is None:
         return "-"
-    macs, minus_n = max(rows)
-    return f"{-minus_n} / {macs // 1024}k"
+    body, opened, in_flight, under, total = found[1], False, 0, 0, 0
+    for lap in range(2):
+        for text in body:
+            if text.startswith("HGMMA"):
+                if not opened:
+                    in_flight, opened = in_flight + 1, True
+                if "gsb0" in text:
+                    opened = False
+            elif text.startswith("WARPGROUP.DEPBAR.LE"):
+                in_flight = min(in_flight, int(text.split(",")[-1], 16))
+            elif "MUFU.EX2" in text and lap == 1:
+                total += 1
+                under += in_flight > 0
+    return f"{under} / {total}"
 
 
 def jit_divisibility(fn, sig):
@@ -152,6 +183,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     row = dict(regs=int(m.group(1)), stack=int(m.group(2)), wgmma=wgmma_verdict(advice) if "HGMMA" in sass else "-")
     row["loop"] = main_loop(sass)
+    row["ex2_under_mma"] = exps_under_mma(sass)
     row.update({op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass)) for op in SASS_OPS})
     return row
 
@@ -167,7 +199,8 @@ def main():
     options = {k: int(v) if v.isdigit() else v for k, v in (item.split("=") for item in a.constexprs.split(",") if item)}
     extra = [(t.split(":")[0], tuple(int(x) for x in t.split(":")[1].split(","))) for t in a.tiles]
     columns = ["kernel", "variant", "d", "tile (BM, BN, warps, stages)", "loads", "regs", "stack B", "wgmma",
-               "main loop: instr / k MACs", *SASS_OPS]
+               "main loop: instr / k MACs",
+               "main loop: EX2 under MMA", *SASS_OPS]
     lines = [f"triton {triton.__version__}, target sm_{a.arch}, bf16 inputs; commands: "
              f"`PYTHONPATH=. python benchmarks/scripts/kernels_resources.py {' '.join(sys.argv[1:])}`", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -183,9 +216,10 @@ def main():
                     for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):
                         try:
                             r = resources(kernel, variant, d, tile, tma, a.arch, options)
-                            cells = [r["regs"], r["stack"], r["wgmma"], r["loop"], *(r[op] for op in SASS_OPS)]
+                            cells = [r["regs"], r["stack"], r["wgmma"], r["loop"], r["ex2_under_mma"],
+                                     *(r[op] for op in SASS_OPS)]
                         except Exception as e:  # a tile that does not compile (shared memory, layout)
-                            cells = [f"does not compile: {type(e).__name__}"] + [""] * (len(SASS_OPS) + 2)
+                            cells = [f"does not compile: {type(e).__name__}"] + [""] * (len(SASS_OPS) + 3)
                         line = "| " + " | ".join(map(str, [kernel, variant, d, tile, "tma" if tma else "pointers",
                                                             *cells])) + " |"
                         lines.append(line)
