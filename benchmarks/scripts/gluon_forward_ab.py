@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--lengths", default="2048,8192,16384")
     ap.add_argument("--shapes", default="diff_v2:64,diff_v1:64")
     ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--pingpong", default="0,1")
     a = ap.parse_args()
     warm_gpu()
     shapes = [(s.split(":")[0], int(s.split(":")[1])) for s in a.shapes.split(",")]
@@ -46,9 +47,9 @@ def main():
             q, k, v, lam, (ks, shared) = inputs(variant, d, 3, L, 4)
             ps._use_tma(k, v)  # sets Triton's allocator for in-kernel descriptors
             want = ps.forward(q, k, v, lam, ks, shared)
-            for st in map(int, a.stages.split(",")):
-                got = pg.forward(q, k, v, lam, ks, shared, stages=st)
-                print(f"| {variant} | {d} | {L} | gluon s{st} | - | - | " + " | ".join(
+            for st, pp in ((st, pp) for st in map(int, a.stages.split(",")) for pp in map(int, a.pingpong.split(","))):
+                got = pg.forward(q, k, v, lam, ks, shared, stages=st, pingpong=bool(pp))
+                print(f"| {variant} | {d} | {L} | gluon s{st} pp{pp} | - | - | " + " | ".join(
                     f"{rel(x, y):.1e}" for x, y in zip(got, want)) + " |", flush=True)
         for L in map(int, a.lengths.split(",")):
             B, H = max(1, 16384 // L), 16
@@ -57,8 +58,9 @@ def main():
             flops = B * H * (6 if variant == "diff_v1" else 4) * L * L * d
             want = ps.forward(q, k, v, lam, ks, shared)
             codes = [("triton", lambda: ps.forward(q, k, v, lam, ks, shared))]
-            codes += [(f"gluon s{st}", lambda st=st: pg.forward(q, k, v, lam, ks, shared, stages=st))
-                      for st in map(int, a.stages.split(","))]
+            codes += [(f"gluon s{st} pp{pp}", lambda st=st, pp=pp: pg.forward(q, k, v, lam, ks, shared, stages=st,
+                                                                                pingpong=bool(pp)))
+                      for st in map(int, a.stages.split(",")) for pp in map(int, a.pingpong.split(","))]
             for rnd in range(2):
                 for name, fn in codes:
                     errs = " | ".join(f"{rel(x, y):.1e}" for x, y in zip(fn(), want))

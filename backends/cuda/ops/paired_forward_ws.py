@@ -16,9 +16,10 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 @gluon.jit
 def _producer(bufs, bars, descs, scalars, WG: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              SHARED_K: gl.constexpr, DV: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+              SHARED_K: gl.constexpr, DV: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+              PINGPONG: gl.constexpr):
     q_s, k1_s, k2_s, v_s = bufs
-    q_bar, ready, empty = bars
+    q_bar, ready, empty, turns = bars
     q1_desc, q2_desc, k1_desc, k2_desc, v_desc = descs
     start_m, n, L, H, b, i, OUT, O2, LSE, LAM, slb, sll, slh, sob, sol, soh, qk_scale = scalars
     mbarrier.expect(q_bar, 4 * q1_desc.block_type.nbytes)
@@ -50,39 +51,74 @@ def _softmax(s, m, l, qk_scale, offs_m, start_n, BLOCK: gl.constexpr, S_LAYOUT: 
 
 
 @gluon.jit
-def _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, block, m1, l1, m2, l2, acc1, acc2, offs_m, qk_scale,
-             BLOCK: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
-             MASK: gl.constexpr):
-    slot = block % STAGES
-    mbarrier.wait(ready.index(slot), (block // STAGES) & 1)
+def _scores(q1, q2, k1_s, k2_s, slot, BLOCK: gl.constexpr, S_LAYOUT: gl.constexpr):
     zero = gl.zeros([BLOCK, BLOCK], gl.float32, layout=S_LAYOUT)
     s1 = warpgroup_mma(q1, k1_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
     s2 = warpgroup_mma(q2, k2_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True)
-    s1 = warpgroup_mma_wait(1, deps=(s1, ))
-    s2 = warpgroup_mma_wait(0, deps=(s2, ))
+    return s1, s2
+
+
+@gluon.jit
+def _take_turn(turns, WG: gl.constexpr, k, PINGPONG: gl.constexpr):
+    """Before this warpgroup's k-th MMA issue: wait until the other one has issued its (k-1)-th
+    (warpgroup 0 goes first), so the two alternate on the tensor cores and each one's softmax runs
+    under the other's MMAs (FA3's ping-pong)."""
+    if PINGPONG:
+        if WG == 0:
+            mbarrier.wait(turns.index(0), (k & 1) ^ 1)
+        else:
+            mbarrier.wait(turns.index(1), k & 1)
+
+
+@gluon.jit
+def _pass_turn(turns, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, turns, block, n_mine, s1, s2, m1, l1, m2, l2, acc1, acc2,
+             offs_m, qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
+             S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, MASK: gl.constexpr, PINGPONG: gl.constexpr):
+    """Softmax of `block` (its scores s1, s2 are done), then in one turn its P V and, unless it is
+    the diagonal (MASK, the last), the next block's scores; the block's buffers are released once
+    its P V is done."""
+    slot = block % STAGES
     p1, alpha1, m1, l1 = _softmax(s1, m1, l1, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
     p2, alpha2, m2, l2 = _softmax(s2, m2, l2, qk_scale, offs_m, block * BLOCK, BLOCK, S_LAYOUT, MASK)
     row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
     acc1 = acc1 * gl.convert_layout(alpha1, row_o)[:, None]
     acc2 = acc2 * gl.convert_layout(alpha2, row_o)[:, None]
-    acc1 = warpgroup_mma(gl.convert_layout(p1.to(gl.bfloat16), p_layout), v_s.index(slot), acc1, is_async=True)
-    acc2 = warpgroup_mma(gl.convert_layout(p2.to(gl.bfloat16), p_layout), v_s.index(slot), acc2, is_async=True)
-    acc1 = warpgroup_mma_wait(1, deps=(acc1, ))
-    acc2 = warpgroup_mma_wait(0, deps=(acc2, ))
+    p1 = gl.convert_layout(p1.to(gl.bfloat16), p_layout)
+    p2 = gl.convert_layout(p2.to(gl.bfloat16), p_layout)
+    if not MASK:  # every block but the diagonal (the last) has a next one
+        mbarrier.wait(ready.index((block + 1) % STAGES), ((block + 1) // STAGES) & 1)
+    _take_turn(turns, WG, block + 1, PINGPONG)
+    acc1 = warpgroup_mma(p1, v_s.index(slot), acc1, is_async=True)
+    acc2 = warpgroup_mma(p2, v_s.index(slot), acc2, is_async=True)
+    if not MASK:
+        s1, s2 = _scores(q1, q2, k1_s, k2_s, (block + 1) % STAGES, BLOCK, S_LAYOUT)
+        _pass_turn(turns, WG, PINGPONG)
+        acc1, acc2, s1, s2 = warpgroup_mma_wait(0, deps=(acc1, acc2, s1, s2))
+    else:
+        _pass_turn(turns, WG, PINGPONG)
+        acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
     mbarrier.arrive(empty.index(slot), count=1)  # this warpgroup is done with the buffers
-    return m1, l1, m2, l2, acc1, acc2
+    return s1, s2, m1, l1, m2, l2, acc1, acc2
 
 
 @gluon.jit
 def _consumer(bufs, bars, descs, scalars, WG: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              SHARED_K: gl.constexpr, DV: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+              SHARED_K: gl.constexpr, DV: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
+              PINGPONG: gl.constexpr):
     """Warpgroup WG's 64 rows: key blocks 0..WG's diagonal (the last one masked)."""
     q_s, k1_s, k2_s, v_s = bufs
-    q_bar, ready, empty = bars
+    q_bar, ready, empty, turns = bars
     start_m, n, L, H, b, i, OUT, O2, LSE, LAM, slb, sll, slh, sob, sol, soh, qk_scale = scalars
     row0 = start_m + WG * BLOCK
     n_mine = gl.minimum(row0 // BLOCK + 1, n)  # rows past L (second warpgroup) stop where the keys do
+    n_other = gl.minimum((start_m + (1 - WG) * BLOCK) // BLOCK + 1, n)
     row_s: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     offs_m = row0 + gl.arange(0, BLOCK, layout=row_s)
     m1 = gl.full([BLOCK], float("-inf"), gl.float32, layout=row_s)
@@ -94,11 +130,22 @@ def _consumer(bufs, bars, descs, scalars, WG: gl.constexpr, BLOCK: gl.constexpr,
     q1 = q_s.index(2 * WG)
     q2 = q_s.index(2 * WG + 1)
     mbarrier.wait(q_bar, 0)
+    mbarrier.wait(ready.index(0), 0)
+    _take_turn(turns, WG, 0, PINGPONG)
+    s1, s2 = _scores(q1, q2, k1_s, k2_s, 0, BLOCK, S_LAYOUT)
+    _pass_turn(turns, WG, PINGPONG)
+    s1, s2 = warpgroup_mma_wait(0, deps=(s1, s2))
     for block in range(n_mine - 1):  # fully visible
-        m1, l1, m2, l2, acc1, acc2 = _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, block, m1, l1, m2, l2, acc1,
-                                              acc2, offs_m, qk_scale, BLOCK, STAGES, S_LAYOUT, O_LAYOUT, False)
-    m1, l1, m2, l2, acc1, acc2 = _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, n_mine - 1, m1, l1, m2, l2, acc1,
-                                          acc2, offs_m, qk_scale, BLOCK, STAGES, S_LAYOUT, O_LAYOUT, True)
+        s1, s2, m1, l1, m2, l2, acc1, acc2 = _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, turns, block, n_mine, s1,
+                                                      s2, m1, l1, m2, l2, acc1, acc2, offs_m, qk_scale, WG, BLOCK,
+                                                      STAGES, S_LAYOUT, O_LAYOUT, False, PINGPONG)
+    s1, s2, m1, l1, m2, l2, acc1, acc2 = _consume(q1, q2, k1_s, k2_s, v_s, ready, empty, turns, n_mine - 1, n_mine,
+                                                  s1, s2, m1, l1, m2, l2, acc1, acc2, offs_m, qk_scale, WG, BLOCK,
+                                                  STAGES, S_LAYOUT, O_LAYOUT, True, PINGPONG)
+    if WG == 0:  # warpgroup 1 takes one turn more (its diagonal block): an empty turn lets it, in
+        if n_other > n_mine:  # order (two passes in a row could skip a phase of the barrier)
+            _take_turn(turns, WG, n_mine + 1, PINGPONG)
+            _pass_turn(turns, WG, PINGPONG)
 
     row_o: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
     offs_mo = row0 + gl.arange(0, BLOCK, layout=row_o)
@@ -120,6 +167,7 @@ def paired_attention_fwd_ws(Q, K, V, LAM, OUT, O2, LSE,
                             L, H, GROUP, qk_scale,
                             D: gl.constexpr, DV: gl.constexpr, K_STEP: gl.constexpr, SHARED_K: gl.constexpr,
                             BLOCK: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            PINGPONG: gl.constexpr,
                             QK_SMEM: gl.constexpr, V_SMEM: gl.constexpr, S_LAYOUT: gl.constexpr,
                             O_LAYOUT: gl.constexpr):
     pid_m = gl.num_programs(1) - 1 - gl.program_id(1)  # the longest rows first
@@ -148,19 +196,22 @@ def paired_attention_fwd_ws(Q, K, V, LAM, OUT, O2, LSE,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turns.index(0), count=1)
+    mbarrier.init(turns.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a buffer
 
     bufs = (q_s, k1_s, k2_s, v_s)
-    bars = (q_bar, ready, empty)
+    bars = (q_bar, ready, empty, turns)
     descs = (q1_desc, q2_desc, k1_desc, k2_desc, v_desc)
     scalars = (start_m, n, L, H, b, i, OUT, O2, LSE, LAM, slb, sll, slh, sob, sol, soh, qk_scale)
     gl.warp_specialize([
-        (_consumer, (bufs, bars, descs, scalars, 0, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT)),
-        (_consumer, (bufs, bars, descs, scalars, 1, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT)),
-        (_producer, (bufs, bars, descs, scalars, 0, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT)),
+        (_consumer, (bufs, bars, descs, scalars, 0, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT, PINGPONG)),
+        (_consumer, (bufs, bars, descs, scalars, 1, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT, PINGPONG)),
+        (_producer, (bufs, bars, descs, scalars, 0, BLOCK, STAGES, SHARED_K, DV, S_LAYOUT, O_LAYOUT, PINGPONG)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -172,7 +223,7 @@ def layouts(D, DV, block):
                 S_LAYOUT=s_layout, O_LAYOUT=o_layout)
 
 
-def forward(q, k, v, lam_rows, k_step, shared_k, block=64, stages=3, maxnreg=168, consumer_regs=240):
+def forward(q, k, v, lam_rows, k_step, shared_k, block=64, stages=3, maxnreg=168, consumer_regs=240, pingpong=True):
     """bf16; the caller checks TMA alignment (paired_softmax.tma_aligned) and sets the allocator."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
@@ -183,5 +234,5 @@ def forward(q, k, v, lam_rows, k_step, shared_k, block=64, stages=3, maxnreg=168
     paired_attention_fwd_ws[(B * H, triton.cdiv(L, 2 * block))](
         q, k, v, lam_rows, out, o2, lse, *strides, *lam_rows.stride(), *out.stride()[:3], L, H, H // G,
         1.4426950408889634 / math.sqrt(D), D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, BLOCK=block, STAGES=stages,
-        CONSUMER_REGS=consumer_regs, **layouts(D, DV, block), num_warps=4, maxnreg=maxnreg)
+        CONSUMER_REGS=consumer_regs, PINGPONG=pingpong, **layouts(D, DV, block), num_warps=4, maxnreg=maxnreg)
     return out, o2, lse
