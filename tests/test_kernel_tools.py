@@ -84,4 +84,3 @@ def test_idle_gaps_count_only_time_when_no_kernel_runs():
     import step_gaps
     spans = [(0, 10, "a"), (5, 20, "b"), (8, 12, "c"), (50, 60, "d"), (61, 70, "e")]  # b overlaps a and c
     assert step_gaps.idle_gaps(spans) == [(30, "b", "d"), (1, "d", "e")]
-
