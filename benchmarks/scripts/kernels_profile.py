@@ -30,13 +30,18 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CONFIGS = [(v, impl) for v in ("diff_v1", "diff_v2") for impl in ("fused", "composed:cudnn")]
 
 
-def launch(variant, impl, L, d):
+def launch(variant, impl, L, d, options):
     """Compile and warm up, then one forward+backward inside the profiler's range (cudaProfilerStart /
-    Stop: ncu runs with --profile-from-start off, so only these kernels are profiled)."""
+    Stop: ncu runs with --profile-from-start off, so only these kernels are profiled). options: the
+    fused kernels' launch options (paired_softmax.OPTIONS), as kernels_sweep.py writes them."""
     import torch
 
     sys.path.insert(0, HERE)
     import kernels_table as table
+    from kernels_sweep import parse_options
+    from diffattn.backends.cuda.ops import paired_softmax
+
+    paired_softmax.OPTIONS.update(parse_options(options) if options else {})
 
     B = max(1, table.TOKENS // L)
     x32, do32 = table.make_inputs(variant, B, L, d, "cuda", seed=L + d)
@@ -46,6 +51,8 @@ def launch(variant, impl, L, d):
     fn = table.impls(variant, "cuda")[impl]
     for _ in range(3):
         fn(**x).backward(do)
+    for t in x.values():  # else the profiled backward adds into .grad: kernels the op does not launch
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     fn(**x).backward(do)
@@ -60,18 +67,20 @@ def _ncu():
     return found if isinstance(found, str) else found[0]
 
 
-def profile(out, L, d, commit):
+def profile(out, L, d, commit, configs, option_sets):
     ncu = _ncu()
     work = os.path.join(out, "ncu")
     os.makedirs(work, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for variant, impl in CONFIGS:
-        name = f"{variant}_{impl.replace('composed:', '')}_L{L}_d{d}"
+    runs = [(v, impl, o) for v, impl in configs for o in (option_sets if impl == "fused" else [""])]
+    for variant, impl, options in runs:
+        tag = "_" + re.sub(r"[^A-Za-z0-9]+", "-", options) if options else ""
+        name = f"{variant}_{impl.replace('composed:', '')}{tag}_L{L}_d{d}"
         rep = os.path.join(work, name)
         cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full",
                "--import-source", "no", "--force-overwrite", "--export", rep,
                sys.executable, os.path.abspath(__file__), "launch", "--variant", variant, "--impl", impl,
-               "--length", str(L), "--dim", str(d)]
+               "--length", str(L), "--dim", str(d), "--options", options]
         print("+", " ".join(cmd), flush=True)
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         with open(rep + "_ncu.log", "w") as f:
@@ -97,21 +106,9 @@ def profile(out, L, d, commit):
 
 # ---- summarize: ncu's CSV pages -> markdown ----
 
-def _read_csv(path):
-    with open(path, newline="") as f:
-        text = f.read()
-    if text.startswith("# ncu rc"):
-        return None
-    # ncu prints its own "==PROF==" lines before the table in some versions
-    start = text.find('"')
-    return list(csv.reader(io.StringIO(text[start:])))
-
-
-def raw_rows(path):
-    """The raw page: one row per profiled kernel, every metric a column (second line: units)."""
-    table = _read_csv(path)
-    header, units, rows = table[0], table[1], table[2:]
-    return [dict(zip(header, r)) for r in rows], dict(zip(header, units))
+def _table(text):
+    rows = list(csv.reader(io.StringIO(text)))
+    return [dict(zip(rows[0], r)) for r in rows[1:] if len(r) == len(rows[0])], rows
 
 
 def _num(s):
@@ -122,65 +119,92 @@ def _num(s):
 
 
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
-COLUMNS = [  # (heading, metric): what the table shows for each kernel
-    ("us", "gpu__time_duration.sum"),
-    ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("tensor %", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"),
-    ("issue %", "sm__inst_issued.avg.pct_of_peak_sustained_active"),
-    ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("warps/SM", "sm__warps_active.avg.per_cycle_active"),
-    ("regs", "launch__registers_per_thread"),
-    ("grid", "launch__grid_size"),
+COLUMNS = [  # (heading, metric, format): what the kernel table shows
+    ("ms", "gpu__time_duration.sum", ".3f"),
+    ("tensor pipe %", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", ".1f"),
+    ("issue %", "smsp__issue_active.avg.pct_of_peak_sustained_active", ".1f"),
+    ("XU (MUFU) %", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active", ".1f"),
+    ("L2 hit %", "lts__t_sector_hit_rate.pct", ".1f"),
+    ("L2 %", "lts__throughput.avg.pct_of_peak_sustained_elapsed", ".1f"),
+    ("DRAM TB/s", "dram__bytes.sum.per_second", ".2f"),
+    ("warps a SM", "sm__warps_active.avg.per_cycle_active", ".1f"),
+    ("regs", "launch__registers_per_thread", ".0f"),
+    ("grid", "launch__grid_size", ".0f"),
 ]
+MIN_MS = 0.05  # kernels shorter than this (fills, casts) are left out of the tables
 
 
-def short(name):
-    name = re.sub(r"\(.*", "", name)
-    return name if len(name) <= 48 else name[:45] + "..."
-
-
-def kernel_table(rows, units):
-    cols = [(h, m) for h, m in COLUMNS if m in units]
-    stalls = sorted({STALL.match(k).group(1) for k in units if STALL.match(k)})
-    lines = ["| kernel | " + " | ".join(h for h, _ in cols) + " | cycles a warp waits per issue, top 4 |",
+def kernel_table(path):
+    """The raw page (one row per kernel, every metric a column, units in the first data row) -> a
+    markdown table of COLUMNS and the top stall reasons, in cycles a warp waits per issued
+    instruction (ncu's 'warp state' ratios)."""
+    rows, table = _table(open(path).read())
+    units, rows = rows[0], rows[1:]
+    scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3}
+    tera = {"byte/s": 1e-12, "Kbyte/s": 1e-9, "Mbyte/s": 1e-6, "Gbyte/s": 1e-3, "Tbyte/s": 1.0}
+    cols = [c for c in COLUMNS if c[1] in units]
+    stalls = [k for k in units if STALL.match(k)]
+    lines = ["| kernel | " + " | ".join(h for h, _, _ in cols) + " | stalls (cycles per issue), top 4 |",
              "|---|" + "---|" * len(cols) + "---|"]
     for r in rows:
+        ms = _num(r["gpu__time_duration.sum"]) * scale[units["gpu__time_duration.sum"]]
+        if ms < MIN_MS:
+            continue
         cells = []
-        for h, m in cols:
-            v = _num(r[m])
-            if m == "gpu__time_duration.sum":
-                v = v / 1e3 if units[m] == "nsecond" else v * (1e3 if units[m] == "msecond" else 1)
-            cells.append(f"{v:.0f}" if h in ("us", "regs", "grid") else f"{v:.1f}")
-        waits = sorted(((_num(r[f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio"]), s)
-                        for s in stalls), reverse=True)[:4]
-        cells.append(", ".join(f"{s} {v:.2f}" for v, s in waits))
+        for _, metric, spec in cols:
+            v = _num(r[metric])
+            v = ms if metric == "gpu__time_duration.sum" else v * tera.get(units[metric], 1.0)
+            cells.append(format(v, spec))
+        waits = sorted(((_num(r[k]), STALL.match(k).group(1)) for k in stalls), reverse=True)[:4]
+        cells.append(", ".join(f"{name} {v:.2f}" for v, name in waits))
         lines.append(f"| {short(r['Kernel Name'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def source_hotspots(path, top=12):
-    """The SASS instructions with the most stall samples, per kernel of a source-page export."""
+def short(name):
+    name = re.sub(r"\(.*", "", name)
+    return name if len(name) <= 44 else name[:41] + "..."
+
+
+def opcode(sass):
+    """'@!P0 BRA 0x...' -> 'BRA'; warpgroup ops keep their suffix (ARRIVE vs DEPBAR)."""
+    m = re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass.strip())
+    if not m:
+        return sass.strip()
+    op = m.group(2)
+    return op if op.startswith("WARPGROUP") else op.split(".")[0]
+
+
+def source_hotspots(path, kernels, top=10):
+    """Per kernel named in `kernels` (source page: one block a kernel, SASS lines with ncu's
+    sampled warp states): where the samples fall, by stall reason, by opcode and by instruction."""
     text = open(path).read()
-    if text.startswith("# ncu rc"):
-        return [text.splitlines()[0]]
-    out = []
-    # one block per kernel: a "Kernel Name" line (or similar) then a CSV table with an Address column
-    for block in re.split(r'\n(?="?Kernel Name)', text):
-        start = block.find('"Address"')
-        if start < 0:
+    out, seen = [], set()
+    for block in re.split(r'\n(?="Kernel Name")', text):
+        head, _, body = block.partition("\n")
+        name = next(csv.reader([head]))[1] if head.startswith('"Kernel Name"') else ""
+        if name not in kernels or name in seen:
             continue
-        title = block[:start].strip().splitlines()[0] if block[:start].strip() else "kernel"
-        table = list(csv.reader(io.StringIO(block[start:])))
-        head, rows = table[0], [r for r in table[1:] if len(r) == len(table[0])]
-        samples = next((c for c in head if c.startswith("Warp Stall Sampling (All")), None)
-        if samples is None:
-            continue
-        i, src = head.index(samples), head.index("Source")
-        total = sum(_num(r[i]) for r in rows) or 1.0
-        hot = sorted(rows, key=lambda r: -_num(r[i]))[:top]
-        out.append(f"{title}: {int(total)} samples")
-        for r in hot:
-            out.append(f"  {100 * _num(r[i]) / total:5.1f}%  {r[head.index('Address')]}  {r[src].strip()}")
+        seen.add(name)
+        rows, table = _table(body)
+        reasons = [c for c in table[0] if c.startswith("stall_") and "(Not Issued)" not in c]
+        total = sum(_num(r["Warp Stall Sampling (All Samples)"]) for r in rows) or 1.0
+        by_reason, by_op = {}, {}
+        for r in rows:
+            op = opcode(r["Source"])
+            by_op[op] = by_op.get(op, 0.0) + _num(r["Warp Stall Sampling (All Samples)"])
+            for c in reasons:
+                by_reason[c[6:]] = by_reason.get(c[6:], 0.0) + _num(r[c])
+        pct = lambda v: f"{100 * v / total:.1f}%"  # noqa: E731
+        out.append(f"{name}: {int(total)} samples over {len(rows)} SASS instructions")
+        out.append("  by stall reason: " + ", ".join(f"{k} {pct(v)}" for k, v in
+                                                    sorted(by_reason.items(), key=lambda kv: -kv[1])[:8]))
+        out.append("  by opcode: " + ", ".join(f"{k} {pct(v)}" for k, v in
+                                              sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
+        for r in sorted(rows, key=lambda r: -_num(r["Warp Stall Sampling (All Samples)"]))[:top]:
+            why = max(reasons, key=lambda c: _num(r[c]))
+            out.append(f"  {pct(_num(r['Warp Stall Sampling (All Samples)'])):>6}  {r['Source'].strip()[:64]:64}"
+                       f"  mostly {why[6:]}")
     return out
 
 
@@ -188,15 +212,16 @@ def summarize(work):
     parts = []
     for raw in sorted(glob.glob(os.path.join(work, "*_raw.csv"))):
         name = os.path.basename(raw)[:-len("_raw.csv")]
-        got = _read_csv(raw)
-        if not got:
+        if open(raw).read(8).startswith("# ncu rc"):
             parts.append(f"## {name}\n\nno raw page: {open(raw).read()[:300]}")
             continue
-        rows, units = raw_rows(raw)
-        parts.append(f"## {name}\n\n{kernel_table(rows, units)}")
+        parts.append(f"## {name}\n\n{kernel_table(raw)}")
         src = raw[:-len("_raw.csv")] + "_source.csv"
-        if os.path.exists(src):
-            parts.append("```\n" + "\n".join(source_hotspots(src)) + "\n```")
+        if os.path.exists(src) and not open(src).read(8).startswith("# ncu rc"):
+            ours = ("paired_attention_fwd", "paired_attention_bwd_dkdv", "paired_attention_bwd_dq")
+            hot = source_hotspots(src, ours)
+            if hot:
+                parts.append("```\n" + "\n".join(hot) + "\n```")
     return "\n\n".join(parts)
 
 
@@ -208,19 +233,23 @@ def main():
     a.add_argument("--impl", default="fused")
     a.add_argument("--length", type=int, default=8192)
     a.add_argument("--dim", type=int, default=64)
+    a.add_argument("--options", default="", help="fused launch options, e.g. head_group=off")
     b = sub.add_parser("profile")
     b.add_argument("--out", required=True)
     b.add_argument("--length", type=int, default=8192)
     b.add_argument("--dim", type=int, default=64)
     b.add_argument("--commit", default="unknown")
+    b.add_argument("--configs", default=",".join(f"{v}:{i}" for v, i in CONFIGS), help="variant:impl,...")
+    b.add_argument("--options", default="", help="option sets for the fused runs, '/'-separated")
     c = sub.add_parser("summarize")
     c.add_argument("dir")
     c.add_argument("--out")
     args = p.parse_args()
     if args.cmd == "launch":
-        launch(args.variant, args.impl, args.length, args.dim)
+        launch(args.variant, args.impl, args.length, args.dim, args.options)
     elif args.cmd == "profile":
-        profile(args.out, args.length, args.dim, args.commit)
+        configs = [tuple(c.split(":", 1)) for c in args.configs.split(",")]
+        profile(args.out, args.length, args.dim, args.commit, configs, args.options.split("/"))
     else:
         text = summarize(args.dir)
         if args.out:
