@@ -41,7 +41,7 @@ KERNELS = {
     "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
     "delta": (ps.paired_attention_bwd_delta, ("OUT", "O2", "DO", "LAM", "DX")),
 }
-FLOAT32_POINTERS = ("LSE", "DELTA", "W", "DW_PART", "DQ_ACC")
+FLOAT32_POINTERS = ("LSE", "DELTA", "W", "DW_PART")
 # static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
 # per-score FP32 work (FFMA, FMUL, FADD, F2FP conversions), integer / address work (IMAD, LOP3) and
 # shared-memory traffic of layout conversions and cross-warp reductions (STS, LDS), the barriers
@@ -162,8 +162,6 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["GRADS_LIKE_INPUTS"] = True
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
-    if "DQ" in fn.arg_names:  # where dQ is computed: the dQ kernel, or the dK/dV kernel ("tma" / "atomic")
-        consts["DQ"] = "kernel"
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
         consts["STEPS"], consts["LOAD_STAGES"] = bn, stages

@@ -248,17 +248,12 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol
 
 @triton.jit
 def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
-               dq_dst, dq_col, sal, sah, start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr,
-               SHARED_K: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               SCALAR_LAM: tl.constexpr, DQ: tl.constexpr):
+               start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
     With SCALAR_LAM (V1) map 2's factor -lam stays out of dS2 (one multiply per score fewer) and
     scales dK2 once at the end. (V2's lam, one per query, could scale q2's rows instead: measured
-    slower, +2-60%, and less accurate, the scaled q2 rounded to 16 bits; docs/kernels.md.)
-    DQ "tma" / "atomic": also this K/V block's share of the query block's dQ (both maps, unscaled),
-    added into float32 rows (dq_dst: a descriptor of the batch's (L, 2H * D) rows, map 1 at column
-    dq_col; or map 1's row pointers) by the copy engine's reduction or by atomics; "kernel": the dQ
-    kernel computes dQ."""
+    slower, +2-60%, and less accurate, the scaled q2 rounded to 16 bits; docs/kernels.md.)"""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < L
     q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
@@ -287,58 +282,43 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
         ds2t = p2t * (dpt - delta2[None, :])
     else:
         ds2t = -lam * p2t * (dpt - delta2[None, :])
-    ds1t = ds1t.to(q1.dtype)
-    ds2t = ds2t.to(q2.dtype)
     if SHARED_K:
-        dk1 = tl.dot(ds1t, q1, dk1, input_precision=PREC)
-        dk1 = tl.dot(ds2t, q2, dk1, input_precision=PREC)
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk1 = tl.dot(ds2t.to(q2.dtype), q2, dk1, input_precision=PREC)
     else:
-        dk1 = tl.dot(ds1t, q1, dk1, input_precision=PREC)
-        dk2 = tl.dot(ds2t, q2, dk2, input_precision=PREC)
-    if DQ != "kernel":
-        dq1 = tl.dot(tl.trans(ds1t), k1, input_precision=PREC)
-        dq2 = tl.dot(tl.trans(ds2t), k2, input_precision=PREC)
-        if DQ == "tma":  # rows past L fall outside the descriptor: the copy engine drops them
-            dq_dst.atomic_add([start_m, dq_col], dq1)
-            dq_dst.atomic_add([start_m, dq_col + D], dq2)
-        else:
-            dq_ptrs = dq_dst + offs_m[:, None] * sal + tl.arange(0, D)[None, :]
-            tl.atomic_add(dq_ptrs, dq1, mask=row_ok[:, None], sem="relaxed")
-            tl.atomic_add(dq_ptrs + sah, dq2, mask=row_ok[:, None], sem="relaxed")
+        dk1 = tl.dot(ds1t.to(q1.dtype), q1, dk1, input_precision=PREC)
+        dk2 = tl.dot(ds2t.to(q2.dtype), q2, dk2, input_precision=PREC)
     return dk1, dk2, dv
 
 
 @triton.jit
 def _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
-                   dq_dst, dq_col, sal, sah, diag, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr,
-                   SHARED_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   SCALAR_LAM: tl.constexpr, DQ: tl.constexpr, UNROLLED: tl.constexpr):
+                   diag, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
+                   UNROLLED: tl.constexpr):
     """The query blocks that cross the K/V block's diagonal (masked), as a loop or unrolled."""
     if UNROLLED:
         for j in tl.static_range(BLOCK_N // BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                      sql, sqh, sdl, sll, dq_dst, dq_col, sal, sah, diag + j * BLOCK_M, offs_n, L,
-                                      qk_scale, D, DV, SHARED_K, BLOCK_M, True, PREC, SCALAR_LAM, DQ)
+                                      sql, sqh, sdl, sll, diag + j * BLOCK_M, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     else:
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                      sql, sqh, sdl, sll, dq_dst, dq_col, sal, sah, start_m, offs_n, L, qk_scale,
-                                      D, DV, SHARED_K, BLOCK_M, True, PREC, SCALAR_LAM, DQ)
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     return dk1, dk2, dv
 
 
 @triton.jit
-def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_, DQ_ACC,
+def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
                               sgkb, sgkl, sgkh, sgvb, sgvl, sgvh, L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr,
-                              DQ: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's.
-    DQ "tma" / "atomic": also every query block's dQ share, summed into DQ_ACC (B, L, 2H, D)
-    float32, zeroed (see _dkdv_step); "kernel": DQ_ACC is not read.
     DIAGONAL places the masked query blocks that cross the block's diagonal: "first" (a loop before
     the others), "unrolled" (first, unrolled) or "last" (a loop after). The order changes only the
     summation order; what it changes for speed is whether ptxas keeps the warpgroup MMAs
@@ -365,10 +345,6 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_, DQ_ACC,
     dk2 = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, DV], tl.float32)
     diag = pid_n * BLOCK_N
-    sal, sah = 2 * H * D, D  # DQ_ACC: contiguous (B, L, 2H, D)
-    dq_dst = DQ_ACC + b * L * sal
-    if DQ == "tma":
-        dq_dst = tl.make_tensor_descriptor(dq_dst, shape=[L, sal], strides=[sal, 1], block_shape=[BLOCK_M, D])
     for r in range(0, GROUP):
         i = g * GROUP + r
         q_base = Q + b * sqb + (2 * i) * sqh
@@ -376,21 +352,18 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_, DQ_ACC,
         lse_base = LSE + (b * H + i) * 2 * L
         delta_base = DELTA + (b * H + i) * 2 * L
         lam_base = LAM + b * slb + i * slh
-        dq_col = 2 * i * D
-        dq_head = dq_dst if DQ == "tma" else dq_dst + dq_col
         if DIAGONAL != "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                          sql, sqh, sdl, sll, dq_head, dq_col, sal, sah, diag, offs_n, L, qk_scale,
-                                          D, DV, SHARED_K, BLOCK_M, BLOCK_N, PREC, SCALAR_LAM, DQ,
-                                          DIAGONAL == "unrolled")
+                                          sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
+                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled")
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                      sql, sqh, sdl, sll, dq_head, dq_col, sal, sah, start_m, offs_n, L, qk_scale,
-                                      D, DV, SHARED_K, BLOCK_M, False, PREC, SCALAR_LAM, DQ)
+                                      sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
+                                      BLOCK_M, False, PREC, SCALAR_LAM)
         if DIAGONAL == "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
-                                          sql, sqh, sdl, sll, dq_head, dq_col, sal, sah, diag, offs_n, L, qk_scale,
-                                          D, DV, SHARED_K, BLOCK_M, BLOCK_N, PREC, SCALAR_LAM, DQ, False)
+                                          sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
+                                          BLOCK_N, PREC, SCALAR_LAM, False)
     # with the loads' offsets ptxas allocates the main loop as before v5b: V2 d64 fwd+bwd ~4% faster than
     # with offsets of the gradients' own (runs 21-23, docs/kernels.md v8)
     if GRADS_LIKE_INPUTS:
@@ -499,10 +472,7 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-# "dq": where dQ is computed: "kernel", the dQ kernel (recomputes both maps' scores and dP);
-# "dkdv", the dK/dV kernel, from the dS it already has, summed into float32 rows by the copy
-# engine's reduction (sm_90, tensor descriptors) or else by atomics; "atomic", by atomics always.
-OPTIONS = {"tma": True, "diagonal": None, "dq": "kernel"}  # diagonal: None = DKDV_DIAGONAL's choice
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -610,7 +580,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     # inputs are read with their strides (v is a slice of the fused projection: no copy of it); the
     # gradients are written contiguous
     q, k, v, do = map(unit_last_stride, (q, k, v, do))
-    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     weight, eps = norm if norm is not None else (out, 0.0)
@@ -628,27 +598,15 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    dq_where = OPTIONS["dq"]
-    dq_acc = dk if dq_where == "kernel" else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    if dq_where == "dkdv":
-        dq_where = "tma" if _use_tma(dq_acc) else "atomic"
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
-        q, k, v, do, lam_rows, lse, delta, dk, dv, dq_acc, *strides, *_strides(dk, dv), L, H, H // G,
-        sm_scale * LOG2E, sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam,
-        DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps, num_stages=stages, DQ=dq_where,
-        GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), **common)
-    if dq_where == "kernel":
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
-        wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
-            q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
-    else:  # scale the summed rows; V1 keeps its scalar -lam out of dS2, so map 2's rows take it here
-        acc = dq_acc.view(B, L, H, 2, D) * sm_scale
-        if scalar_lam:
-            acc[:, :, :, 1] *= -lam_rows[..., None].float()
-        dq = acc.view(q.shape).to(q.dtype)
+        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
+        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
+        num_stages=stages, GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), **common)
+    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
+    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
+        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
+        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     if norm is None:
         return dq, dk, dv, delta
     return dq, dk, dv, delta, dw_part.sum(0)
