@@ -1,6 +1,7 @@
-"""The ahead-of-time kernel inspection tools (benchmarks/scripts/kernels_resources.py): how they
-find the main loop in SASS, which arguments get the JIT's divisibility hints, and one real sm_90
-compile of a kernel read end to end (no GPU needed: Triton ships ptxas and cuobjdump)."""
+"""The kernel inspection tools. kernels_resources.py (ahead of time): how it finds the main loop in
+SASS, which arguments get the JIT's divisibility hints, and one real sm_90 compile of a kernel read
+end to end (no GPU needed: Triton ships ptxas and cuobjdump). kernels_profile.py: what it reads
+from Nsight Compute's exported CSV pages."""
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():  # as test_cuda_ops does, before triton and th
     os.environ.setdefault("TRITON_INTERPRET", "1")  # whichever test file imports them first fixes their mode
 pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "scripts"))
+import kernels_profile as kp  # noqa: E402
 import kernels_resources as kr  # noqa: E402
 
 
@@ -84,3 +86,44 @@ def test_idle_gaps_count_only_time_when_no_kernel_runs():
     import step_gaps
     spans = [(0, 10, "a"), (5, 20, "b"), (8, 12, "c"), (50, 60, "d"), (61, 70, "e")]  # b overlaps a and c
     assert step_gaps.idle_gaps(spans) == [(30, "b", "d"), (1, "d", "e")]
+
+
+# ---- kernels_profile.py: what it reads from Nsight Compute's CSV pages ----------------------------
+
+
+def csv_text(rows):
+    return "\n".join(",".join(f'"{c}"' for c in row) for row in rows) + "\n"
+
+
+def test_profile_kernel_table_converts_units_and_leaves_out_short_kernels(tmp_path):
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+              "dram__bytes.sum.per_second", stall.format("barrier"), stall.format("long_scoreboard"),
+              stall.format("selected")]
+    raw = tmp_path / "x_raw.csv"
+    raw.write_text(csv_text([header, ["", "", "usecond", "%", "Gbyte/s", "", "", ""],
+                             ["0", "paired_attention_bwd_dq", "1642.08", "53.04", "791", "1.13", "1.83", "1"],
+                             ["1", "void at::native::fill(int)", "2.2", "0", "10", "0", "0", "1"]]))
+    table = kp.kernel_table(str(raw)).splitlines()
+    assert len(table) == 3  # heading, rule, one kernel: the 2 us fill is under MIN_MS
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[:4] == ["paired_attention_bwd_dq", "1.642", "53.0", "0.79"]  # ms, %, TB/s
+    assert cells[4] == "long_scoreboard 1.83, barrier 1.13, selected 1.00"  # most waited-on first
+
+
+def test_profile_hotspots_sum_samples_by_reason_and_opcode_once_per_kernel(tmp_path):
+    cols = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_barrier", "stall_long_sb",
+            "stall_barrier (Not Issued)"]
+    block = [["Kernel Name", "paired_attention_bwd_dq"], cols,
+             ["0x10", "  WARPGROUP.DEPBAR.LE gsb0, 0x0", "30", "30", "0", "29"],
+             ["0x20", "  @!P0  BRA 0x7f00", "60", "0", "60", "0"],
+             ["0x30", "  MUFU.EX2 R1, R1", "10", "5", "5", "0"]]
+    other = [["Kernel Name", "void at::native::fill(int)"], cols, ["0x0", "  EXIT", "99", "99", "0", "0"]]
+    src = tmp_path / "x_source.csv"
+    src.write_text(csv_text(block + other + block))  # a kernel launched twice appears twice
+    lines = kp.source_hotspots(str(src), ("paired_attention_bwd_dq",))
+    assert lines[0] == "paired_attention_bwd_dq: 100 samples over 3 SASS instructions"
+    assert lines[1] == "  by stall reason: long_sb 65.0%, barrier 35.0%"  # 'Not Issued' columns not counted twice
+    assert lines[2] == "  by opcode: BRA 60.0%, WARPGROUP.DEPBAR.LE 30.0%, MUFU 10.0%"
+    assert lines[3].split()[:3] == ["60.0%", "@!P0", "BRA"] and lines[3].endswith("mostly long_sb")
+    assert len(lines) == 3 + 3  # the fill is not one of the kernels asked for; the repeat is skipped

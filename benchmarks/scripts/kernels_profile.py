@@ -5,14 +5,17 @@ where the warps wait) and, for our kernels, the SASS instructions the warps wait
 
 On the GPU machine (a runtime where ncu reads the counters: Firecracker, .library/device/KINDS.md):
     PYTHONPATH=. python benchmarks/scripts/kernels_profile.py profile --out $OUT [--commit C]
+        [--length 8192] [--heads 16] [--configs diff_v1:fused,vanilla:composed,...]
+        [--options tma=0/tma=1]
 Anywhere, from the CSVs `profile` exported (unpacked from its .tgz):
     python benchmarks/scripts/kernels_profile.py summarize DIR [--out FILE.md]
-What `profile` runs under ncu, once per configuration:
+What `profile` runs under ncu, once per configuration (and per option set, for fused ones):
     PYTHONPATH=. python benchmarks/scripts/kernels_profile.py launch --variant diff_v1 --impl fused
 
 ncu runs with --clock-control none (the GPU keeps its own clocks, as when timed) and replays each
 kernel once per counter pass, restoring memory between passes, so a kernel's counters come from
-several runs of the same launch. Shapes as kernels_table.py: B*L = 16k tokens, 16 DIFF heads, bf16.
+several runs of the same launch. Shapes as kernels_table.py: B*L = 16k tokens, --heads DIFF heads
+of d (V1: v 2d), bf16; "vanilla" is the DIFF model's twin, SDPA over --heads heads of 2d.
 """
 import argparse
 import csv
@@ -30,25 +33,32 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CONFIGS = [(v, impl) for v in ("diff_v1", "diff_v2") for impl in ("fused", "composed:cudnn")]
 
 
-def launch(variant, impl, L, d, options):
+def launch(variant, impl, L, d, heads, options):
     """Compile and warm up, then one forward+backward inside the profiler's range (cudaProfilerStart /
     Stop: ncu runs with --profile-from-start off, so only these kernels are profiled). options: the
-    fused kernels' launch options (paired_softmax.OPTIONS), as kernels_sweep.py writes them."""
+    fused kernels' launch options (paired_softmax.OPTIONS), as kernels_sweep.py writes them.
+    variant "vanilla": the DIFF model's vanilla twin, SDPA over `heads` heads of 2d (impl ignored)."""
     import torch
 
     sys.path.insert(0, HERE)
     import kernels_table as table
     from kernels_sweep import parse_options
-    from diffattn.backends.cuda.ops import paired_softmax
+    from diffattn.backends.cuda.ops import paired_softmax, vanilla_attention
 
     paired_softmax.OPTIONS.update(parse_options(options) if options else {})
-
+    table.HEADS = heads
     B = max(1, table.TOKENS // L)
-    x32, do32 = table.make_inputs(variant, B, L, d, "cuda", seed=L + d)
-    x = {n: (t.to(torch.bfloat16) if n != "lam" or variant == "diff_v2" else t).requires_grad_(True)
-         for n, t in x32.items()}
-    do = do32.to(torch.bfloat16)
-    fn = table.impls(variant, "cuda")[impl]
+    if variant == "vanilla":
+        x = {n: torch.randn(B, L, heads, 2 * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+             for n in "qkv"}
+        do = torch.randn(B, L, heads, 2 * d, device="cuda", dtype=torch.bfloat16)
+        fn = vanilla_attention
+    else:
+        x32, do32 = table.make_inputs(variant, B, L, d, "cuda", seed=L + d)
+        x = {n: (t.to(torch.bfloat16) if n != "lam" or variant == "diff_v2" else t).requires_grad_(True)
+             for n, t in x32.items()}
+        do = do32.to(torch.bfloat16)
+        fn = table.impls(variant, "cuda")[impl]
     for _ in range(3):
         fn(**x).backward(do)
     for t in x.values():  # else the profiled backward adds into .grad: kernels the op does not launch
@@ -67,7 +77,7 @@ def _ncu():
     return found if isinstance(found, str) else found[0]
 
 
-def profile(out, L, d, commit, configs, option_sets):
+def profile(out, L, d, heads, commit, configs, option_sets):
     ncu = _ncu()
     work = os.path.join(out, "ncu")
     os.makedirs(work, exist_ok=True)
@@ -75,12 +85,12 @@ def profile(out, L, d, commit, configs, option_sets):
     runs = [(v, impl, o) for v, impl in configs for o in (option_sets if impl == "fused" else [""])]
     for variant, impl, options in runs:
         tag = "_" + re.sub(r"[^A-Za-z0-9]+", "-", options) if options else ""
-        name = f"{variant}_{impl.replace('composed:', '')}{tag}_L{L}_d{d}"
+        name = f"{variant}_{impl.replace('composed:', '')}{tag}_L{L}_d{d}_h{heads}"
         rep = os.path.join(work, name)
         cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full",
                "--import-source", "no", "--force-overwrite", "--export", rep,
                sys.executable, os.path.abspath(__file__), "launch", "--variant", variant, "--impl", impl,
-               "--length", str(L), "--dim", str(d), "--options", options]
+               "--length", str(L), "--dim", str(d), "--heads", str(heads), "--options", options]
         print("+", " ".join(cmd), flush=True)
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         with open(rep + "_ncu.log", "w") as f:
@@ -229,15 +239,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("launch")
-    a.add_argument("--variant", choices=("diff_v1", "diff_v2"), required=True)
+    a.add_argument("--variant", choices=("diff_v1", "diff_v2", "vanilla"), required=True)
     a.add_argument("--impl", default="fused")
     a.add_argument("--length", type=int, default=8192)
     a.add_argument("--dim", type=int, default=64)
-    a.add_argument("--options", default="", help="fused launch options, e.g. head_group=off")
+    a.add_argument("--heads", type=int, default=16)
+    a.add_argument("--options", default="", help="fused launch options, e.g. tma=0")
     b = sub.add_parser("profile")
     b.add_argument("--out", required=True)
     b.add_argument("--length", type=int, default=8192)
     b.add_argument("--dim", type=int, default=64)
+    b.add_argument("--heads", type=int, default=16, help="DIFF heads (vanilla: heads of 2d)")
     b.add_argument("--commit", default="unknown")
     b.add_argument("--configs", default=",".join(f"{v}:{i}" for v, i in CONFIGS), help="variant:impl,...")
     b.add_argument("--options", default="", help="option sets for the fused runs, '/'-separated")
@@ -246,10 +258,10 @@ def main():
     c.add_argument("--out")
     args = p.parse_args()
     if args.cmd == "launch":
-        launch(args.variant, args.impl, args.length, args.dim, args.options)
+        launch(args.variant, args.impl, args.length, args.dim, args.heads, args.options)
     elif args.cmd == "profile":
         configs = [tuple(c.split(":", 1)) for c in args.configs.split(",")]
-        profile(args.out, args.length, args.dim, args.commit, configs, args.options.split("/"))
+        profile(args.out, args.length, args.dim, args.heads, args.commit, configs, args.options.split("/"))
     else:
         text = summarize(args.dir)
         if args.out:
