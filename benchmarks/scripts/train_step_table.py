@@ -162,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
                     "for this run's compiled rows (A/B of the defaults)")
     ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE,...: the fused kernels' launch options "
+                    "(paired_softmax.OPTIONS) for this run; one process per setting (compiled code keeps them)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
@@ -175,6 +177,14 @@ def main(argv=None):
     for kv in filter(None, a.inductor.split(",")):
         key, value = kv.split("=")
         train.COMPILE_OPTIONS[key] = int(value)
+    if a.kernel_options:
+        from diffattn.backends.cuda.ops import paired_softmax
+        for kv in a.kernel_options.split(","):
+            key, value = kv.split("=")
+            if key not in paired_softmax.OPTIONS:
+                raise SystemExit(f"train_step_table: unknown kernel option {key!r}, expected one of "
+                                 f"{tuple(paired_softmax.OPTIONS)}")
+            paired_softmax.OPTIONS[key] = value
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
@@ -183,7 +193,7 @@ def main(argv=None):
             f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/scripts/train_step_table.py', *argv])}`",
             f"- commit: {a.commit or git_commit()}; torch {torch.__version__}; dtype {dtype}"
             f"{' (autocast, fp32 master weights)' if dtype == 'bfloat16' else ''}; kernels {kernels}; {a.warmup} warm-up + {a.steps} timed steps, synchronized wall clock",
-            f"- Inductor options of compiled rows: {train.COMPILE_OPTIONS}",
+            f"- Inductor options of compiled rows: {train.COMPILE_OPTIONS}; kernel options: {a.kernel_options or 'defaults'}",
             "- FLOPs/token = 6 * params + 3 * n_layers * q_heads * L * (d_qk + d_v) (causal attention, fwd+bwd); "
             "MFU(PaLM) counts attention without the causal halving (nanoGPT's 12 L H Q T)"]
     peak = mm = float("nan")
