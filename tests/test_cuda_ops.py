@@ -228,19 +228,6 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("head_group", ["1", "2", "off"])
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_forward_and_dq_launch_orders_cover_every_block_once(monkeypatch, variant, head_group):
-    """However the forward and dQ kernels group heads in their launch order, each (head, query
-    block) is computed once: one head a group, two (B * H = 3: the last group holds one head) and
-    all at once give the oracle's output and gradients."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "head_group", head_group)
-    assert_close(check(variant, "fused", 3, 37, 1, 1, 16, torch.float32), torch.float32)
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_reads_any_strides(monkeypatch, variant):
     """Views as the model passes them (v a column slice of the fused projection, row stride 3x its
@@ -476,19 +463,6 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 def test_fused_gpu(variant, shape, dtype):
     """Float32 runs every dot in IEEE precision (never tf32), so it must meet 1e-5."""
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
-
-
-@gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("head_group", ["1", "3"])
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_gpu_launch_orders(monkeypatch, variant, head_group):
-    """The grouped launch order on the GPU, where the default ("l2") puts these small shapes in one
-    group: one head a group and three (B * H = 8: the last group holds two)."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "head_group", head_group)
-    assert_close(check(variant, "fused", 2, 1000, 4, 2, 64, torch.bfloat16, device="cuda"), torch.bfloat16)
 
 
 @gpu

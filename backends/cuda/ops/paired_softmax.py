@@ -122,27 +122,12 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, sv
 
 
 @triton.jit
-def _program(L, GROUP_ROWS):
-    """(batch * H + head, job) of this program in a (B * H, jobs) grid, jobs numbered so the query
-    blocks with the most keys start first. The GPU starts programs in launch order (axis 0 fastest);
-    in that order the heads come in groups of GROUP_ROWS // L (at least one), each group's jobs
-    heaviest first with its heads side by side, so the K/V rows that the running programs stream
-    (one group's, GROUP_ROWS rows a group) stay in L2 instead of every head's at once
-    (docs/kernels.md, v9). GROUP_ROWS >= L * B * H: one group, the order of v3a."""
-    n_bh, n_jobs = tl.num_programs(0), tl.num_programs(1)
-    t = tl.program_id(1) * n_bh + tl.program_id(0)
-    size = tl.minimum(tl.maximum(GROUP_ROWS // L, 1), n_bh)
-    first = (t // (size * n_jobs)) * size
-    size = tl.minimum(size, n_bh - first)  # the last group may be smaller
-    r = t - first * n_jobs
-    return first + r % size, n_jobs - 1 - r // size
-
-
-@triton.jit
-def _query_rows(bh, pid_m, L, H, GROUP, BLOCK_M: tl.constexpr):
-    """Program (bh, pid_m)'s (batch, output head i, kv head g) and query rows. Q is not an
-    argument: torch.compile's mutation analysis counts every argument of a call whose results
-    address a store as written, and would copy Q."""
+def _query_rows(pid_m, L, H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (batch, output head i, kv head g) and query rows. Grid axis 0 is (batch, head);
+    the launchers walk axis 1 backwards (pid_m), so the query blocks with the most keys start first
+    and the short ones fill the last wave. Q is not an argument: torch.compile's mutation analysis
+    counts every argument of a call whose results address a store as written, and would copy Q."""
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     i = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,7 +145,7 @@ def _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D: tl.constexpr):
 @triton.jit
 def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
                          sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-                         L, H, GROUP, GROUP_ROWS, qk_scale, eps,
+                         L, H, GROUP, qk_scale, eps,
                          D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                          TMA: tl.constexpr, NORM: tl.constexpr):
@@ -171,10 +156,10 @@ def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
     # Inductor passes Python floats as fp64; Triton's JIT as fp32
     qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
     n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
-    bh, job = _program(L, GROUP_ROWS)
+    job = tl.num_programs(1) - 1 - tl.program_id(1)
     pid_m = job // n_slices
     col0 = (job % n_slices) * DV
-    b, i, g, diag, offs_m, row_ok = _query_rows(bh, pid_m, L, H, GROUP, BLOCK_M)
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
     q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     k1_base = K + b * skb + (g * K_STEP) * skh
     k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh + col0, skl, svl, L, D, DV,
@@ -416,14 +401,14 @@ def _dq_step(q1, q2, do, lse1, lse2, delta1, delta2, dq1, dq2, k1_src, k2_src, v
 @triton.jit
 def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
                             sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
-                            sgqb, sgql, sgqh, L, H, GROUP, GROUP_ROWS, qk_scale, sm_scale,
+                            sgqb, sgql, sgqh, L, H, GROUP, qk_scale, sm_scale,
                             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                             TMA: tl.constexpr):
     """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
-    bh, pid_m = _program(L, GROUP_ROWS)
-    b, i, g, diag, offs_m, row_ok = _query_rows(bh, pid_m, L, H, GROUP, BLOCK_M)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
     q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
@@ -487,10 +472,7 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-# "head_group": how the forward and dQ kernels group heads in their launch order (_program): "l2",
-# as many heads as fill half the L2 with the K/V rows they stream; "off", all heads at once (v3a's
-# order); a number, that many heads.
-OPTIONS = {"tma": True, "diagonal": None, "head_group": "off"}  # diagonal: None = DKDV_DIAGONAL's choice
+OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -518,18 +500,6 @@ def dkdv_diagonal(D, DV, dtype):
     """Where the dK/dV kernel walks its diagonal query blocks: OPTIONS' forced choice, else
     DKDV_DIAGONAL's for 16-bit inputs, else "first"."""
     return OPTIONS["diagonal"] or (DKDV_DIAGONAL.get((D, DV), "first") if dtype.itemsize == 2 else "first")
-
-
-def group_rows(k, v, k_step):
-    """GROUP_ROWS of _program: K/V rows of one head per group of the launch order. A head streams
-    k_step key rows and one value row per position (k_step = 2: V1's two key sub-heads)."""
-    choice = OPTIONS["head_group"]
-    if choice == "off" or (choice == "l2" and not k.is_cuda):  # no L2 to fit
-        return 2**30
-    if choice == "l2":
-        row_bytes = (k_step * k.shape[-1] + v.shape[-1]) * k.element_size()
-        return max(1, torch.cuda.get_device_properties(k.device).L2_cache_size // 2 // row_bytes)
-    return int(choice) * k.shape[1]  # that many heads (sweeps; L is concrete there)
 
 
 def _use_tma(*ts):
@@ -592,8 +562,8 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     weight, eps = norm if norm is not None else (out, 0.0)
     wrap_triton(paired_attention_fwd)[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, y, weight, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
-        L, H, H // G, group_rows(k, v, k_step), sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step,
-        SHARED_K=shared_k, BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm, num_warps=warps,
+        L, H, H // G, sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm, num_warps=warps,
         num_stages=stages)
     if norm is None:
         return out, o2, lse
@@ -635,8 +605,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
         num_stages=stages, GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
-        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, group_rows(k, v, k_step),
-        sm_scale * LOG2E, sm_scale,
+        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
         BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
     if norm is None:
         return dq, dk, dv, delta
