@@ -166,6 +166,29 @@ def warm_gpu(seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
+def gpu_clocks() -> dict:
+    """The GPU's SM clock now (MHz) and NVML's reasons for holding it below its maximum (power cap,
+    thermal, idle, ...), for a timing to be read against; {} where NVML (nvidia-ml-py) is missing
+    or does not answer."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        # newer NVML names these "clocks event reasons", older ones "clocks throttle reasons"
+        for kind in ("Event", "Throttle"):
+            query = getattr(pynvml, f"nvmlDeviceGetCurrentClocks{kind}Reasons", None)
+            if query is not None:
+                break
+        reasons, prefix = query(handle), f"nvmlClocks{kind}Reason"
+        held = sorted(name[len(prefix):] for name in dir(pynvml) if name.startswith(prefix)
+                      and name[len(prefix):] not in ("All", "None") and isinstance(getattr(pynvml, name), int)
+                      and reasons & getattr(pynvml, name))
+        return {"sm_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM), "held_by": held}
+    except Exception:  # no NVML here: the row goes without
+        return {}
+
+
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     """The dense bf16 matmul rate on this CUDA GPU, TFLOP/s: an n^3 product of random data after
     warm_gpu(), CUDA events, median of reps after 3 warm-ups. The reference of the tables' MFU."""

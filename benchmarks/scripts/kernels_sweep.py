@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 from diffattn.backends.cuda.ops import paired_softmax as ps
-from benchmarks._common import warm_gpu
+from benchmarks._common import gpu_clocks, warm_gpu
 from kernels_table import rel  # this script's folder is on sys.path when it runs
 
 CANDIDATES = {
@@ -100,6 +100,7 @@ def main():
                     row["tflops"] = 2.5 * flop_fwd / row["ms"] / 1e9
             except Exception as e:  # out of shared memory / registers for this tile
                 row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}" if str(e) else type(e).__name__
+            row.update(gpu_clocks())  # right after the timing: a slow row at a held clock reads as such
             print(json.dumps(row), flush=True)
             results.append(row)
     ps.OVERRIDES.clear()

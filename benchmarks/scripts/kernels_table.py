@@ -161,6 +161,7 @@ def run(variants, dims, lengths, modes, device, dtype, log):
                         try:
                             row.update(measure(fn, variant, x32, do32, dtype, mode, ref))
                             row["tflops"] = flops(variant, B, L, d, mode) / row["ms"] / 1e9
+                            row.update(_common.gpu_clocks())  # the JSON's rows: the clock each was timed at
                         except torch.cuda.OutOfMemoryError:
                             row["note"] = "OOM"
                         except Exception as e:  # an SDPA backend that refuses these shapes, a compile error
