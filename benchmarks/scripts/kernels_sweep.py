@@ -6,10 +6,11 @@ paired_softmax.TUNED / OPTIONS).
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
-(paired_softmax.OPTIONS). The launchers are called directly, as the ops' eager path calls them: with
-torch's wrap_triton dispatch off (its higher-order-op path costs the host ~0.5 ms a launch, which at
-L <= 2k outlasts the kernels and made earlier sweeps time the host; docs/kernels.md). Each result is compared with the first option set's defaults (relative
-error), so a wrong tile shows up. Prints one JSON line per candidate, then the fastest candidate per
+(paired_softmax.OPTIONS). The launchers are called directly, as the ops' eager path calls them:
+with torch's wrap_triton dispatch off (its higher-order-op path costs the host ~0.5 ms a launch,
+which at L <= 2k outlasts the kernels and made earlier sweeps time the host; docs/kernels.md).
+Each result is compared with the first option set's defaults (relative error), so a wrong tile
+shows up. Prints one JSON line per candidate, then the fastest candidate per
 (variant, d, L, kernel) against the tile that kernel uses now under the first option set.
 """
 import argparse

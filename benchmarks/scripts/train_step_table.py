@@ -162,8 +162,9 @@ def main(argv=None):
     ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
                     "for this run's compiled rows (A/B of the defaults)")
     ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
-    ap.add_argument("--kernel-options", default="", help="KEY=VALUE,...: the fused kernels' launch options "
-                    "(paired_softmax.OPTIONS) for this run; one process per setting (compiled code keeps them)")
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
+                    "(paired_softmax.OPTIONS, as kernels_sweep.py writes them) for this run; one process per "
+                    "setting (compiled code keeps the options it was traced with)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
@@ -179,12 +180,12 @@ def main(argv=None):
         train.COMPILE_OPTIONS[key] = int(value)
     if a.kernel_options:
         from diffattn.backends.cuda.ops import paired_softmax
-        for kv in a.kernel_options.split(","):
-            key, value = kv.split("=")
-            if key not in paired_softmax.OPTIONS:
-                raise SystemExit(f"train_step_table: unknown kernel option {key!r}, expected one of "
-                                 f"{tuple(paired_softmax.OPTIONS)}")
-            paired_softmax.OPTIONS[key] = value
+        from kernels_sweep import parse_options  # this script's folder is on sys.path when it runs
+        unknown = {kv.split("=")[0] for kv in a.kernel_options.split("+")} - set(paired_softmax.OPTIONS)
+        if unknown:
+            raise SystemExit(f"train_step_table: unknown kernel option(s) {sorted(unknown)}, expected "
+                             f"{tuple(paired_softmax.OPTIONS)}")
+        paired_softmax.OPTIONS.update(parse_options(a.kernel_options))
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
