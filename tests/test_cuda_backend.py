@@ -354,6 +354,19 @@ def test_train_step_table_smoke(tmp_path):
     assert all(f"| tiny | {v} | off |" in text for v in VARIANTS)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="the kernels' options live beside the Triton kernels")
+def test_train_step_table_sets_kernel_options_and_refuses_unknown_ones(tmp_path, monkeypatch):
+    from benchmarks.scripts import train_step_table
+    from diffattn.backends.cuda.ops import paired_softmax
+
+    monkeypatch.setattr(paired_softmax, "OPTIONS", dict(paired_softmax.OPTIONS))  # restored after
+    with pytest.raises(SystemExit, match="unknown kernel option.*bogus"):
+        train_step_table.main(["--smoke", "--kernel-options", "bogus=1", "--out", str(tmp_path)])
+    assert train_step_table.main(["--smoke", "--kernel-options", "tma=0", "--out", str(tmp_path)]) == 0
+    assert paired_softmax.OPTIONS["tma"] is False  # "0" is a boolean, as in kernels_sweep.py
+    assert "kernel options: tma=0" in (tmp_path / "train_step_table.md").read_text()
+
+
 # ---- on the GPU --------------------------------------------------------------------------------
 
 @gpu

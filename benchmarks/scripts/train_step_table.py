@@ -180,7 +180,8 @@ def main(argv=None):
         train.COMPILE_OPTIONS[key] = int(value)
     if a.kernel_options:
         from diffattn.backends.cuda.ops import paired_softmax
-        from kernels_sweep import parse_options  # this script's folder is on sys.path when it runs
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a module
+        from kernels_sweep import parse_options
         unknown = {kv.split("=")[0] for kv in a.kernel_options.split("+")} - set(paired_softmax.OPTIONS)
         if unknown:
             raise SystemExit(f"train_step_table: unknown kernel option(s) {sorted(unknown)}, expected "
