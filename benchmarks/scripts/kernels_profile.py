@@ -71,10 +71,11 @@ def launch(variant, impl, L, d, heads, options):
 
 
 def _ncu():
-    found = shutil.which("ncu") or sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))[-1:]
-    if not found:
+    """Nsight Compute's command line: on PATH, else the newest under /opt/nvidia/nsight-compute."""
+    found = shutil.which("ncu") or max(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), default=None)
+    if found is None:
         raise SystemExit("kernels_profile: no ncu on this machine (Nsight Compute is needed)")
-    return found if isinstance(found, str) else found[0]
+    return found
 
 
 def profile(out, L, d, heads, commit, configs, option_sets):
@@ -104,7 +105,7 @@ def profile(out, L, d, heads, commit, configs, option_sets):
             with open(f"{rep}_{page}.csv", "w") as f:
                 f.write(exp.stdout if exp.returncode == 0 else f"# ncu rc {exp.returncode}\n{exp.stderr}")
         os.remove(rep + ".ncu-rep")  # the CSVs carry what summarize reads; the report is too large to keep
-    bundle = os.path.join(out, f"h200_kernels_profile_{commit}.tgz")
+    bundle = os.path.join(out, f"kernels_profile_{commit}.tgz")  # the exported pages, for summarize
     with tarfile.open(bundle, "w:gz") as tar:
         for path in sorted(glob.glob(os.path.join(work, "*"))):
             tar.add(path, arcname=os.path.basename(path))
