@@ -40,10 +40,12 @@ SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 def parse_options(text):
     """'tma=0+diagonal=last' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults;
-    1 / 0 are booleans, other values strings)."""
-    opts = dict(DEFAULT_OPTIONS)
-    opts.update({k: {"1": True, "0": False}.get(v, v) for k, v in (item.split("=") for item in text.split("+"))})
-    return opts
+    1 / 0 are booleans, other values strings). An option paired_softmax does not have is an error."""
+    given = {k: {"1": True, "0": False}.get(v, v) for k, v in (item.split("=") for item in text.split("+"))}
+    unknown = sorted(set(given) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise SystemExit(f"unknown kernel option(s) {unknown}, expected {tuple(DEFAULT_OPTIONS)}")
+    return {**DEFAULT_OPTIONS, **given}
 
 
 def main():
