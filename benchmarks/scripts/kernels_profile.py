@@ -118,8 +118,9 @@ def profile(out, L, d, heads, commit, configs, option_sets):
 # ---- summarize: ncu's CSV pages -> markdown ----
 
 def _table(text):
-    rows = list(csv.reader(io.StringIO(text)))
-    return [dict(zip(rows[0], r)) for r in rows[1:] if len(r) == len(rows[0])], rows
+    """A CSV page -> (its header, one dict a complete row)."""
+    header, *rows = csv.reader(io.StringIO(text))
+    return header, [dict(zip(header, r)) for r in rows if len(r) == len(header)]
 
 
 def _num(s):
@@ -129,6 +130,7 @@ def _num(s):
         return float("nan")
 
 
+SAMPLES = "Warp Stall Sampling (All Samples)"  # the source page's samples of an instruction
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 COLUMNS = [  # (heading, metric, format): what the kernel table shows
     ("ms", "gpu__time_duration.sum", ".3f"),
@@ -149,8 +151,7 @@ def kernel_table(path):
     """The raw page (one row per kernel, every metric a column, units in the first data row) -> a
     markdown table of COLUMNS and the top stall reasons, in cycles a warp waits per issued
     instruction (ncu's 'warp state' ratios)."""
-    rows, table = _table(open(path).read())
-    units, rows = rows[0], rows[1:]
+    _, (units, *rows) = _table(open(path).read())
     scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3}
     tera = {"byte/s": 1e-12, "Kbyte/s": 1e-9, "Mbyte/s": 1e-6, "Gbyte/s": 1e-3, "Tbyte/s": 1.0}
     cols = [c for c in COLUMNS if c[1] in units]
@@ -197,13 +198,13 @@ def source_hotspots(path, kernels, top=10):
         if name not in kernels or name in seen:
             continue
         seen.add(name)
-        rows, table = _table(body)
-        reasons = [c for c in table[0] if c.startswith("stall_") and "(Not Issued)" not in c]
-        total = sum(_num(r["Warp Stall Sampling (All Samples)"]) for r in rows) or 1.0
+        header, rows = _table(body)
+        reasons = [c for c in header if c.startswith("stall_") and "(Not Issued)" not in c]
+        total = sum(_num(r[SAMPLES]) for r in rows) or 1.0
         by_reason, by_op = {}, {}
         for r in rows:
             op = opcode(r["Source"])
-            by_op[op] = by_op.get(op, 0.0) + _num(r["Warp Stall Sampling (All Samples)"])
+            by_op[op] = by_op.get(op, 0.0) + _num(r[SAMPLES])
             for c in reasons:
                 by_reason[c[6:]] = by_reason.get(c[6:], 0.0) + _num(r[c])
         pct = lambda v: f"{100 * v / total:.1f}%"  # noqa: E731
@@ -212,9 +213,9 @@ def source_hotspots(path, kernels, top=10):
                                                     sorted(by_reason.items(), key=lambda kv: -kv[1])[:8]))
         out.append("  by opcode: " + ", ".join(f"{k} {pct(v)}" for k, v in
                                               sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
-        for r in sorted(rows, key=lambda r: -_num(r["Warp Stall Sampling (All Samples)"]))[:top]:
+        for r in sorted(rows, key=lambda r: -_num(r[SAMPLES]))[:top]:
             why = max(reasons, key=lambda c: _num(r[c]))
-            out.append(f"  {pct(_num(r['Warp Stall Sampling (All Samples)'])):>6}  {r['Source'].strip()[:64]:64}"
+            out.append(f"  {pct(_num(r[SAMPLES])):>6}  {r['Source'].strip()[:64]:64}"
                        f"  mostly {why[6:]}")
     return out
 
