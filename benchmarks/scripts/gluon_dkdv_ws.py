@@ -36,8 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 
 @gluon.jit
-def _producer(bufs, bars, descs, scalars, WG: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr):
+def _producer(bufs, bars, descs, scalars, BLOCK: gl.constexpr, STAGES: gl.constexpr):
     k_s, v_s, q1_s, q2_s, do_s, t_s = bufs
     kv_bar, ready, empty = bars
     q_desc, k_desc, v_desc, do_desc = descs
@@ -197,7 +196,7 @@ def paired_attention_dkdv_ws(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
     gl.warp_specialize([
         (_consumer_store, (bufs, bars, descs, scalars, out, 0, BLOCK, STAGES, S_LAYOUT, O_LAYOUT)),
         (_consumer_store, (bufs, bars, descs, scalars, out, 1, BLOCK, STAGES, S_LAYOUT, O_LAYOUT)),
-        (_producer, (bufs, bars, descs, scalars, 0, BLOCK, STAGES, S_LAYOUT, O_LAYOUT)),
+        (_producer, (bufs, bars, descs, scalars, BLOCK, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
