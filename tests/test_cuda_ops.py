@@ -7,6 +7,7 @@ set here before triton is imported) at tiny shapes; GPU tests are marked `gpu`.
 """
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -358,6 +359,39 @@ def test_tma_needs_16_byte_aligned_strides():
 
 
 @needs_triton
+def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
+    """The warp-specialized Gluon dK/dV kernel takes sm_90, bf16, head_dim 64 with V 64 (V2) or 128
+    (V1, one scalar lambda), heads side by side in TMA-addressable rows; everything else keeps the
+    Triton kernel."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)  # the interpreter never takes it
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
+    bf = torch.bfloat16
+    qkv = torch.zeros(2, 37, (4 + 2 + 2) * 64, dtype=bf).view(2, 37, 8, 64)  # a fused V2 projection's heads
+    q, k, v, do = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:], torch.zeros(2, 37, 2, 64, dtype=bf)
+    lam_v2 = torch.zeros(2, 37, 2, dtype=bf)
+
+    def applies(q, k, v, do, lam, shared_k, capability=(9, 0)):
+        return paired_softmax.dkdv_ws_applies(q, k, v, do, lam, shared_k, capability)
+
+    assert applies(q, k, v, do, lam_v2, True)
+    assert not applies(q, k, v, do, lam_v2, True, (8, 0)) and not applies(q, k, v, do, lam_v2, True, (10, 0))
+    assert not applies(*(t.half() for t in (q, k, v, do)), lam_v2, True)
+    wide = torch.zeros(2, 37, 2, 128, dtype=bf)
+    assert not applies(q, k, wide, wide, lam_v2, True)  # V2's V is d wide
+    split = torch.cat([q, q], -1)[..., :64]  # heads 128 columns apart: not one column block each
+    assert not applies(split, k, v, do, lam_v2, True)
+    q1, k1 = torch.zeros(2, 37, 4, 64, dtype=bf), torch.zeros(2, 37, 4, 64, dtype=bf)
+    lam_v1 = torch.tensor(0.3).expand(2, 37, 2)  # V1's one scalar, seen as rows
+    assert applies(q1, k1, wide, wide, lam_v1, False)
+    assert not applies(q1, k1, wide, wide, lam_v1.contiguous(), False)  # per-row lambda: Triton's kernel
+    assert not applies(q1, k1, v, do, lam_v1, False)  # V1's V is 2d wide
+    assert not applies(torch.zeros(2, 37, 4, 32, dtype=bf), k1[..., :32], v[..., :32], do[..., :32], lam_v2, True)
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", False)
+    assert not applies(q, k, v, do, lam_v2, True)
+
+
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_tma_loads_interpreted(monkeypatch, variant):
@@ -454,6 +488,17 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 ]
 
 
+def gluon_dkdv_applies(variant, x):
+    """Whether the fused backward of these inputs takes the Gluon dK/dV kernel (an opaque op)."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    q, k, v, lam = x["q"], x["k"], x["v"], x["lam"]
+    B, L, H2, _ = q.shape
+    lam_rows = lam if variant == "diff_v2" else lam.expand(B, L, H2 // 2)
+    do = v.new_empty(B, L, H2 // 2, v.shape[-1])
+    return paired_softmax.dkdv_ws_applies(q, k, v, do, lam_rows, variant == "diff_v2",
+                                          torch.cuda.get_device_capability(q.device))
+
+
 @gpu
 @needs_cuda
 @needs_triton
@@ -463,6 +508,63 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 def test_fused_gpu(variant, shape, dtype):
     """Float32 runs every dot in IEEE precision (never tf32), so it must meet 1e-5."""
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the Gluon dK/dV kernel is for sm_90")
+
+
+@gpu
+@needs_sm90
+@needs_triton
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+@pytest.mark.parametrize("shape", [(2, 1000, 4, 2, 64), (3, 300, 4, 4, 64), (1, 129, 2, 1, 64), (1, 64, 2, 2, 64)])
+def test_fused_gpu_with_gluon_dkdv(monkeypatch, variant, shape):
+    """bf16 inputs laid out as the model's projections give them (heads side by side) take the
+    warp-specialized Gluon dK/dV kernel; with it the whole fused op meets the oracle at bf16's
+    tolerance. The spy makes sure the Gluon kernel ran, not the Triton one."""
+    from diffattn.backends.cuda.ops import paired_softmax, paired_softmax_ws
+    calls = []
+    launch = paired_softmax_ws.dkdv
+    monkeypatch.setattr(paired_softmax_ws, "dkdv", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
+    errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda")
+    assert calls, "the Gluon dK/dV kernel did not run"
+    assert_close(errs, torch.bfloat16)
+
+
+@gpu
+@needs_sm90
+@needs_triton
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_gluon_dkdv_matches_triton_dkdv(monkeypatch, variant):
+    """The two dK/dV kernels against each other, on gradients the oracle cannot resolve more finely
+    than bf16's 2e-2: V2's computes the same products in the same order (equal to float32
+    rounding), V1's rounds P1 to bf16 once more before P = P1 - lam P2 (bf16's half ulp, 4e-3)."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    op = OPS[variant][0]
+    x = {n: torch.tensor(a, dtype=torch.bfloat16 if n != "lam" or a.ndim == 3 else torch.float32, device="cuda",
+                         requires_grad=True) for n, a in inputs(variant, 2, 777, 4, 2, 64, 11).items()}
+    do = torch.randn(2, 777, 4, x["v"].shape[-1], device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    for ws in (True, False):
+        monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", ws)
+        grads[ws] = torch.autograd.grad(op(**x, impl="fused"), (x["k"], x["v"]), do)
+    for a, b in zip(grads[True], grads[False]):
+        assert rel(a.double().cpu(), b.double().cpu().numpy()) <= (1e-5 if variant == "diff_v2" else 4e-3)
+
+
+@gpu
+@needs_sm90
+@needs_triton
+def test_gluon_dkdv_op_passes_opcheck():
+    from diffattn.backends.cuda.ops import paired_softmax as ps
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, do = r(1, 130, 4, 64), r(1, 130, 1, 64), r(1, 130, 1, 64), r(1, 130, 2, 64)
+    lam = torch.rand(1, 130, 2, device="cuda", dtype=torch.bfloat16)
+    out, o2, lse = ps.forward(q, k, v, lam, 1, True)
+    _, _, _, delta = ps.backward(do, q, k, v, lam, out, o2, lse, 1, True)
+    torch.library.opcheck(torch.ops.diffattn.paired_dkdv_ws.default, (do, q, k, v, lam, lse, delta, True))
 
 
 @gpu
@@ -484,10 +586,13 @@ def test_fused_gpu_under_torch_compile(variant):
     compiled_loss = torch.compile(loss, fullgraph=True)
     compiled, code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(**x), list(x.values())))
     code = "\n".join(code)
-    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dkdv",
-                   "paired_attention_bwd_dq"):
+    gluon = gluon_dkdv_applies(variant, x)
+    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dq") + (
+            () if gluon else ("paired_attention_bwd_dkdv", )):
         assert kernel in code, f"{kernel} not launched by inductor's code"
-    assert "torch.ops.diffattn" not in code  # the opaque op would run the Python launcher per call
+    # an opaque op would run the Python launcher per call; only the Gluon dK/dV kernel must be one
+    calls = set(re.findall(r"torch\.ops\.diffattn\.\w+", code))
+    assert calls == ({"torch.ops.diffattn.paired_dkdv_ws"} if gluon else set()), calls
     for a, b in zip(compiled, eager):
         assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 1e-2
 
@@ -512,7 +617,7 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(written) == 4  # forward, deltas, dK/dV, dQ
+    assert len(written) == (3 if gluon_dkdv_applies(variant, x) else 4)  # forward, deltas, dK/dV (Triton's), dQ
     outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DX", "DW_PART"} if normed else set())
     assert all(set(w) <= outputs for w in written), written
 

@@ -472,7 +472,8 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-OPTIONS = {"tma": True, "diagonal": None}  # diagonal: None = DKDV_DIAGONAL's choice, else forced
+# diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: the Gluon dK/dV kernel where it applies
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -529,6 +530,35 @@ def _descriptor_scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def dkdv_ws_applies(q, k, v, do, lam_rows, shared_k, capability):
+    """Whether the warp-specialized Gluon dK/dV kernel (paired_softmax_ws.py) takes these inputs: on
+    sm_90, bf16, head_dim 64 with V 64 (V2) or 128 (V1, whose lambda must be one scalar) wide, every
+    tensor's heads side by side in a row and addressable by TMA."""
+    if not OPTIONS["dkdv_ws"] or INTERPRETED or capability != (9, 0):
+        return False
+    if q.shape[3] != 64 or v.shape[3] != (64 if shared_k else 128):
+        return False
+    if not shared_k and any(st != 0 for st in lam_rows.stride()):
+        return False
+    return all(t.dtype == torch.bfloat16 and t.stride(2) == t.shape[3] and tma_aligned(t) for t in (q, k, v, do))
+
+
+@torch.library.custom_op("diffattn::paired_dkdv_ws", mutates_args=())
+def paired_dkdv_ws(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam_rows: torch.Tensor,
+                   lse: torch.Tensor, delta: torch.Tensor, shared_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gluon dK/dV kernel as an opaque op: Inductor re-emits a traced kernel's source as Triton,
+    which a Gluon kernel is not, so this one launch stays a call into Python (none under CUDA graphs)."""
+    from . import paired_softmax_ws
+
+    triton.set_allocator(_descriptor_scratch)  # the kernel builds its tensor descriptors in global scratch
+    return paired_softmax_ws.dkdv(do, q, k, v, lam_rows, lse, delta, shared_k)
+
+
+@paired_dkdv_ws.register_fake
+def _(do, q, k, v, lam_rows, lse, delta, shared_k):
+    return k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 dots in full precision, never tf32
 
@@ -580,7 +610,7 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     # inputs are read with their strides (v is a slice of the fused projection: no copy of it); the
     # gradients are written contiguous
     q, k, v, do = map(unit_last_stride, (q, k, v, do))
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     weight, eps = norm if norm is not None else (out, 0.0)
@@ -598,11 +628,16 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
-    wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
-        q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
-        sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype), num_warps=warps,
-        num_stages=stages, GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), **common)
+    if q.is_cuda and dkdv_ws_applies(q, k, v, do, lam_rows, shared_k, torch.cuda.get_device_capability(q.device)):
+        dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta, shared_k)
+    else:
+        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+        bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
+        wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
+            q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
+            sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype),
+            GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), num_warps=warps,
+            num_stages=stages, **common)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
