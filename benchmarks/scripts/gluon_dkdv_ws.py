@@ -1,14 +1,15 @@
-"""The Gluon warp-specialized dK/dV kernel (backends/cuda/ops/paired_softmax_ws.py) against the
-Triton one, for DIFF V1 (d 64, V 128) and V2 (d 64): compiled for sm_90 on any machine, or checked
-and timed on the GPU.
+"""V2's Gluon warp-specialized dK/dV kernel (backends/cuda/ops/paired_softmax_ws.py) against the
+Triton one (paired_softmax.paired_attention_bwd_dkdv): compiled for sm_90 on any machine, or
+checked and timed on the GPU.
 
-    PYTHONPATH=. python benchmarks/scripts/gluon_dkdv_ws.py compile [--variants v1,v2]   # any machine
+    PYTHONPATH=. python benchmarks/scripts/gluon_dkdv_ws.py compile [--stages 2,3]   # any machine
     PYTHONPATH=. python benchmarks/scripts/gluon_dkdv_ws.py ab [--lengths 2048,8192,16384]   # GPU
 
-`compile` prints registers, stack, the main loop's instructions per MMA work and the instruction
-mix. `ab` checks both kernels' dK, dV against paired_softmax.backward's (the Triton kernel) at odd
-lengths and grouped heads, into outputs filled with NaN first (a kernel that skipped a store would
-show it), then alternates the two dK/dV kernels alone at B*L = 16k, 16 heads.
+`compile` prints registers, stack, the main loop's instructions per MMA work (and its local loads
+and stores: spills) and the instruction mix. `ab` checks both kernels' dK, dV against
+paired_softmax.backward's with the Triton kernel at odd lengths and grouped heads, into buffers
+that held NaN (a skipped store would show), then alternates the two dK/dV kernels alone at
+B*L = 16k, 16 heads. The V1 form was measured with this script at 9e70cff (docs/kernels.md).
 """
 import argparse
 import math
@@ -21,10 +22,8 @@ import triton
 from diffattn.backends.cuda.ops import paired_softmax as ps
 from diffattn.backends.cuda.ops import paired_softmax_ws as ws
 
-VARIANTS = {"v1": dict(shared_k=False, k_heads=2, dv=128), "v2": dict(shared_k=True, k_heads=1, dv=64)}
 
-
-def compile_sm90(variant, stages=ws.STAGES, split_maps=False):
+def compile_sm90(stages=ws.STAGES):
     """Compile for sm_90 without a GPU (Triton's own ptxas and cuobjdump): registers, stack, SASS mix."""
     import re
     import subprocess
@@ -34,11 +33,9 @@ def compile_sm90(variant, stages=ws.STAGES, split_maps=False):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = ws.paired_attention_bwd_dkdv_ws
-    cfg = VARIANTS[variant]
-    consts = ws.constexprs(64, cfg["dv"], cfg["shared_k"], stages, split_maps=split_maps)
+    consts = ws.constexprs(stages)
     pointers = {"Q", "K", "V", "DO", "LAM", "DK", "DV_"}
-    fp32 = {"LSE", "DELTA"} | ({"LAM"} if variant == "v1" else set())  # V1's lambda: a float32 parameter
-    sig = {n: "constexpr" if n in consts else "*fp32" if n in fp32 else "*bf16" if n in pointers
+    sig = {n: "constexpr" if n in consts else "*fp32" if n in ("LSE", "DELTA") else "*bf16" if n in pointers
            else "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] not in ("constexpr", "fp32") and n not in ("H", "GROUP", "sll", "slh", "slb")}
@@ -56,39 +53,25 @@ def compile_sm90(variant, stages=ws.STAGES, split_maps=False):
     regs = re.search(r"REG:\d+ STACK:\d+", usage).group(0)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import kernels_resources as kr  # the Triton kernels' main-loop measures, on this SASS
-    body = kr._main_loop_body(sass)[1]
-    local = sum(text.startswith(("LDL", "STL")) for text in body)
-    print(f"{variant}{' split' if split_maps else ''} stages {stages}: {regs}, shared {compiled.metadata.shared} B, main loop {kr.main_loop(sass)} "
+    local = sum(text.startswith(("LDL", "STL")) for text in kr._main_loop_body(sass)[1])
+    print(f"stages {stages}: {regs}, shared {compiled.metadata.shared} B, main loop {kr.main_loop(sass)} "
           f"({local} local loads/stores), EX2 under MMA {kr.exps_under_mma(sass)}, {counts}", flush=True)
 
 
-def inputs(variant, B, L, H, G, seed=0):
-    """bf16 inputs in the projection layout, and lse, delta and dK, dV from paired_softmax's kernels."""
-    cfg = VARIANTS[variant]
+def inputs(B, L, H, G, seed=0):
+    """bf16 V2 inputs in the projection layout; lse and delta from paired_softmax's kernels, and
+    the Triton kernel's dK, dV."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
-    q, k, v = r(B, L, 2 * H, 64), r(B, L, cfg["k_heads"] * G, 64), r(B, L, G, cfg["dv"])
-    do = r(B, L, H, cfg["dv"])
-    if cfg["shared_k"]:
-        lam = torch.rand(B, L, H, device="cuda", generator=gen).to(torch.bfloat16)
-    else:  # V1: one float32 scalar, seen as (B, L, H) rows of zero stride
-        lam = torch.rand((), device="cuda", generator=gen).add(0.1).expand(B, L, H)
-    k_step = 1 if cfg["shared_k"] else 2
-    out, o2, lse = ps.forward(q, k, v, lam, k_step, cfg["shared_k"])
-    with force_triton():
-        _, dk, dv, delta = ps.backward(do, q, k, v, lam, out, o2, lse, k_step, cfg["shared_k"])
+    q, k, v, do = r(B, L, 2 * H, 64), r(B, L, G, 64), r(B, L, G, 64), r(B, L, H, 64)
+    lam = torch.rand(B, L, H, device="cuda", generator=gen).to(torch.bfloat16)
+    out, o2, lse = ps.forward(q, k, v, lam, 1, True)
+    saved, ps.OPTIONS["dkdv_ws"] = ps.OPTIONS["dkdv_ws"], False
+    try:
+        _, dk, dv, delta = ps.backward(do, q, k, v, lam, out, o2, lse, 1, True)
+    finally:
+        ps.OPTIONS["dkdv_ws"] = saved
     return (do, q, k, v, lam, lse, delta), (dk, dv)
-
-
-class force_triton:
-    """paired_softmax.backward with its Triton dK/dV kernel whatever the device."""
-
-    def __enter__(self):
-        self.saved = ps.OPTIONS["dkdv_ws"]
-        ps.OPTIONS["dkdv_ws"] = False
-
-    def __exit__(self, *exc):
-        ps.OPTIONS["dkdv_ws"] = self.saved
 
 
 def poisoned(fn, *args):
@@ -102,22 +85,21 @@ def poisoned(fn, *args):
     return got, {t.data_ptr() for t in got} == ptrs
 
 
-def triton_dkdv(do, q, k, v, lam_rows, lse, delta, shared_k):
-    """The Triton dK/dV kernel alone, launched as paired_softmax.backward launches it."""
+def triton_dkdv(do, q, k, v, lam_rows, lse, delta):
+    """The Triton dK/dV kernel alone, launched as paired_softmax.backward launches it for V2."""
     B, L, H2, D = q.shape
     H, G, DV = H2 // 2, v.shape[2], v.shape[3]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    bm, bn, warps, stages = ps.blocks("dkdv", D, DV, q.dtype, shared_k)
+    bm, bn, warps, stages = ps.blocks("dkdv", D, DV, q.dtype, True)
     ps.paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *ps._strides(q, k, v, do), *lam_rows.stride(),
-        *ps._strides(dk, dv), L, H, H // G, ps.LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), D=D, DV=DV,
-        K_STEP=1 if shared_k else 2, SHARED_K=shared_k, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn,
-        SCALAR_LAM=not shared_k, DIAGONAL=ps.dkdv_diagonal(D, DV, q.dtype), GRADS_LIKE_INPUTS=True,
-        num_warps=warps, num_stages=stages)
+        *ps._strides(dk, dv), L, H, H // G, ps.LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), D=D, DV=DV, K_STEP=1,
+        SHARED_K=True, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=False, DIAGONAL=ps.dkdv_diagonal(D, DV, q.dtype),
+        GRADS_LIKE_INPUTS=True, num_warps=warps, num_stages=stages)
     return dk, dv
 
 
-def ab(variants, lengths):
+def ab(lengths):
     from triton.testing import do_bench
 
     from benchmarks._common import warm_gpu
@@ -126,54 +108,41 @@ def ab(variants, lengths):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     warm_gpu()
-    print("| variant | B | L | H | G | dK/dV kernel | ms | TFLOP/s | err dk | err dv | into NaN buffers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for variant in variants:
-        shared_k = VARIANTS[variant]["shared_k"]
-        codes = [("triton", lambda *a: triton_dkdv(*a, shared_k)), ("gluon ws", lambda *a: ws.dkdv(*a, shared_k))]
-        if not shared_k:  # V1: map 1 finished before map 2's scores are issued, as well
-            codes.append(("gluon ws split", lambda *a: ws.dkdv(*a, shared_k, split_maps=True)))
-        for B, L, H, G in ((3, 300, 4, 4), (2, 1000, 4, 2), (1, 64, 2, 2), (2, 100, 4, 1), (1, 129, 2, 1)):
-            args, want = inputs(variant, B, L, H, G)
-            ps._use_tma(args[1])  # Triton's allocator for in-kernel descriptors
+    codes = (("triton", triton_dkdv), ("gluon ws", ws.dkdv))
+    print("| B | L | H | G | dK/dV kernel | ms | TFLOP/s (6 N^2 d a head) | err dk | err dv | into NaN buffers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for B, L, H, G in ((3, 300, 4, 4), (2, 1000, 4, 2), (1, 64, 2, 2), (2, 100, 4, 1), (1, 129, 2, 1)):
+        args, want = inputs(B, L, H, G)
+        ps._use_tma(args[1])  # Triton's allocator for in-kernel descriptors
+        for name, fn in codes:
+            got, reused = poisoned(fn, *args)
+            print(f"| {B} | {L} | {H} | {G} | {name} | - | - | {rel(got[0], want[0]):.1e} | {rel(got[1], want[1]):.1e} "
+                  f"| {'yes' if reused else 'no'} |", flush=True)
+    for L in lengths:
+        B, H = max(1, 16384 // L), 16
+        args, want = inputs(B, L, H, H)
+        ps._use_tma(args[1])
+        flops = 6 * B * H * L * L * 64  # QK^T x2, dP, dV, dK x2 over the causal half: 6 N^2 d a head
+        for rnd in range(2):
             for name, fn in codes:
-                got, reused = poisoned(fn, *args)
-                print(f"| {variant} | {B} | {L} | {H} | {G} | {name} | - | - | {rel(got[0], want[0]):.1e} | "
-                      f"{rel(got[1], want[1]):.1e} | {'yes' if reused else 'no'} |", flush=True)
-        for L in lengths:
-            B, H = max(1, 16384 // L), 16
-            args, want = inputs(variant, B, L, H, H)
-            ps._use_tma(args[1])
-            # per head and map pair: the scores twice, dP, dV, dK twice over the causal half, 2 flops a MAC;
-            # V1's dP and dV are 2d wide
-            macs = (2 * 64 + 2 * VARIANTS[variant]["dv"] + 2 * 64) * L * L / 2
-            flops = 2 * macs * B * H
-            for rnd in range(2):
-                for name, fn in codes:
-                    got = fn(*args)
-                    ms = do_bench(lambda: fn(*args), return_mode="median")
-                    print(f"| {variant} | {B} | {L} | {H} | {H} | {name} (round {rnd + 1}) | {ms:.3f} | "
-                          f"{flops / ms / 1e9:.0f} | {rel(got[0], want[0]):.1e} | {rel(got[1], want[1]):.1e} | - |",
-                          flush=True)
+                got = fn(*args)
+                ms = do_bench(lambda: fn(*args), return_mode="median")
+                print(f"| {B} | {L} | {H} | {H} | {name} (round {rnd + 1}) | {ms:.3f} | {flops / ms / 1e9:.0f} | "
+                      f"{rel(got[0], want[0]):.1e} | {rel(got[1], want[1]):.1e} | - |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("compile", "ab"))
-    ap.add_argument("--variants", default="v1,v2")
     ap.add_argument("--lengths", default="2048,8192,16384")
     ap.add_argument("--stages", default=str(ws.STAGES))
     a = ap.parse_args()
-    variants = a.variants.split(",")
     if a.what == "compile":
-        for variant in variants:
-            for st in map(int, a.stages.split(",")):
-                compile_sm90(variant, st)
-                if variant == "v1":
-                    compile_sm90(variant, st, split_maps=True)
+        for st in map(int, a.stages.split(",")):
+            compile_sm90(st)
     else:
         sys.path.insert(0, os.getcwd())
-        ab(variants, [int(x) for x in a.lengths.split(",")])
+        ab([int(x) for x in a.lengths.split(",")])
 
 
 if __name__ == "__main__":
