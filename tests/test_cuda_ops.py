@@ -360,20 +360,17 @@ def test_tma_needs_16_byte_aligned_strides():
 
 @needs_triton
 def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
-    """The warp-specialized Gluon dK/dV kernels take sm_90, bf16, head_dim 64 with V 64 (V2) or 128
-    (V1, one scalar lambda) wide, heads side by side in TMA-addressable rows, each where its option
-    is on; everything else keeps the Triton kernel."""
+    """V2's warp-specialized Gluon dK/dV kernel takes sm_90, bf16, head_dim 64, heads side by side
+    in TMA-addressable rows; everything else, V1 included, keeps the Triton kernel."""
     from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)  # the interpreter never takes them
+    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)  # the interpreter never takes it
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws_v1", True)
     bf = torch.bfloat16
     qkv = torch.zeros(2, 37, (4 + 2 + 2) * 64, dtype=bf).view(2, 37, 8, 64)  # a fused V2 projection's heads
     q, k, v, do = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:], torch.zeros(2, 37, 2, 64, dtype=bf)
-    lam_v2 = torch.zeros(2, 37, 2, dtype=bf)
 
-    def applies(q, k, v, do, lam=lam_v2, shared_k=True, capability=(9, 0)):
-        return paired_softmax.dkdv_ws_applies(q, k, v, do, lam, shared_k, capability)
+    def applies(q, k, v, do, shared_k=True, capability=(9, 0)):
+        return paired_softmax.dkdv_ws_applies(q, k, v, do, shared_k, capability)
 
     assert applies(q, k, v, do)
     assert not applies(q, k, v, do, capability=(8, 0)) and not applies(q, k, v, do, capability=(10, 0))
@@ -383,13 +380,8 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
     odd_rows = torch.zeros(2, 37, 4 * 64 + 5, dtype=bf)[..., :256].unflatten(-1, (4, 64))
     assert not applies(odd_rows, k, v, do)  # a row stride TMA cannot take
     wide = torch.zeros(2, 37, 2, 128, dtype=bf)
-    assert not applies(q, k, wide, wide)  # V2's V is d wide
-    q1, k1, lam_v1 = torch.zeros(2, 37, 4, 64, dtype=bf), torch.zeros(2, 37, 4, 64, dtype=bf), torch.tensor(0.3)
-    assert applies(q1, k1, wide, wide, lam_v1.expand(2, 37, 2), shared_k=False)
-    assert not applies(q1, k1, v, do, lam_v1.expand(2, 37, 2), shared_k=False)  # V1's V is 2d wide
-    assert not applies(q1, k1, wide, wide, lam_v1.expand(2, 37, 2).contiguous(), shared_k=False)  # not one scalar
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws_v1", False)
-    assert not applies(q1, k1, wide, wide, lam_v1.expand(2, 37, 2), shared_k=False) and applies(q, k, v, do)
+    assert not applies(torch.zeros(2, 37, 4, 64, dtype=bf), torch.zeros(2, 37, 4, 64, dtype=bf), wide, wide,
+                       shared_k=False)  # V1
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", False)
     assert not applies(q, k, v, do)
 
@@ -494,12 +486,9 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 def gluon_dkdv_applies(variant, x):
     """Whether the fused backward of these inputs takes the Gluon dK/dV kernel (an opaque op)."""
     from diffattn.backends.cuda.ops import paired_softmax
-    q, k, v, lam = x["q"], x["k"], x["v"], x["lam"]
-    B, L, H2, _ = q.shape
-    do = v.new_empty(B, L, H2 // 2, v.shape[-1])
-    lam_rows = lam if variant == "diff_v2" else lam.expand(B, L, H2 // 2)
-    return paired_softmax.dkdv_ws_applies(q, k, v, do, lam_rows, variant == "diff_v2",
-                                          torch.cuda.get_device_capability())
+    q, k, v = x["q"], x["k"], x["v"]
+    do = v.new_empty(*q.shape[:2], q.shape[2] // 2, v.shape[-1])
+    return paired_softmax.dkdv_ws_applies(q, k, v, do, variant == "diff_v2", torch.cuda.get_device_capability())
 
 
 @gpu
@@ -520,20 +509,17 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 @gpu
 @needs_sm90
 @needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 @pytest.mark.parametrize("shape", [(2, 1000, 4, 2, 64), (3, 300, 4, 4, 64), (1, 129, 2, 1, 64), (1, 64, 2, 2, 64)])
-def test_fused_gpu_with_gluon_dkdv(monkeypatch, variant, shape):
-    """bf16 inputs laid out as the model's projections give them (heads side by side) take the
-    warp-specialized Gluon dK/dV kernel (V1's forced on); with it the whole fused op meets the
-    oracle at bf16's tolerance. The spy makes sure the Gluon kernel ran, not the Triton one."""
+def test_fused_gpu_with_gluon_dkdv(monkeypatch, shape):
+    """bf16 V2 inputs laid out as the model's projections give them (heads side by side) take the
+    warp-specialized Gluon dK/dV kernel; with it the whole fused op meets the oracle at bf16's
+    tolerance. The spy makes sure the Gluon kernel ran, not the Triton one."""
     from diffattn.backends.cuda.ops import paired_softmax, paired_softmax_ws
     calls = []
-    name = "dkdv" if variant == "diff_v2" else "dkdv_v1"
-    launch = getattr(paired_softmax_ws, name)
-    monkeypatch.setattr(paired_softmax_ws, name, lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    launch = paired_softmax_ws.dkdv
+    monkeypatch.setattr(paired_softmax_ws, "dkdv", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws_v1", True)
-    errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda")
+    errs = check("diff_v2", "fused", *shape, torch.bfloat16, device="cuda")
     assert calls, "the Gluon dK/dV kernel did not run"
     assert_close(errs, torch.bfloat16)
 
@@ -541,28 +527,19 @@ def test_fused_gpu_with_gluon_dkdv(monkeypatch, variant, shape):
 @gpu
 @needs_sm90
 @needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_gluon_dkdv_matches_triton_dkdv(monkeypatch, variant):
-    """The two dK/dV kernels against each other, finer than the oracle test can under bf16's 2e-2.
-    V2's take the same products in the same order (per key block its diagonal query block first,
-    each MMA summing the head dim the same way): bitwise equal. V1's Gluon kernel walks the
-    diagonal blocks first where the Triton one walks them last: the same float32 sums in another
-    order, and bf16 outputs (half an ulp, 2e-3 relative, bounds the difference)."""
+def test_gluon_dkdv_equals_triton_dkdv(monkeypatch):
+    """The two dK/dV kernels take the same products in the same order (per key block: its diagonal
+    query block first, then the rest, each MMA summing the head dim the same way), so their
+    gradients are bitwise equal; the oracle test alone could not see a difference under bf16's 2e-2."""
     from diffattn.backends.cuda.ops import paired_softmax
-    op = OPS[variant][0]
-    x = {n: torch.tensor(a, dtype=torch.bfloat16 if n != "lam" or a.ndim == 3 else torch.float32, device="cuda",
-                         requires_grad=True) for n, a in inputs(variant, 2, 777, 4, 2, 64, 11).items()}
-    do = torch.randn(2, 777, 4, x["v"].shape[-1], device="cuda", dtype=torch.bfloat16)
+    x = {n: torch.tensor(a, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+         for n, a in inputs("diff_v2", 2, 777, 4, 2, 64, 11).items()}
+    do = torch.randn(2, 777, 4, 64, device="cuda", dtype=torch.bfloat16)
     grads = {}
     for ws in (True, False):
         monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", ws)
-        monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws_v1", ws)
-        grads[ws] = torch.autograd.grad(op(**x, impl="fused"), (x["k"], x["v"]), do)
-    for a, b in zip(grads[True], grads[False]):
-        if variant == "diff_v2":
-            assert torch.equal(a, b)
-        else:
-            assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 2e-3
+        grads[ws] = torch.autograd.grad(diff_v2_attention(**x, impl="fused"), (x["k"], x["v"]), do)
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
 @gpu
@@ -575,7 +552,7 @@ def test_gluon_dkdv_op_passes_opcheck():
     lam = torch.rand(1, 130, 2, device="cuda", dtype=torch.bfloat16)
     out, o2, lse = ps.forward(q, k, v, lam, 1, True)
     _, _, _, delta = ps.backward(do, q, k, v, lam, out, o2, lse, 1, True)
-    torch.library.opcheck(torch.ops.diffattn.paired_dkdv_ws.default, (do, q, k, v, lam, lse, delta, True))
+    torch.library.opcheck(torch.ops.diffattn.paired_dkdv_ws.default, (do, q, k, v, lam, lse, delta))
 
 
 @gpu

@@ -472,9 +472,8 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-# diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws / dkdv_ws_v1: V2's / V1's Gluon
-# dK/dV kernel where it applies
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dkdv_ws_v1": False}
+# diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -531,33 +530,28 @@ def _descriptor_scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def dkdv_ws_applies(q, k, v, do, lam_rows, shared_k, capability):
-    """Whether the warp-specialized Gluon dK/dV kernels (paired_softmax_ws.py) take these inputs: on
-    sm_90, bf16, head_dim 64 (V 64 wide for V2, 128 for V1, whose lambda must be one scalar), every
-    tensor's heads side by side in a row and addressable by TMA."""
-    if INTERPRETED or capability != (9, 0) or not OPTIONS["dkdv_ws" if shared_k else "dkdv_ws_v1"]:
+def dkdv_ws_applies(q, k, v, do, shared_k, capability):
+    """Whether V2's warp-specialized Gluon dK/dV kernel (paired_softmax_ws.py) takes these inputs:
+    on sm_90, bf16, head_dim 64, every tensor's heads side by side in a row and addressable by TMA."""
+    if not (OPTIONS["dkdv_ws"] and shared_k and capability == (9, 0)) or INTERPRETED:
         return False
-    if not shared_k and any(st != 0 for st in lam_rows.stride()):
-        return False
-    dv = 64 if shared_k else 128
-    return all(t.dtype == torch.bfloat16 and t.shape[3] == width and t.stride(2) == width and tma_aligned(t)
-               for t, width in ((q, 64), (k, 64), (v, dv), (do, dv)))
+    return all(t.dtype == torch.bfloat16 and t.shape[3] == 64 and t.stride(2) == 64 and tma_aligned(t)
+               for t in (q, k, v, do))
 
 
 @torch.library.custom_op("diffattn::paired_dkdv_ws", mutates_args=())
 def paired_dkdv_ws(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam_rows: torch.Tensor,
-                   lse: torch.Tensor, delta: torch.Tensor, shared_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gluon dK/dV kernels as an opaque op: Inductor re-emits a traced kernel's source as Triton,
+                   lse: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gluon dK/dV kernel as an opaque op: Inductor re-emits a traced kernel's source as Triton,
     which a Gluon kernel is not, so this one launch stays a call into Python (none under CUDA graphs)."""
     from . import paired_softmax_ws
 
     triton.set_allocator(_descriptor_scratch)  # the kernel builds its tensor descriptors in global scratch
-    launch = paired_softmax_ws.dkdv if shared_k else paired_softmax_ws.dkdv_v1
-    return launch(do, q, k, v, lam_rows, lse, delta)
+    return paired_softmax_ws.dkdv(do, q, k, v, lam_rows, lse, delta)
 
 
 @paired_dkdv_ws.register_fake
-def _(do, q, k, v, lam_rows, lse, delta, shared_k):
+def _(do, q, k, v, lam_rows, lse, delta):
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -630,8 +624,8 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
-    if q.is_cuda and dkdv_ws_applies(q, k, v, do, lam_rows, shared_k, torch.cuda.get_device_capability(q.device)):
-        dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta, shared_k)
+    if q.is_cuda and dkdv_ws_applies(q, k, v, do, shared_k, torch.cuda.get_device_capability(q.device)):
+        dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta)
     else:
         dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
         bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
