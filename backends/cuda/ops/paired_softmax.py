@@ -18,7 +18,9 @@ dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
     dS1  = P1 (dP - delta1),   dS2 = -lam P2 (dP - delta2')
     dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
 dK/dV come from a kernel that keeps one K/V block resident and walks the query blocks of every
-query head of its group (no atomics); dQ from a kernel that keeps a query block resident.
+query head of its group (no atomics); dQ from a kernel that keeps a query block resident. On
+sm_90, V2's dK/dV runs the same sums in a warp-specialized Gluon kernel where it applies
+(paired_softmax_ws.py, dkdv_ws_applies).
 Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
 lse = +inf so their probabilities are exactly 0.
 """
