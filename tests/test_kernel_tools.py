@@ -1,7 +1,8 @@
 """The kernel inspection tools. kernels_resources.py (ahead of time): how it finds the main loop in
 SASS, which arguments get the JIT's divisibility hints, and one real sm_90 compile of a kernel read
 end to end (no GPU needed: Triton ships ptxas and cuobjdump). kernels_profile.py: what it reads
-from Nsight Compute's exported CSV pages."""
+from Nsight Compute's exported CSV pages. kernels_table.py: how its ratios and target verdicts
+follow the two timings (events, graph replay)."""
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "scripts"))
 import kernels_profile as kp  # noqa: E402
 import kernels_resources as kr  # noqa: E402
+import kernels_table as kt  # noqa: E402
 
 
 def sass(lines):
@@ -127,3 +129,40 @@ def test_profile_hotspots_sum_samples_by_reason_and_opcode_once_per_kernel(tmp_p
     assert lines[2] == "  by opcode: BRA 60.0%, WARPGROUP.DEPBAR.LE 30.0%, MUFU 10.0%"
     assert lines[3].split()[:3] == ["60.0%", "@!P0", "BRA"] and lines[3].endswith("mostly long_sb")
     assert len(lines) == 3 + 3  # the fill is not one of the kernels asked for; the repeat is skipped
+
+
+def _table_rows(variant, L, fused, cudnn, flash, mode="fwd+bwd"):
+    """kernels_table rows of one (variant, L, mode): (events ms, graph ms or None) per impl."""
+    rows = []
+    for impl, (ms, graph_ms) in (("fused", fused), ("composed:cudnn", cudnn), ("composed:flash", flash)):
+        row = dict(variant=variant, d=64, L=L, B=16384 // L, mode=mode, impl=impl, ms=ms)
+        if graph_ms is not None:
+            row["graph_ms"] = graph_ms
+        rows.append(row)
+    return rows
+
+
+def test_table_ratios_take_the_fastest_composed_backend_per_timing():
+    """Each timing has its own best composed backend: here cuDNN by events, flash by graph replay."""
+    rows = _table_rows("diff_v2", 1024, fused=(1.6, 0.9), cudnn=(1.4, 1.4), flash=(1.9, 1.2))
+    kt.add_ratios(rows)
+    fused = rows[0]
+    assert fused["best_composed"] == "composed:cudnn" and fused["vs_best_composed"] == pytest.approx(1.4 / 1.6)
+    assert fused["graph_best_composed"] == "composed:flash"
+    assert fused["graph_vs_best_composed"] == pytest.approx(1.2 / 0.9)
+
+
+def test_table_targets_judge_gpu_time_where_rows_have_it():
+    """Target 3 reads the graph replay's ratio (a host-bound event row does not fail it) and, where
+    a row has no graph time, the event ratio; both are printed."""
+    def target3(rows):
+        kt.add_ratios(rows)
+        return next(t for t in kt.targets(rows, mm=700.0) if t.startswith("3."))
+
+    host_bound = [r for L in kt.LENGTHS for r in _table_rows("diff_v2", L, fused=(1.6 if L == 1024 else 1.0, 0.9),
+                                                             cudnn=(1.4, 1.4), flash=(2.0, 2.0))]
+    verdict = target3(host_bound)
+    assert ": MET" in verdict and f"L=1024: {1.4 / 0.9:.2f}x vs composed:cudnn (events {1.4 / 1.6:.2f}x)" in verdict
+    events_only = [r for L in kt.LENGTHS for r in _table_rows("diff_v2", L, fused=(1.6 if L == 1024 else 1.0, None),
+                                                              cudnn=(1.4, None), flash=(2.0, None))]
+    assert "NOT MET" in target3(events_only)
