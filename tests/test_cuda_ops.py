@@ -361,9 +361,11 @@ def test_tma_needs_16_byte_aligned_strides():
 @needs_triton
 def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
     """V2's warp-specialized Gluon dK/dV kernel takes sm_90, bf16, head_dim 64, heads side by side
-    in TMA-addressable rows; everything else, V1 included, keeps the Triton kernel."""
+    in TMA-addressable rows, on the Triton release it was checked on; everything else, V1
+    included, keeps the Triton kernel."""
     from diffattn.backends.cuda.ops import paired_softmax
     monkeypatch.setattr(paired_softmax, "INTERPRETED", False)  # the interpreter never takes it
+    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
     bf = torch.bfloat16
     qkv = torch.zeros(2, 37, (4 + 2 + 2) * 64, dtype=bf).view(2, 37, 8, 64)  # a fused V2 projection's heads
@@ -382,6 +384,9 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
     wide = torch.zeros(2, 37, 2, 128, dtype=bf)
     assert not applies(torch.zeros(2, 37, 4, 64, dtype=bf), torch.zeros(2, 37, 4, 64, dtype=bf), wide, wide,
                        shared_k=False)  # V1
+    monkeypatch.setattr(paired_softmax.triton, "__version__", "3.9.0")  # Gluon's API differs there
+    assert not applies(q, k, v, do)
+    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", False)
     assert not applies(q, k, v, do)
 
@@ -502,8 +507,16 @@ def test_fused_gpu(variant, shape, dtype):
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
 
 
-needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                                reason="the Gluon dK/dV kernel is for sm_90")
+def _gluon_dkdv_runs_here():
+    if not (HAVE_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+        return False
+    import triton
+    from diffattn.backends.cuda.ops import paired_softmax
+    return triton.__version__.startswith(paired_softmax.GLUON_TRITON)
+
+
+needs_sm90 = pytest.mark.skipif(not _gluon_dkdv_runs_here(), reason="the Gluon dK/dV kernel runs on sm_90 with the "
+                                "Triton release it was checked on")
 
 
 @gpu

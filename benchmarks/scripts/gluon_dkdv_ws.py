@@ -2,9 +2,11 @@
 Triton one (paired_softmax.paired_attention_bwd_dkdv): compiled for sm_90 on any machine, or
 checked and timed on the GPU.
 
-    PYTHONPATH=. python benchmarks/scripts/gluon_dkdv_ws.py compile [--stages 2,3]   # any machine
+    PYTHONPATH=/tmp/t36site:. python benchmarks/scripts/gluon_dkdv_ws.py compile [--stages 2,3]   # any machine
     PYTHONPATH=. python benchmarks/scripts/gluon_dkdv_ws.py ab [--lengths 2048,8192,16384]   # GPU
 
+The kernel is written against Triton 3.6's Gluon (the device machine's; 3.9 renamed parts of it):
+on another release, put 3.6 first (`pip install --no-deps --target /tmp/t36site triton==3.6.0`).
 `compile` prints registers, stack, the main loop's instructions per MMA work (and its local loads
 and stores: spills) and the instruction mix. `ab` checks both kernels' dK, dV against
 paired_softmax.backward's with the Triton kernel at odd lengths and grouped heads, into buffers

@@ -532,10 +532,18 @@ def _descriptor_scratch(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+# Gluon's API moves between Triton releases (3.9 renamed gl.thread_barrier to gl.barrier), so the
+# Gluon kernel runs only on the release it was checked and timed on (the device machine's)
+GLUON_TRITON = "3.6."
+
+
 def dkdv_ws_applies(q, k, v, do, shared_k, capability):
     """Whether V2's warp-specialized Gluon dK/dV kernel (paired_softmax_ws.py) takes these inputs:
-    on sm_90, bf16, head_dim 64, every tensor's heads side by side in a row and addressable by TMA."""
+    on sm_90 with Triton 3.6, bf16, head_dim 64, every tensor's heads side by side in a row and
+    addressable by TMA."""
     if not (OPTIONS["dkdv_ws"] and shared_k and capability == (9, 0)) or INTERPRETED:
+        return False
+    if not triton.__version__.startswith(GLUON_TRITON):
         return False
     return all(t.dtype == torch.bfloat16 and t.shape[3] == 64 and t.stride(2) == 64 and tma_aligned(t)
                for t in (q, k, v, do))

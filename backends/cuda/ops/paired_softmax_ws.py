@@ -15,7 +15,8 @@ exponentials run under the other's MMAs. Queries sit on the rows because each pe
 
 Same contract as paired_softmax.paired_attention_bwd_dkdv for V2 (K_STEP 1, SHARED_K), for what
 paired_softmax.dkdv_ws_applies accepts: bf16, head_dim 64, every head's columns side by side in a
-row (one 2-D TMA descriptor a tensor and batch addresses each head as a column block). V1 (two
+row (one 2-D TMA descriptor a tensor and batch addresses each head as a column block), and
+Triton 3.6, whose Gluon API this is written against. V1 (two
 key heads, V 2d wide) keeps the Triton kernel: in this form its 128 accumulator registers a thread
 spilled (18-21% slower, 1f54f4d); with keys on rows and 32-query blocks, as the Triton V1 kernel
 is tiled, it was 3% faster at 8k / 16k, 2% slower at 2k and left the training step unchanged
