@@ -31,9 +31,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from .paired_softmax import LOG2E
+
 BLOCK = gl.constexpr(64)  # head_dim; queries a streamed block; keys a consumer warpgroup (an MMA's M)
 STAGES = 3  # the stream's ring; with it the kernel holds 152 KB of shared memory
-LOG2E = 1.4426950408889634
+# the tiles' layouts, built once here rather than on every launch
+MMA_LAYOUT = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 16])
+SMEM_LAYOUT = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.bfloat16)
 
 
 @gluon.jit
@@ -193,9 +197,8 @@ def paired_attention_bwd_dkdv_ws(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
 
 
 def constexprs(stages=STAGES, consumer_regs=240):
-    mma = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 16])
-    return dict(STAGES=stages, CONSUMER_REGS=consumer_regs, S_LAYOUT=mma, O_LAYOUT=mma,
-                SMEM=gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.bfloat16))
+    return dict(STAGES=stages, CONSUMER_REGS=consumer_regs, S_LAYOUT=MMA_LAYOUT, O_LAYOUT=MMA_LAYOUT,
+                SMEM=SMEM_LAYOUT)
 
 
 def dkdv(do, q, k, v, lam_rows, lse, delta, stages=STAGES):
