@@ -227,6 +227,48 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
     assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
 
 
+if HAVE_TRITON:
+    import triton.language as tl
+
+    from diffattn.backends.cuda.ops.paired_softmax import dkdv_launch_order
+
+    @triton.jit
+    def launch_order_probe(OUT, PAIRS_TOGETHER: tl.constexpr):
+        """Writes what the j-th dK/dV program in launch order computes, (key block, pair), at OUT[j]."""
+        job = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        n, pair = dkdv_launch_order(PAIRS_TOGETHER)
+        tl.store(OUT + 2 * job, n)
+        tl.store(OUT + 2 * job + 1, pair)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("together", [1, 2, 3, 8])
+def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
+    """The j-th dK/dV program in launch order computes one (key block, batch x kv head pair); over
+    the grid each one once. Pairs run in groups of `together` (the last one short when they do not divide):
+    within a group every pair's key block n launches before any pair's block n + 1."""
+    n_blocks, n_pairs = 4, 5
+    got = torch.full((n_blocks * n_pairs, 2), -1, dtype=torch.int32)
+    launch_order_probe[(n_blocks, n_pairs)](got, PAIRS_TOGETHER=together)
+    order = [tuple(r) for r in got.tolist()]
+    assert sorted(order) == [(n, p) for n in range(n_blocks) for p in range(n_pairs)]
+    groups = [list(range(p, min(p + together, n_pairs))) for p in range(0, n_pairs, together)]
+    want = [(n, p) for pairs in groups for n in range(n_blocks) for p in pairs]
+    assert order == want
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_dkdv_launch_order_gives_the_oracles_gradients(monkeypatch, variant):
+    """Groups of 3 (batch, kv head) pairs over 4 pairs and 3 key blocks of 16: the gradients are the
+    oracle's whichever program computes which block."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", 3)
+    assert_close(check(variant, "fused", 2, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
+
+
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])

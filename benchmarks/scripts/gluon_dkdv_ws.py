@@ -15,7 +15,6 @@ B*L = 16k, 16 heads. V1's two Gluon forms were measured with this script as it w
 (queries on rows) and 9d9e8ad (keys on rows, 32-query blocks); docs/kernels.md, v9.
 """
 import argparse
-import math
 import os
 import sys
 
@@ -88,20 +87,6 @@ def poisoned(fn, *args):
     return got, {t.data_ptr() for t in got} == ptrs
 
 
-def triton_dkdv(do, q, k, v, lam_rows, lse, delta):
-    """The Triton dK/dV kernel alone, launched as paired_softmax.backward launches it for V2."""
-    B, L, H2, D = q.shape
-    H, G, DV = H2 // 2, v.shape[2], v.shape[3]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    bm, bn, warps, stages = ps.blocks("dkdv", D, DV, q.dtype, True)
-    ps.paired_attention_bwd_dkdv[(triton.cdiv(L, bn), B * G)](
-        q, k, v, do, lam_rows, lse, delta, dk, dv, *ps._strides(q, k, v, do), *lam_rows.stride(),
-        *ps._strides(dk, dv), L, H, H // G, ps.LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), D=D, DV=DV, K_STEP=1,
-        SHARED_K=True, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=False, DIAGONAL=ps.dkdv_diagonal(D, DV, q.dtype),
-        GRADS_LIKE_INPUTS=True, num_warps=warps, num_stages=stages)
-    return dk, dv
-
-
 def ab(lengths):
     from triton.testing import do_bench
 
@@ -111,7 +96,7 @@ def ab(lengths):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     warm_gpu()
-    codes = (("triton", triton_dkdv), ("gluon ws", ws.dkdv))
+    codes = (("triton", lambda *args: ps.triton_dkdv(*args, 1, True)), ("gluon ws", ws.dkdv))  # V2: K_STEP 1, shared K
     print("| B | L | H | G | dK/dV kernel | ms | TFLOP/s (6 N^2 d a head) | err dk | err dv | into NaN buffers |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for B, L, H, G in ((3, 300, 4, 4), (2, 1000, 4, 2), (1, 64, 2, 2), (2, 100, 4, 1), (1, 129, 2, 1)):

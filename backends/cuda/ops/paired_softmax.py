@@ -313,21 +313,39 @@ def _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_bas
 
 
 @triton.jit
+def dkdv_launch_order(PAIRS_TOGETHER: tl.constexpr):
+    """The (key block, batch x kv head pair) this dK/dV program computes, on the grid (key blocks,
+    pairs), whose programs launch in order of program_id(1) * num_programs(0) + program_id(0).
+    PAIRS_TOGETHER pairs run at a time, every pair's key block 0 (the one with the most query
+    blocks under the causal mask) before any pair's block 1, and so on, so the last wave holds
+    light blocks; a group's blocks stay close in launch order, where they share their Q and dO rows
+    in L2. 1: one pair's blocks after another's (the grid's own order)."""
+    if PAIRS_TOGETHER == 1:  # as the grid lies: ptxas allocates the kernel differently otherwise
+        return tl.program_id(0), tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    job = tl.program_id(1) * n_blocks + tl.program_id(0)
+    first = job // (PAIRS_TOGETHER * n_blocks) * PAIRS_TOGETHER
+    width = tl.minimum(PAIRS_TOGETHER, tl.num_programs(1) - first)  # the last group may be short
+    r = job - first * n_blocks
+    return r // width, first + r % width
+
+
+@triton.jit
 def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, slb, sll, slh,
                               sgkb, sgkl, sgkh, sgvb, sgvl, sgvh, L, H, GROUP, qk_scale, sm_scale,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr):
+                              SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr,
+                              PAIRS_TOGETHER: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's.
     DIAGONAL places the masked query blocks that cross the block's diagonal: "first" (a loop before
     the others), "unrolled" (first, unrolled) or "last" (a loop after). The order changes only the
     summation order; what it changes for speed is whether ptxas keeps the warpgroup MMAs
-    asynchronous (see DKDV_DIAGONAL)."""
+    asynchronous (see DKDV_DIAGONAL). PAIRS_TOGETHER: see dkdv_launch_order."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
-    pid_n = tl.program_id(0)
-    bg = tl.program_id(1)
+    pid_n, bg = dkdv_launch_order(PAIRS_TOGETHER)
     G = H // GROUP
     b = (bg // G).to(tl.int64)
     g = bg % G
@@ -474,8 +492,9 @@ OVERRIDES = {}
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
-# diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True}
+# diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
+# dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order)
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dkdv_pairs_together": 1}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -608,6 +627,25 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     return out, o2, lse, y
 
 
+def triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
+    """dK, dV (contiguous) by the Triton kernel, from the forward's LSE and the deltas; inputs as
+    backward has them (unit last stride)."""
+    B, L, H2, D = q.shape
+    H, G, D, DV = int(H2) // 2, int(v.shape[2]), int(D), int(v.shape[3])
+    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    sm_scale = 1.0 / math.sqrt(D)
+    # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
+    scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
+    bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
+    wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
+        q, k, v, do, lam_rows, lse, delta, dk, dv, *_strides(q, k, v, do), *lam_rows.stride(), *_strides(dk, dv),
+        L, H, H // G, sm_scale * LOG2E, sm_scale, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k,
+        PREC=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam,
+        DIAGONAL=dkdv_diagonal(D, DV, q.dtype), GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(),
+        PAIRS_TOGETHER=int(OPTIONS["dkdv_pairs_together"]), num_warps=warps, num_stages=stages)
+    return dk, dv
+
+
 def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2).
     With norm = (weight, eps), do is the gradient of forward's y, and d weight (float32) comes last."""
@@ -631,19 +669,11 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
         *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, STEPS=steps, LOAD_STAGES=stages,
         NORM=norm is not None, num_warps=warps)
     common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
-    # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
-    scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     if q.is_cuda and dkdv_ws_applies(q, k, v, do, shared_k, torch.cuda.get_device_capability(q.device)):
         dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta)
     else:
-        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-        bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
-        wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
-            q, k, v, do, lam_rows, lse, delta, dk, dv, *strides, *_strides(dk, dv), L, H, H // G, sm_scale * LOG2E,
-            sm_scale, BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam, DIAGONAL=dkdv_diagonal(D, DV, q.dtype),
-            GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(), num_warps=warps,
-            num_stages=stages, **common)
+        dk, dv = triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k)
     bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
     wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
         q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
