@@ -189,6 +189,56 @@ def gpu_clocks() -> dict:
         return {}
 
 
+class GpuSampler:
+    """Samples GPU 0's SM clock, board power and NVML's power-cap reason every `period` seconds on a
+    thread while the `with` block runs; .summary() -> {"sm_mhz", "watts", "power_capped"} (means;
+    power_capped the share of samples NVML held the clock for the software power cap), or {}
+    where NVML is missing. A timing held at a lower clock by the power cap is energy-bound: work
+    that only fills idle time then buys less than it does alone."""
+
+    def __init__(self, period: float = 0.01):
+        self.period, self.samples, self._stop = period, [], None
+
+    def __enter__(self):
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            # newer NVML names these "clocks event reasons", older ones "clocks throttle reasons"
+            kind = "Event" if hasattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons") else "Throttle"
+            query = getattr(pynvml, f"nvmlDeviceGetCurrentClocks{kind}Reasons")
+            cap = getattr(pynvml, f"nvmlClocks{kind}ReasonSwPowerCap")
+        except Exception:  # no NVML here: no samples
+            return self
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                reasons = query(handle)
+                self.samples.append((pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, bool(reasons & cap)))
+                self._stop.wait(self.period)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        mhz, watts, capped = zip(*self.samples)
+        return {"sm_mhz": statistics.fmean(mhz), "watts": statistics.fmean(watts),
+                "power_capped": statistics.fmean(capped)}
+
+
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     """The dense bf16 matmul rate on this CUDA GPU, TFLOP/s: an n^3 product of random data after
     warm_gpu(), CUDA events, median of reps after 3 warm-ups. The reference of the tables' MFU."""

@@ -259,6 +259,19 @@ def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
 
 
 @needs_triton
+def test_dkdv_runs_together_the_pairs_whose_rows_fit_half_the_l2(monkeypatch):
+    from diffattn.backends.cuda.ops import paired_softmax
+    mib = 2 ** 20
+    assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 25  # the training step's shape
+    assert paired_softmax.pairs_together(16, 12 * mib, 50 * mib) == 2
+    assert paired_softmax.pairs_together(16, 13 * mib, 50 * mib) == 1  # one pair's rows fill half the L2
+    assert paired_softmax.pairs_together(8, 1 * mib, 50 * mib) == 8  # no more than there are
+    assert paired_softmax.pairs_together(8, 1 * mib, 0) == 1  # no L2 figure (CPU)
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", "4")  # as kernels_sweep sets it
+    assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 4
+
+
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_dkdv_launch_order_gives_the_oracles_gradients(monkeypatch, variant):

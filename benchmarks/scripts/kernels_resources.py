@@ -162,7 +162,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
         consts["GRADS_LIKE_INPUTS"] = True
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
-        consts["PAIRS_TOGETHER"] = int(ps.OPTIONS["dkdv_pairs_together"])
+        consts["PAIRS_TOGETHER"] = 1  # the grid's own order; --constexprs PAIRS_TOGETHER=16 for another
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
         consts["STEPS"], consts["LOAD_STAGES"] = bn, stages

@@ -493,8 +493,9 @@ OVERRIDES = {}
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
 # diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
-# dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order)
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dkdv_pairs_together": 1}
+# dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
+# (pairs_together)
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dkdv_pairs_together": "auto"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -627,6 +628,17 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     return out, o2, lse, y
 
 
+def pairs_together(pairs, pair_bytes, l2_bytes):
+    """How many of `pairs` (batch, kv head) pairs the dK/dV grid runs heaviest block first together
+    (dkdv_launch_order): as many as have their Q and dO rows (pair_bytes), which each of a pair's
+    key blocks streams, fit in half the L2, at least 1; OPTIONS may fix the number. Launching every
+    pair's first block at once (sweep 10, docs/kernels.md) ran slower where those rows outgrew
+    the L2."""
+    if OPTIONS["dkdv_pairs_together"] != "auto":
+        return int(OPTIONS["dkdv_pairs_together"])
+    return max(1, min(pairs, l2_bytes // 2 // pair_bytes))
+
+
 def triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
     """dK, dV (contiguous) by the Triton kernel, from the forward's LSE and the deltas; inputs as
     backward has them (unit last stride)."""
@@ -637,12 +649,14 @@ def triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
     # V1's lambda is one scalar (a zero-stride view): its -lam factor of dS2 leaves the dK/dV loop
     scalar_lam = not shared_k and all(st == 0 for st in lam_rows.stride())
     bm, bn, warps, stages = blocks("dkdv", D, DV, q.dtype, shared_k)
+    l2_bytes = torch.cuda.get_device_properties(q.device).L2_cache_size if q.is_cuda else 0
+    together = pairs_together(B * G, L * (H // G) * (2 * D + DV) * q.element_size(), l2_bytes)
     wrap_triton(paired_attention_bwd_dkdv)[(triton.cdiv(L, bn), B * G)](
         q, k, v, do, lam_rows, lse, delta, dk, dv, *_strides(q, k, v, do), *lam_rows.stride(), *_strides(dk, dv),
         L, H, H // G, sm_scale * LOG2E, sm_scale, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k,
         PREC=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam,
         DIAGONAL=dkdv_diagonal(D, DV, q.dtype), GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(),
-        PAIRS_TOGETHER=int(OPTIONS["dkdv_pairs_together"]), num_warps=warps, num_stages=stages)
+        PAIRS_TOGETHER=together, num_warps=warps, num_stages=stages)
     return dk, dv
 
 
