@@ -259,13 +259,14 @@ def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
 
 
 @needs_triton
-def test_dkdv_runs_together_the_pairs_whose_rows_fit_half_the_l2(monkeypatch):
+def test_dkdv_runs_together_the_most_pairs_that_divide_evenly_and_fit_half_the_l2(monkeypatch):
     from diffattn.backends.cuda.ops import paired_softmax
     mib = 2 ** 20
-    assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 25  # the training step's shape
-    assert paired_softmax.pairs_together(16, 12 * mib, 50 * mib) == 2
-    assert paired_softmax.pairs_together(16, 13 * mib, 50 * mib) == 1  # one pair's rows fill half the L2
-    assert paired_softmax.pairs_together(8, 1 * mib, 50 * mib) == 8  # no more than there are
+    assert paired_softmax.pairs_together(64, 1 * mib, 60 * mib) == 16  # the training step's shape: 30 fit
+    assert paired_softmax.pairs_together(16, 8 * mib, 60 * mib) == 2  # 3 fit, 3 does not divide 16
+    assert paired_softmax.pairs_together(16, 31 * mib, 60 * mib) == 1  # one pair's rows outgrow half the L2
+    assert paired_softmax.pairs_together(13, 1 * mib, 60 * mib) == 13  # all of them: no more than there are
+    assert paired_softmax.pairs_together(13, 4 * mib, 60 * mib) == 1  # 7 fit, 13 is prime
     assert paired_softmax.pairs_together(8, 1 * mib, 0) == 1  # no L2 figure (CPU)
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", "4")  # as kernels_sweep sets it
     assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 4
