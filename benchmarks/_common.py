@@ -191,9 +191,9 @@ def gpu_clocks() -> dict:
 
 class GpuSampler:
     """Samples GPU 0's SM clock, board power and NVML's power-cap reason every `period` seconds on a
-    thread while the `with` block runs; .summary() -> {"sm_mhz", "watts", "power_capped"} (means;
-    power_capped the share of samples NVML held the clock for the software power cap), or {}
-    where NVML is missing. A timing held at a lower clock by the power cap is energy-bound: work
+    thread while the `with` block runs; .summary() -> {"sm_mhz", "watts", "power_capped", "joules"}
+    (means; power_capped the share of samples NVML held the clock for the software power cap;
+    joules the board's energy counter over the block), or {} where NVML is missing. A timing held at a lower clock by the power cap is energy-bound: work
     that only fills idle time then buys less than it does alone."""
 
     def __init__(self, period: float = 0.01):
@@ -214,6 +214,8 @@ class GpuSampler:
         except Exception:  # no NVML here: no samples
             return self
         self._stop = threading.Event()
+        self._energy = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # mJ -> J
+        self._joules = self._energy()
 
         def poll():
             while not self._stop.is_set():
@@ -228,6 +230,7 @@ class GpuSampler:
 
     def __exit__(self, *exc):
         if self._stop is not None:
+            self._joules = self._energy() - self._joules
             self._stop.set()
             self._thread.join()
 
@@ -236,7 +239,7 @@ class GpuSampler:
             return {}
         mhz, watts, capped = zip(*self.samples)
         return {"sm_mhz": statistics.fmean(mhz), "watts": statistics.fmean(watts),
-                "power_capped": statistics.fmean(capped)}
+                "power_capped": statistics.fmean(capped), "joules": self._joules}
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:

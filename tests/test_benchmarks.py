@@ -157,3 +157,34 @@ def test_gpu_only_combinations_skip_with_a_reason():
     for backend in C.BACKENDS:
         with pytest.raises(NotImplementedError, match="needs a GPU"):
             C.Runtime(backend, need_gpu=True)
+
+
+def test_gpu_sampler_means_what_nvml_reports_over_the_block(monkeypatch):
+    """GpuSampler against a stand-in NVML: mean clock and power, the share of samples held by the
+    power cap, and the energy counter's difference over the `with` block; {} without NVML."""
+    import sys
+    import types
+
+    from benchmarks import _common
+
+    clock = iter([1800, 1900] * 1000)
+    energy = iter([10_000, 25_000])  # mJ at entry and exit
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0", NVML_CLOCK_SM=1,
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: 4 if next(flags) else 0, nvmlClocksEventReasonSwPowerCap=4,
+        nvmlDeviceGetClockInfo=lambda h, kind: next(clock), nvmlDeviceGetPowerUsage=lambda h: 500_000,
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: next(energy))
+    flags = iter([True, False] * 1000)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with _common.GpuSampler(period=0.001) as gpu:
+        while len(gpu.samples) < 10:
+            pass
+    n = len(gpu.samples)
+    got = gpu.summary()
+    assert got["joules"] == 15.0 and got["watts"] == 500.0
+    assert got["sm_mhz"] == (1850 if n % 2 == 0 else (1850 * (n - 1) + 1800) / n)
+    assert got["power_capped"] == (0.5 if n % 2 == 0 else (n // 2 + 1) / n)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: no samples
+    with _common.GpuSampler() as gpu:
+        pass
+    assert gpu.summary() == {}

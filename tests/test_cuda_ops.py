@@ -262,11 +262,13 @@ def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
 def test_dkdv_runs_together_the_most_pairs_that_divide_evenly_and_fit_half_the_l2(monkeypatch):
     from diffattn.backends.cuda.ops import paired_softmax
     mib = 2 ** 20
+    assert paired_softmax.PAIRS_TOGETHER_MIN == 8
     assert paired_softmax.pairs_together(64, 1 * mib, 60 * mib) == 16  # the training step's shape: 30 fit
-    assert paired_softmax.pairs_together(16, 8 * mib, 60 * mib) == 2  # 3 fit, 3 does not divide 16
-    assert paired_softmax.pairs_together(16, 31 * mib, 60 * mib) == 1  # one pair's rows outgrow half the L2
+    assert paired_softmax.pairs_together(64, 3 * mib, 60 * mib) == 8  # 10 fit, 8 divides 64
+    assert paired_softmax.pairs_together(16, 4 * mib, 60 * mib) == 1  # 7 fit: fewer than 8
     assert paired_softmax.pairs_together(13, 1 * mib, 60 * mib) == 13  # all of them: no more than there are
-    assert paired_softmax.pairs_together(13, 4 * mib, 60 * mib) == 1  # 7 fit, 13 is prime
+    assert paired_softmax.pairs_together(4, 1 * mib, 60 * mib) == 4  # all of them, though fewer than 8
+    assert paired_softmax.pairs_together(13, 3 * mib, 60 * mib) == 1  # 10 fit, 13 is prime
     assert paired_softmax.pairs_together(8, 1 * mib, 0) == 1  # no L2 figure (CPU)
     monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", "4")  # as kernels_sweep sets it
     assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 4

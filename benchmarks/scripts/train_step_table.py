@@ -11,7 +11,8 @@ launched from Python or replayed as one CUDA graph (--graphs). Timing: after war
 torch.cuda.synchronize() calls, /N.
 
 SM MHz, W, power-capped: means over the timed steps of GPU 0's SM clock, board power and the share
-of samples NVML held the clock for the power cap (_common.GpuSampler, every 10 ms).
+of samples NVML held the clock for the power cap (_common.GpuSampler, every 10 ms); J/step: the
+board's energy counter over the timed steps, / N.
 
 Peak GiB: the allocator's peak over the timed steps; with --graphs, over the warm-up and the
 recording (a replay allocates nothing; its tensors live in the graph's pool from the recording on).
@@ -117,7 +118,7 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
                 params=cfg.num_params(), step_ms=step_s * 1e3, host_ms=host, tokens_s=micro * batch_size * seq_len / step_s,
                 flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
-                warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary,
+                warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary, steps=steps,
                 gpu=gpu.summary() if device == "cuda" else {})
 
 
@@ -145,6 +146,13 @@ def profile_steps(model, batch, path, steps=3):
         f.write(f"GPU kernel time per step: {total:.1f} ms = {summary}\n\n")
         f.write(events.table(sort_by="self_device_time_total", row_limit=40))
     return f"{total:.1f} ms of kernels: {summary}"
+
+
+def gpu_cells(gpu: dict, steps: int) -> str:
+    """The table's SM MHz, W, power-capped and J/step cells from a GpuSampler summary ('-' without one)."""
+    if not gpu:
+        return "| - | - | - | - |"
+    return f"| {gpu['sm_mhz']:.0f} | {gpu['watts']:.0f} | {gpu['power_capped']:.0%} | {gpu['joules'] / steps:.1f} |"
 
 
 def git_commit() -> str:
@@ -231,8 +239,8 @@ def main(argv=None):
                 print(f"{row}: {r['step_ms']:.1f} ms/step (host {r['host_ms']:.1f}), {r['tokens_s']:.0f} tok/s", flush=True)
     table = ["| preset | variant | compile | graphs | micro x B x L | params | ms/step | host ms/step | tokens/s | vs vanilla "
              "| TFLOP/s | MFU (datasheet) | MFU (measured matmul) | MFU (PaLM conv.) | peak GiB | warm-up s | loss first -> last "
-             "| SM MHz | W | power-capped |",
-             "|" + "---|" * 20]
+             "| SM MHz | W | power-capped | J/step |",
+             "|" + "---|" * 21]
     for r in rows:
         key = lambda x: (x["preset"], x["compile"], x["graphs"], x["micro"], x["L"])  # noqa: E731
         base = next((x for x in rows if key(x) == key(r) and x["variant"] == "vanilla"), None)
@@ -243,7 +251,7 @@ def main(argv=None):
             f"| {r['step_ms']:.1f} | {r['host_ms']:.1f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / base['tokens_s'] if base else float('nan'):.3f} "
             f"| {tf / 1e12:.0f} | {tf / peak:.1%} | {tf / mm:.1%} | {r['palm_flops_tok'] * r['tokens_s'] / peak:.1%} "
             f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-            + ("| {sm_mhz:.0f} | {watts:.0f} | {power_capped:.0%} |".format(**r["gpu"]) if r["gpu"] else "| - | - | - |"))
+            + gpu_cells(r["gpu"], r["steps"]))
     verdict = []
     for compile, graphs, micro in sorted({(r["compile"], r["graphs"], r["micro"]) for r in rows}):
         d, v = (next((x for x in rows if (x["preset"], x["variant"], x["compile"], x["graphs"], x["micro"])

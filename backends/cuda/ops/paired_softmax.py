@@ -628,17 +628,23 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     return out, o2, lse, y
 
 
+# dK/dV launch order: group pairs only where at least this many pairs' rows fit half the L2
+PAIRS_TOGETHER_MIN = 8
+
+
 def pairs_together(pairs, pair_bytes, l2_bytes):
     """How many of `pairs` (batch, kv head) pairs the dK/dV grid runs heaviest block first together
     (dkdv_launch_order): the most that divide `pairs` evenly and have their Q and dO rows
-    (pair_bytes), which each of a pair's key blocks streams, fit in half the L2; at least 1.
-    Evenly: a short last group would start its heaviest blocks in the last wave again (run 29: 30
-    of 64 pairs ran the step's backward 3% slower than 1, while 16 and 64 ran it 5% faster).
-    Launching every pair's first block at once (sweep 10) ran slower where those rows outgrew the
-    L2. OPTIONS may fix the number."""
+    (pair_bytes), which each of a pair's key blocks streams, fit in half the L2; 1 (the grid's
+    order) where fewer than PAIRS_TOGETHER_MIN fit. OPTIONS may fix the number. Measured on the
+    H200 (docs/kernels.md, runs 28-30): a short last group starts its heaviest blocks in the last
+    wave again (30 of the step's 64 pairs: +3%; 16: -5%); where 2-4 pairs fit (L >= 8k) grouping
+    ran V1 d64 and V2 d128 up to 4% slower; sweep 10 (every pair at once) ran slower at 8k."""
     if OPTIONS["dkdv_pairs_together"] != "auto":
         return int(OPTIONS["dkdv_pairs_together"])
-    fit = max(1, min(pairs, l2_bytes // 2 // pair_bytes))
+    fit = min(pairs, l2_bytes // 2 // pair_bytes)
+    if fit < min(pairs, PAIRS_TOGETHER_MIN):
+        return 1
     return next(p for p in range(fit, 0, -1) if pairs % p == 0)
 
 
