@@ -450,6 +450,37 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
 
 
 @needs_triton
+def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
+    """The warp-specialized Gluon dQ kernel takes V1 (V 128 wide) and V2 (V 64 wide) at head_dim 64
+    on sm_90, bf16, heads side by side in TMA-addressable rows, on the Triton release it was
+    checked on; everything else keeps the Triton dQ kernel."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)
+    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", True)
+    bf = torch.bfloat16
+    z = lambda *shape: torch.zeros(*shape, dtype=bf)  # noqa: E731
+    v1 = z(2, 37, 4, 64), z(2, 37, 4, 64), z(2, 37, 2, 128), z(2, 37, 2, 128)
+    v2 = z(2, 37, 4, 64), z(2, 37, 1, 64), z(2, 37, 1, 64), z(2, 37, 2, 64)
+
+    def applies(q, k, v, do, capability=(9, 0)):
+        return paired_softmax.dq_ws_applies(q, k, v, do, capability)
+
+    assert applies(*v1) and applies(*v2)
+    assert not applies(*v1, capability=(8, 0)) and not applies(*v2, capability=(10, 0))
+    assert not applies(*(t.half() for t in v1))
+    assert not applies(z(2, 37, 4, 128), z(2, 37, 4, 128), z(2, 37, 2, 256), z(2, 37, 2, 256))  # V1 at d 128
+    assert not applies(v1[0], v1[1], z(2, 37, 2, 256)[..., :128], v1[3])  # V's heads 256 columns apart
+    odd_rows = z(2, 37, 4 * 64 + 5)[..., :256].unflatten(-1, (4, 64))
+    assert not applies(odd_rows, *v1[1:])
+    monkeypatch.setattr(paired_softmax.triton, "__version__", "3.9.0")
+    assert not applies(*v1)
+    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", False)
+    assert not applies(*v1) and not applies(*v2)
+
+
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
 def test_fused_tma_loads_interpreted(monkeypatch, variant):
@@ -546,12 +577,14 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 ]
 
 
-def gluon_dkdv_applies(variant, x):
-    """Whether the fused backward of these inputs takes the Gluon dK/dV kernel (an opaque op)."""
+def gluon_ops(variant, x):
+    """The opaque ops (Gluon kernels) the fused backward of these inputs takes."""
     from diffattn.backends.cuda.ops import paired_softmax
     q, k, v = x["q"], x["k"], x["v"]
     do = v.new_empty(*q.shape[:2], q.shape[2] // 2, v.shape[-1])
-    return paired_softmax.dkdv_ws_applies(q, k, v, do, variant == "diff_v2", torch.cuda.get_device_capability())
+    capability = torch.cuda.get_device_capability()
+    return ({"paired_dkdv_ws"} if paired_softmax.dkdv_ws_applies(q, k, v, do, variant == "diff_v2", capability)
+            else set()) | ({"paired_dq_ws"} if paired_softmax.dq_ws_applies(q, k, v, do, capability) else set())
 
 
 @gpu
@@ -565,7 +598,7 @@ def test_fused_gpu(variant, shape, dtype):
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
 
 
-def _gluon_dkdv_runs_here():
+def _gluon_runs_here():
     if not (HAVE_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         return False
     import triton
@@ -573,8 +606,8 @@ def _gluon_dkdv_runs_here():
     return triton.__version__.startswith(paired_softmax.GLUON_TRITON)
 
 
-needs_sm90 = pytest.mark.skipif(not _gluon_dkdv_runs_here(), reason="the Gluon dK/dV kernel runs on sm_90 with the "
-                                "Triton release it was checked on")
+needs_sm90 = pytest.mark.skipif(not _gluon_runs_here(), reason="the Gluon kernels run on sm_90 with the Triton "
+                                "release they were checked on")
 
 
 @gpu
@@ -616,6 +649,59 @@ def test_gluon_dkdv_equals_triton_dkdv(monkeypatch):
 @gpu
 @needs_sm90
 @needs_triton
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+@pytest.mark.parametrize("shape", [(2, 1000, 4, 2, 64), (3, 300, 4, 4, 64), (1, 129, 2, 1, 64), (1, 64, 2, 2, 64)])
+def test_fused_gpu_with_gluon_dq(monkeypatch, variant, shape):
+    """bf16 inputs with heads side by side take the warp-specialized Gluon dQ kernel (V1 and V2);
+    with it the whole fused op meets the oracle at bf16's tolerance. The spy makes sure it ran."""
+    from diffattn.backends.cuda.ops import paired_softmax, paired_softmax_ws
+    calls = []
+    launch = paired_softmax_ws.dq
+    monkeypatch.setattr(paired_softmax_ws, "dq", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", True)
+    errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda")
+    assert calls, "the Gluon dQ kernel did not run"
+    assert_close(errs, torch.bfloat16)
+
+
+@gpu
+@needs_sm90
+@needs_triton
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_gluon_dq_equals_triton_dq(monkeypatch, variant):
+    """Both dQ kernels take 64-query by 64-key tiles, the key blocks in the same order (the
+    diagonal last) and the same products and roundings per tile, so dQ is bitwise equal."""
+    from diffattn.backends.cuda.ops import paired_softmax
+    op = OPS[variant][0]
+    x = {n: torch.tensor(a, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+         for n, a in inputs(variant, 2, 777, 4, 2, 64, 12).items()}
+    out = op(**x, impl="fused")
+    do = torch.randn_like(out)
+    grads = {}
+    for ws in (True, False):
+        monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", ws)
+        grads[ws] = torch.autograd.grad(op(**x, impl="fused"), x["q"], do)[0]
+    assert torch.equal(grads[True], grads[False])
+
+
+@gpu
+@needs_sm90
+@needs_triton
+@pytest.mark.parametrize("k_step", [1, 2])
+def test_gluon_dq_op_passes_opcheck(k_step):
+    from diffattn.backends.cuda.ops import paired_softmax as ps
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    dv, kh = (64, 1) if k_step == 1 else (128, 2)
+    q, k, v, do = r(1, 130, 4, 64), r(1, 130, kh, 64), r(1, 130, 1, dv), r(1, 130, 2, dv)
+    lam = torch.rand(1, 130, 2, device="cuda", dtype=torch.bfloat16)
+    out, o2, lse = ps.forward(q, k, v, lam, k_step, k_step == 1)
+    _, _, _, delta = ps.backward(do, q, k, v, lam, out, o2, lse, k_step, k_step == 1)
+    torch.library.opcheck(torch.ops.diffattn.paired_dq_ws.default, (do, q, k, v, lam, lse, delta, k_step))
+
+
+@gpu
+@needs_sm90
+@needs_triton
 def test_gluon_dkdv_op_passes_opcheck():
     from diffattn.backends.cuda.ops import paired_softmax as ps
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -645,13 +731,14 @@ def test_fused_gpu_under_torch_compile(variant):
     compiled_loss = torch.compile(loss, fullgraph=True)
     compiled, code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(**x), list(x.values())))
     code = "\n".join(code)
-    gluon = gluon_dkdv_applies(variant, x)
-    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta", "paired_attention_bwd_dq") + (
-            () if gluon else ("paired_attention_bwd_dkdv", )):
+    gluon = gluon_ops(variant, x)
+    for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta") + (
+            () if "paired_dkdv_ws" in gluon else ("paired_attention_bwd_dkdv", )) + (
+            () if "paired_dq_ws" in gluon else ("paired_attention_bwd_dq", )):
         assert kernel in code, f"{kernel} not launched by inductor's code"
-    # an opaque op would run the Python launcher per call; only the Gluon dK/dV kernel must be one
-    calls = set(re.findall(r"torch\.ops\.diffattn\.\w+", code))
-    assert calls == ({"torch.ops.diffattn.paired_dkdv_ws"} if gluon else set()), calls
+    # an opaque op would run the Python launcher per call; only the Gluon kernels' launches must be
+    calls = set(re.findall(r"torch\.ops\.diffattn\.(\w+)", code))
+    assert calls == gluon, calls
     for a, b in zip(compiled, eager):
         assert rel(a.double().cpu(), b.double().cpu().numpy()) <= 1e-2
 
@@ -680,7 +767,7 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(written) == (3 if gluon_dkdv_applies(variant, x) else 4)  # forward, deltas, dK/dV (Triton's), dQ
+    assert len(written) == 4 - len(gluon_ops(variant, x))  # forward, deltas, dK/dV and dQ where Triton's
     outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DX", "DW_PART"} if normed else set())
     assert all(set(w) <= outputs for w in written), written
 

@@ -493,9 +493,9 @@ OVERRIDES = {}
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
 # diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
-# dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
-# (pairs_together)
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dkdv_pairs_together": "auto"}
+# dq_ws: the Gluon dQ kernel (V1 and V2) where it applies; dkdv_pairs_together: the Triton dK/dV
+# grid's launch order (dkdv_launch_order), a number or "auto" (pairs_together)
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dq_ws": True, "dkdv_pairs_together": "auto"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -557,16 +557,25 @@ def _descriptor_scratch(size, alignment, stream):
 GLUON_TRITON = "3.6."
 
 
+def _gluon_takes(capability, *ts):
+    """Whether the Gluon kernels (paired_softmax_ws.py) can run on these tensors: sm_90 with
+    Triton 3.6, bf16, every tensor's heads side by side in a row and addressable by TMA."""
+    if capability != (9, 0) or INTERPRETED or not triton.__version__.startswith(GLUON_TRITON):
+        return False
+    return all(t.dtype == torch.bfloat16 and t.stride(2) == t.shape[3] and tma_aligned(t) for t in ts)
+
+
 def dkdv_ws_applies(q, k, v, do, shared_k, capability):
-    """Whether V2's warp-specialized Gluon dK/dV kernel (paired_softmax_ws.py) takes these inputs:
-    on sm_90 with Triton 3.6, bf16, head_dim 64, every tensor's heads side by side in a row and
-    addressable by TMA."""
-    if not (OPTIONS["dkdv_ws"] and shared_k and capability == (9, 0)) or INTERPRETED:
-        return False
-    if not triton.__version__.startswith(GLUON_TRITON):
-        return False
-    return all(t.dtype == torch.bfloat16 and t.shape[3] == 64 and t.stride(2) == 64 and tma_aligned(t)
-               for t in (q, k, v, do))
+    """Whether V2's warp-specialized Gluon dK/dV kernel takes these inputs: V2 at head_dim 64."""
+    return (OPTIONS["dkdv_ws"] and shared_k and all(t.shape[3] == 64 for t in (q, k, v, do))
+            and _gluon_takes(capability, q, k, v, do))
+
+
+def dq_ws_applies(q, k, v, do, capability):
+    """Whether the warp-specialized Gluon dQ kernel takes these inputs: V1 or V2 at head_dim 64
+    (V 128 or 64 wide)."""
+    return (OPTIONS["dq_ws"] and q.shape[3] == k.shape[3] == 64 and v.shape[3] in (64, 128)
+            and _gluon_takes(capability, q, k, v, do))
 
 
 @torch.library.custom_op("diffattn::paired_dkdv_ws", mutates_args=())
@@ -583,6 +592,21 @@ def paired_dkdv_ws(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 @paired_dkdv_ws.register_fake
 def _(do, q, k, v, lam_rows, lse, delta):
     return k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("diffattn::paired_dq_ws", mutates_args=())
+def paired_dq_ws(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam_rows: torch.Tensor,
+                 lse: torch.Tensor, delta: torch.Tensor, k_step: int) -> torch.Tensor:
+    """The Gluon dQ kernel as an opaque op (as paired_dkdv_ws)."""
+    from . import paired_softmax_ws
+
+    triton.set_allocator(_descriptor_scratch)
+    return paired_softmax_ws.dq(do, q, k, v, lam_rows, lse, delta, k_step)
+
+
+@paired_dq_ws.register_fake
+def _(do, q, k, v, lam_rows, lse, delta, k_step):
+    return q.new_empty(q.shape)
 
 
 def _precision(dtype):
@@ -669,17 +693,29 @@ def triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
     return dk, dv
 
 
+def triton_dq(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
+    """dQ (contiguous) by the Triton kernel; arguments as triton_dkdv's."""
+    B, L, H2, D = q.shape
+    H, G, D, DV = int(H2) // 2, int(v.shape[2]), int(D), int(v.shape[3])
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    sm_scale = 1.0 / math.sqrt(D)
+    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
+    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
+        q, k, v, do, lam_rows, lse, delta, dq, *_strides(q, k, v, do), *lam_rows.stride(), *_strides(dq), L, H,
+        H // G, sm_scale * LOG2E, sm_scale, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages)
+    return dq
+
+
 def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
     """-> dq, dk, dv (contiguous, the inputs' shapes) and delta (B,H,2,L): [..., 1, :] is rowsum(dO * o2).
     With norm = (weight, eps), do is the gradient of forward's y, and d weight (float32) comes last."""
     B, L, H2, D = q.shape
-    H, G, D, DV = int(H2) // 2, int(v.shape[2]), int(D), int(v.shape[3])  # static, as in forward
+    H, D, DV = int(H2) // 2, int(D), int(v.shape[3])  # static, as in forward
     # inputs are read with their strides (v is a slice of the fused projection: no copy of it); the
     # gradients are written contiguous
     q, k, v, do = map(unit_last_stride, (q, k, v, do))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty_like(lse)
-    sm_scale = 1.0 / math.sqrt(D)
     weight, eps = norm if norm is not None else (out, 0.0)
     bm, steps, warps, stages = blocks("delta" if norm is None else "norm_delta", D, DV, q.dtype, shared_k)
     row_programs = triton.cdiv(L, bm * steps)
@@ -691,16 +727,14 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
         out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
         *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, STEPS=steps, LOAD_STAGES=stages,
         NORM=norm is not None, num_warps=warps)
-    common = dict(D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k, PREC=_precision(q.dtype))
-    strides = [*_strides(q, k, v, do), *lam_rows.stride()]
     if q.is_cuda and dkdv_ws_applies(q, k, v, do, shared_k, torch.cuda.get_device_capability(q.device)):
         dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta)
     else:
         dk, dv = triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k)
-    bm, bn, warps, stages = blocks("dq", D, DV, q.dtype, shared_k)
-    wrap_triton(paired_attention_bwd_dq)[(B * H, triton.cdiv(L, bm))](
-        q, k, v, do, lam_rows, lse, delta, dq, *strides, *_strides(dq), L, H, H // G, sm_scale * LOG2E, sm_scale,
-        BLOCK_M=bm, BLOCK_N=bn, TMA=_use_tma(k, v), num_warps=warps, num_stages=stages, **common)
+    if q.is_cuda and dq_ws_applies(q, k, v, do, torch.cuda.get_device_capability(q.device)):
+        dq = paired_dq_ws(do, q, k, v, lam_rows, lse, delta, k_step)
+    else:
+        dq = triton_dq(do, q, k, v, lam_rows, lse, delta, k_step, shared_k)
     if norm is None:
         return dq, dk, dv, delta
     return dq, dk, dv, delta, dw_part.sum(0)
