@@ -161,7 +161,11 @@ def main():
                 compile_sm90("dq", st, variant)
     else:
         sys.path.insert(0, os.getcwd())
-        ab(a.kernel, [int(x) for x in a.lengths.split(",")])
+        # the Triton launchers go through torch's wrap_triton, whose dispatch costs the host more
+        # than a short kernel takes (kernels_sweep.py); time the launches as the ops' eager path does
+        from torch._library.triton import set_wrap_triton_enabled
+        with set_wrap_triton_enabled(False):
+            ab(a.kernel, [int(x) for x in a.lengths.split(",")])
 
 
 if __name__ == "__main__":
