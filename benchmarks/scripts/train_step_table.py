@@ -12,7 +12,9 @@ torch.cuda.synchronize() calls, /N.
 
 SM MHz, W, power-capped: means over the timed steps of GPU 0's SM clock, board power and the share
 of samples NVML held the clock for the power cap (_common.GpuSampler, every 10 ms); J/step: the
-board's energy counter over the timed steps, / N.
+board's energy counter over the timed steps, / N. The counter is coarse: over the default 20 steps
+(~1 s) it read up to 10% off the sampled power on the H200 (runs 31-32); compare twins' energy
+with --steps 200 or more.
 
 Peak GiB: the allocator's peak over the timed steps; with --graphs, over the warm-up and the
 recording (a replay allocates nothing; its tensors live in the graph's pool from the recording on).
