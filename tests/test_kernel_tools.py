@@ -166,3 +166,22 @@ def test_table_targets_judge_gpu_time_where_rows_have_it():
     events_only = [r for L in kt.LENGTHS for r in _table_rows("diff_v2", L, fused=(1.6 if L == 1024 else 1.0, None),
                                                               cudnn=(1.4, None), flash=(2.0, None))]
     assert "NOT MET" in target3(events_only)
+
+
+def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path):
+    """--kernel-options sets paired_softmax.OPTIONS for the run (an A/B of a launch option in one
+    call) and the header says which; an option paired_softmax lacks stops the run. The smoke mode
+    runs the interpreter on CPU, in a process of its own (it sets TRITON_INTERPRET)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "scripts" / "kernels_table.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent.parent)}
+
+    def table(options):
+        return subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--kernel-options",
+                               options], capture_output=True, text=True, env=env, timeout=600)
+
+    done = table("dq_ws=0+dkdv_pairs_together=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    header = json.loads((tmp_path / "kernels_table.json").read_text())["header"]
+    assert header["kernel_options"] == "dq_ws=0+dkdv_pairs_together=2"
+    bogus = table("bogus=1")
+    assert bogus.returncode != 0 and "unknown kernel option(s) ['bogus']" in bogus.stderr

@@ -270,7 +270,13 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
+                    "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
     a = ap.parse_args(argv)
+    if a.kernel_options:
+        from diffattn.backends.cuda.ops import paired_softmax
+        from kernels_sweep import parse_options  # this script's folder is on sys.path when it runs
+        paired_softmax.OPTIONS.update(parse_options(a.kernel_options))
     global TOKENS, HEADS
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -285,7 +291,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     header = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   torch=torch.__version__, commit=a.commit, command=" ".join(["python"] + sys.argv),
-                  dtype=str(dtype), tokens=TOKENS, heads=HEADS)
+                  dtype=str(dtype), tokens=TOKENS, heads=HEADS, kernel_options=a.kernel_options or "defaults")
     try:
         import triton
         header["triton"] = triton.__version__
