@@ -19,8 +19,8 @@ dO1 = dO, dO2 = -lam dO and dP = dO V^T shared by both maps,
     dQm  = s dSm Km,   dKm = s dSm^T Qm,   d lam = -delta2' (per row; V1 sums it)
 dK/dV come from a kernel that keeps one K/V block resident and walks the query blocks of every
 query head of its group (no atomics); dQ from a kernel that keeps a query block resident. On
-sm_90, V2's dK/dV runs the same sums in a warp-specialized Gluon kernel where it applies
-(paired_softmax_ws.py, dkdv_ws_applies).
+sm_90 the same sums run in warp-specialized Gluon kernels where they apply (paired_softmax_ws.py):
+V2's dK/dV (dkdv_ws_applies) and both variants' dQ (dq_ws_applies).
 Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
 lse = +inf so their probabilities are exactly 0.
 """
@@ -727,11 +727,12 @@ def backward(do, q, k, v, lam_rows, out, o2, lse, k_step, shared_k, norm=None):
         out, o2, dy, lam_rows, delta, weight, do, out if dw_part is None else dw_part, *out.stride()[:3],
         *dy.stride()[:3], *lam_rows.stride(), L, H, eps, DV=DV, BLOCK_M=bm, STEPS=steps, LOAD_STAGES=stages,
         NORM=norm is not None, num_warps=warps)
-    if q.is_cuda and dkdv_ws_applies(q, k, v, do, shared_k, torch.cuda.get_device_capability(q.device)):
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    if dkdv_ws_applies(q, k, v, do, shared_k, capability):
         dk, dv = paired_dkdv_ws(do, q, k, v, lam_rows, lse, delta)
     else:
         dk, dv = triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k)
-    if q.is_cuda and dq_ws_applies(q, k, v, do, torch.cuda.get_device_capability(q.device)):
+    if dq_ws_applies(q, k, v, do, capability):
         dq = paired_dq_ws(do, q, k, v, lam_rows, lse, delta, k_step)
     else:
         dq = triton_dq(do, q, k, v, lam_rows, lse, delta, k_step, shared_k)

@@ -40,6 +40,7 @@ STAGES = 3  # the stream's ring; with it the kernel holds 152 KB of shared memor
 # the tiles' layouts, built once here rather than on every launch
 MMA_LAYOUT = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 16])
 SMEM_LAYOUT = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.bfloat16)
+SMEM_V_LAYOUTS = {dv: gl.NVMMASharedLayout.get_default_for([BLOCK, dv], gl.bfloat16) for dv in (64, 128)}  # dQ's v, dO
 
 
 @gluon.jit
@@ -375,7 +376,7 @@ def paired_attention_bwd_dq_ws(Q, K, V, DO, LAM, LSE, DELTA, DQ,
 
 def dq_constexprs(dv, k_step, stages=STAGES, consumer_regs=240):
     return dict(DV=dv, K_STEP=k_step, STAGES=stages, CONSUMER_REGS=consumer_regs, SMEM=SMEM_LAYOUT,
-                SMEM_V=gl.NVMMASharedLayout.get_default_for([64, dv], gl.bfloat16), S_LAYOUT=MMA_LAYOUT)
+                SMEM_V=SMEM_V_LAYOUTS[dv], S_LAYOUT=MMA_LAYOUT)
 
 
 def dq(do, q, k, v, lam_rows, lse, delta, k_step, stages=STAGES):
