@@ -166,21 +166,24 @@ def warm_gpu(seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
+def _nvml():
+    """(pynvml, GPU 0's handle, the current-reasons query, the reason constants' prefix); NVML's
+    newer names say "clocks event reasons", older ones "clocks throttle reasons". Raises where NVML
+    (nvidia-ml-py) is missing or does not answer."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    kind = "Event" if hasattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons") else "Throttle"
+    return (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), getattr(pynvml, f"nvmlDeviceGetCurrentClocks{kind}Reasons"),
+            f"nvmlClocks{kind}Reason")
+
+
 def gpu_clocks() -> dict:
     """The GPU's SM clock now (MHz) and NVML's reasons for holding it below its maximum (power cap,
-    thermal, idle, ...), for a timing to be read against; {} where NVML (nvidia-ml-py) is missing
-    or does not answer."""
+    thermal, idle, ...), for a timing to be read against; {} where NVML is missing or does not answer."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        # newer NVML names these "clocks event reasons", older ones "clocks throttle reasons"
-        for kind in ("Event", "Throttle"):
-            query = getattr(pynvml, f"nvmlDeviceGetCurrentClocks{kind}Reasons", None)
-            if query is not None:
-                break
-        reasons, prefix = query(handle), f"nvmlClocks{kind}Reason"
+        pynvml, handle, query, prefix = _nvml()
+        reasons = query(handle)
         held = sorted(name[len(prefix):] for name in dir(pynvml) if name.startswith(prefix)
                       and name[len(prefix):] not in ("All", "None") and isinstance(getattr(pynvml, name), int)
                       and reasons & getattr(pynvml, name))
@@ -193,8 +196,9 @@ class GpuSampler:
     """Samples GPU 0's SM clock, board power and NVML's power-cap reason every `period` seconds on a
     thread while the `with` block runs; .summary() -> {"sm_mhz", "watts", "power_capped", "joules"}
     (means; power_capped the share of samples NVML held the clock for the software power cap;
-    joules the board's energy counter over the block), or {} where NVML is missing. A timing held at a lower clock by the power cap is energy-bound: work
-    that only fills idle time then buys less than it does alone."""
+    joules the board's energy counter over the block), or {} where NVML is missing. A timing held
+    at a lower clock by the power cap is energy-bound: work that only fills idle time then buys
+    less than it does alone."""
 
     def __init__(self, period: float = 0.01):
         self.period, self.samples, self._stop = period, [], None
@@ -203,14 +207,8 @@ class GpuSampler:
         import threading
 
         try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            # newer NVML names these "clocks event reasons", older ones "clocks throttle reasons"
-            kind = "Event" if hasattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons") else "Throttle"
-            query = getattr(pynvml, f"nvmlDeviceGetCurrentClocks{kind}Reasons")
-            cap = getattr(pynvml, f"nvmlClocks{kind}ReasonSwPowerCap")
+            pynvml, handle, query, prefix = _nvml()
+            cap = getattr(pynvml, prefix + "SwPowerCap")
         except Exception:  # no NVML here: no samples
             return self
         self._stop = threading.Event()
@@ -219,9 +217,8 @@ class GpuSampler:
 
         def poll():
             while not self._stop.is_set():
-                reasons = query(handle)
                 self.samples.append((pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, bool(reasons & cap)))
+                                     pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3, bool(query(handle) & cap)))
                 self._stop.wait(self.period)
 
         self._thread = threading.Thread(target=poll, daemon=True)

@@ -48,6 +48,12 @@ def parse_options(text):
     return {**DEFAULT_OPTIONS, **given}
 
 
+def apply_options(text):
+    """Sets paired_softmax.OPTIONS from 'KEY=VALUE+...' (parse_options) for the rest of the process:
+    the tables' --kernel-options."""
+    ps.OPTIONS.update(parse_options(text))
+
+
 def main():
     try:  # what torch.library.triton_op does around an eager call: launch the kernels directly
         from torch._library.triton import set_wrap_triton_enabled

@@ -274,9 +274,8 @@ def main(argv=None):
                     "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
     a = ap.parse_args(argv)
     if a.kernel_options:
-        from diffattn.backends.cuda.ops import paired_softmax
-        from kernels_sweep import parse_options  # this script's folder is on sys.path when it runs
-        paired_softmax.OPTIONS.update(parse_options(a.kernel_options))
+        from kernels_sweep import apply_options  # this script's folder is on sys.path when it runs
+        apply_options(a.kernel_options)
     global TOKENS, HEADS
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"

@@ -194,10 +194,9 @@ def main(argv=None):
         key, value = kv.split("=")
         train.COMPILE_OPTIONS[key] = int(value)
     if a.kernel_options:
-        from diffattn.backends.cuda.ops import paired_softmax
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a module
-        from kernels_sweep import parse_options
-        paired_softmax.OPTIONS.update(parse_options(a.kernel_options))
+        from kernels_sweep import apply_options
+        apply_options(a.kernel_options)
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
