@@ -188,3 +188,22 @@ def test_gpu_sampler_means_what_nvml_reports_over_the_block(monkeypatch):
     with _common.GpuSampler() as gpu:
         pass
     assert gpu.summary() == {}
+
+
+def test_gpu_clocks_names_the_reasons_nvml_holds_the_clock_for(monkeypatch):
+    """gpu_clocks against a stand-in NVML of the older ("throttle") names: the SM clock and every
+    reason bit set, by name; {} without NVML."""
+    import sys
+    import types
+
+    from benchmarks import _common
+
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: "gpu0", NVML_CLOCK_SM=1,
+        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 4 | 32, nvmlClocksThrottleReasonSwPowerCap=4,
+        nvmlClocksThrottleReasonSwThermalSlowdown=32, nvmlClocksThrottleReasonGpuIdle=1,
+        nvmlClocksThrottleReasonAll=0xFF, nvmlDeviceGetClockInfo=lambda h, kind: 1850)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert _common.gpu_clocks() == {"sm_mhz": 1850, "held_by": ["SwPowerCap", "SwThermalSlowdown"]}
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert _common.gpu_clocks() == {}
