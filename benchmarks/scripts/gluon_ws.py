@@ -3,7 +3,7 @@ V2's dQ) against the Triton ones (paired_softmax.triton_dkdv, triton_dq): compil
 machine, or checked and timed on the GPU.
 
     PYTHONPATH=/tmp/t36site:. python benchmarks/scripts/gluon_ws.py compile [--stages 2,3]   # any machine
-    PYTHONPATH=. python benchmarks/scripts/gluon_ws.py ab [--kernel dq|dkdv] [--lengths 2048,8192,16384]   # GPU
+    PYTHONPATH=. python benchmarks/scripts/gluon_ws.py ab [--kernel dq|dkdv] [--lengths 2048,8192,16384] [--stages 2,3,4]   # GPU
 
 The kernels are written against Triton 3.6's Gluon (the device machine's; 3.9 renamed parts of it):
 on another release, put 3.6 first (`pip install --no-deps --target /tmp/t36site triton==3.6.0`).
@@ -96,10 +96,10 @@ def poisoned(fn, *args):
     return got, {t.data_ptr() for t in got} == ptrs
 
 
-def ab(kernel, lengths):
-    """The Triton and Gluon kernels of `kernel` (dkdv: V2; dq: V1 and V2) checked against the
-    Triton kernel's gradients at odd shapes, then timed alone, alternating, at B*L = 16k, 16 heads
-    and at the training step's shape (B 8, L 2048, 8 heads)."""
+def ab(kernel, lengths, stages):
+    """The Triton and Gluon kernels of `kernel` (dkdv: V2; dq: V1 and V2; the Gluon one at each ring
+    depth in `stages`) checked against the Triton kernel's gradients at odd shapes, then timed alone,
+    alternating, at B*L = 16k, 16 heads and at the training step's shape (B 8, L 2048, 8 heads)."""
     from triton.testing import do_bench
 
     from benchmarks._common import warm_gpu
@@ -114,9 +114,10 @@ def ab(kernel, lengths):
     def codes(k_step):
         shared = k_step == 1
         if kernel == "dkdv":
-            return (("triton", lambda *a: ps.triton_dkdv(*a, k_step, shared)), ("gluon ws", ws.dkdv))
+            return (("triton", lambda *a: ps.triton_dkdv(*a, k_step, shared)),
+                    *((f"gluon ws {st} stages", lambda *a, st=st: ws.dkdv(*a, stages=st)) for st in stages))
         return (("triton", lambda *a: (ps.triton_dq(*a, k_step, shared),)),
-                ("gluon ws", lambda *a: (ws.dq(*a, k_step),)))
+                *((f"gluon ws {st} stages", lambda *a, st=st: (ws.dq(*a, k_step, stages=st),)) for st in stages))
 
     print(f"| variant | B | L | H | G | {kernel} kernel | ms | TFLOP/s | "
           + " | ".join(f"err {n}" for n in names) + " | bitwise equal | into NaN buffers |")
@@ -165,7 +166,7 @@ def main():
         # than a short kernel takes (kernels_sweep.py); time the launches as the ops' eager path does
         from torch._library.triton import set_wrap_triton_enabled
         with set_wrap_triton_enabled(False):
-            ab(a.kernel, [int(x) for x in a.lengths.split(",")])
+            ab(a.kernel, [int(x) for x in a.lengths.split(",")], [int(x) for x in a.stages.split(",")])
 
 
 if __name__ == "__main__":
