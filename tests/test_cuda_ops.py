@@ -451,9 +451,9 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
 
 @needs_triton
 def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
-    """The warp-specialized Gluon dQ kernel takes V1 (V 128 wide) and V2 (V 64 wide) at head_dim 64
-    on sm_90, bf16, heads side by side in TMA-addressable rows, on the Triton release it was
-    checked on; everything else keeps the Triton dQ kernel."""
+    """The warp-specialized Gluon dQ kernel takes V1 (V 128 wide) and V2 (V 64 wide, from
+    dq_ws_v2_min_len keys on) at head_dim 64 on sm_90, bf16, heads side by side in TMA-addressable
+    rows, on the Triton release it was checked on; everything else keeps the Triton dQ kernel."""
     from diffattn.backends.cuda.ops import paired_softmax
     monkeypatch.setattr(paired_softmax, "INTERPRETED", False)
     monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
@@ -466,6 +466,9 @@ def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
     def applies(q, k, v, do, capability=(9, 0)):
         return paired_softmax.dq_ws_applies(q, k, v, do, capability)
 
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 38)
+    assert applies(*v1) and not applies(*v2)  # V2 shorter than the minimum; V1 at any length
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 37)
     assert applies(*v1) and applies(*v2)
     assert not applies(*v1, capability=(8, 0)) and not applies(*v2, capability=(10, 0))
     assert not applies(*(t.half() for t in v1))
@@ -659,6 +662,7 @@ def test_fused_gpu_with_gluon_dq(monkeypatch, variant, shape):
     launch = paired_softmax_ws.dq
     monkeypatch.setattr(paired_softmax_ws, "dq", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", True)
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)
     errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda")
     assert calls, "the Gluon dQ kernel did not run"
     assert_close(errs, torch.bfloat16)
@@ -672,6 +676,7 @@ def test_gluon_dq_equals_triton_dq(monkeypatch, variant):
     """Both dQ kernels take 64-query by 64-key tiles, the key blocks in the same order (the
     diagonal last) and the same products and roundings per tile, so dQ is bitwise equal."""
     from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16, device="cuda", requires_grad=True)
          for n, a in inputs(variant, 2, 777, 4, 2, 64, 12).items()}
@@ -716,10 +721,13 @@ def test_gluon_dkdv_op_passes_opcheck():
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_gpu_under_torch_compile(variant):
+def test_fused_gpu_under_torch_compile(monkeypatch, variant):
     """torch.compile (inductor) traces into the triton ops: its generated code launches the four
     kernels itself (no call back into the op's Python launcher), with eager's output and gradients."""
     from torch._inductor.utils import run_and_get_code
+
+    from diffattn.backends.cuda.ops import paired_softmax
+    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)  # V2's Gluon dQ as an opaque op too
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
                          requires_grad=True) for n, a in inputs(variant, 2, 333, 4, 2, 64, 9).items()}

@@ -493,9 +493,11 @@ OVERRIDES = {}
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
 DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
 # diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
-# dq_ws: the Gluon dQ kernel (V1 and V2) where it applies; dkdv_pairs_together: the Triton dK/dV
-# grid's launch order (dkdv_launch_order), a number or "auto" (pairs_together)
-OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dq_ws": True, "dkdv_pairs_together": "auto"}
+# dq_ws: the Gluon dQ kernel (V1 and V2) where it applies, V2's only from dq_ws_v2_min_len keys on;
+# dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
+# (pairs_together)
+OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dq_ws": True, "dq_ws_v2_min_len": 4096,
+           "dkdv_pairs_together": "auto"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -573,8 +575,10 @@ def dkdv_ws_applies(q, k, v, do, shared_k, capability):
 
 def dq_ws_applies(q, k, v, do, capability):
     """Whether the warp-specialized Gluon dQ kernel takes these inputs: V1 or V2 at head_dim 64
-    (V 128 or 64 wide)."""
-    return (OPTIONS["dq_ws"] and q.shape[3] == k.shape[3] == 64 and v.shape[3] in (64, 128)
+    (V 128 or 64 wide); V2 from OPTIONS["dq_ws_v2_min_len"] keys on (below it the Triton dQ is
+    faster: run 33, docs/kernels.md)."""
+    long_enough = v.shape[3] == 128 or q.shape[1] >= OPTIONS["dq_ws_v2_min_len"]
+    return (OPTIONS["dq_ws"] and q.shape[3] == k.shape[3] == 64 and v.shape[3] in (64, 128) and long_enough
             and _gluon_takes(capability, q, k, v, do))
 
 
