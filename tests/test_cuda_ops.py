@@ -227,43 +227,6 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
     assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
 
 
-def spy_dkdv_even_l(monkeypatch, paired_softmax):
-    """The EVEN_L each launch of the Triton dK/dV kernel gets, in a list."""
-    seen, wrap = [], paired_softmax.wrap_triton
-
-    class Spy:
-        def __init__(self, launcher):
-            self.launcher = launcher
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.append(kw["EVEN_L"]) or self.launcher[grid](*a, **kw)
-
-    monkeypatch.setattr(paired_softmax, "wrap_triton", lambda kernel: Spy(wrap(kernel))
-                        if kernel is paired_softmax.paired_attention_bwd_dkdv else wrap(kernel))
-    return seen
-
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_dkdv_drops_bounds_masks_at_lengths_of_whole_blocks(monkeypatch, variant):
-    """Where L is a multiple of the dK/dV kernel's blocks its query loads go unmasked (EVEN_L): the
-    oracle's gradients, with errors equal to the last bit to the masked loads'; other lengths keep
-    the masks."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    seen = spy_dkdv_even_l(monkeypatch, paired_softmax)
-    for d, dv in ((16, 32), (16, 16)):  # 16-query by 32-key blocks, as on the GPU two query blocks a key block
-        monkeypatch.setitem(paired_softmax.OVERRIDES, ("dkdv", d, dv, 4), (16, 32, 4, 1))
-    unmasked = check(variant, "fused", 1, 64, 4, 2, 16, torch.float32, strided=True)
-    assert seen == [True]
-    assert_close(unmasked, torch.float32)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "even_l", False)
-    assert check(variant, "fused", 1, 64, 4, 2, 16, torch.float32, strided=True) == unmasked and seen == [True, False]
-    monkeypatch.setitem(paired_softmax.OPTIONS, "even_l", True)
-    check(variant, "fused", 1, 48, 4, 2, 16, torch.float32)  # 48 = 1.5 key blocks
-    assert seen[-1] is False
-
-
 if HAVE_TRITON:
     import triton.language as tl
 
@@ -687,26 +650,6 @@ def test_gluon_dkdv_equals_triton_dkdv(monkeypatch):
 
 
 @gpu
-@gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_gpu_dkdv_at_lengths_of_whole_blocks(monkeypatch, variant, dtype):
-    """At L = 1024 the Triton dK/dV kernel loads its queries unmasked (EVEN_L; the Gluon one is
-    turned off so V2 in bf16 takes it too): the oracle's gradients, with errors equal to the last
-    bit to the masked loads'."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", False)
-    seen = spy_dkdv_even_l(monkeypatch, paired_softmax)
-    unmasked = check(variant, "fused", 2, 1024, 4, 2, 64, dtype, device="cuda", strided=True)
-    assert seen == [True]
-    assert_close(unmasked, dtype)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "even_l", False)
-    assert check(variant, "fused", 2, 1024, 4, 2, 64, dtype, device="cuda", strided=True) == unmasked
-    assert seen == [True, False]
-
-
 @needs_sm90
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])

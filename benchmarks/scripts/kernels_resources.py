@@ -163,8 +163,6 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
         consts["PAIRS_TOGETHER"] = 1  # the grid's own order; --constexprs PAIRS_TOGETHER=16 for another
-    if "EVEN_L" in fn.arg_names:  # the tables' lengths are multiples of every block: no bounds masks
-        consts["EVEN_L"] = True  # (--constexprs EVEN_L=0 for odd lengths)
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
         consts["STEPS"], consts["LOAD_STAGES"] = bn, stages

@@ -251,34 +251,25 @@ def paired_attention_bwd_delta(OUT, O2, DO, LAM, DELTA, W, DX, DW_PART, sob, sol
 @triton.jit
 def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                start_m, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
-               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
-               EVEN_L: tl.constexpr):
+               BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr):
     """One query block's contribution to a resident K/V block, in transposed form (keys on rows).
     With SCALAR_LAM (V1) map 2's factor -lam stays out of dS2 (one multiply per score fewer) and
     scales dK2 once at the end. (V2's lam, one per query, could scale q2's rows instead: measured
     slower, +2-60%, and less accurate, the scaled q2 rounded to 16 bits; docs/kernels.md.)"""
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < L
     q_ptrs = q_base + offs_m[:, None] * sql + tl.arange(0, D)[None, :]
-    do_ptrs = do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :]
-    if EVEN_L:  # every query block lies inside L: no bounds compare and select per loaded value
-        q1, q2, do = tl.load(q_ptrs), tl.load(q_ptrs + sqh), tl.load(do_ptrs)
-        lse1, lse2 = tl.load(lse_base + offs_m), tl.load(lse_base + L + offs_m)
-        delta1, delta2 = tl.load(delta_base + offs_m), tl.load(delta_base + L + offs_m)
-    else:
-        row_ok = offs_m < L
-        q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
-        delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
+    q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_ptrs + sqh, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None], other=0.0)
+    lse1 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(lse_base + L + offs_m, mask=row_ok, other=float("inf"))
+    delta1 = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    delta2 = tl.load(delta_base + L + offs_m, mask=row_ok, other=0.0)
     if SCALAR_LAM:
         lam = tl.load(lam_base).to(tl.float32)
-    elif EVEN_L:
-        lam = tl.load(lam_base + offs_m * sll).to(tl.float32)[None, :]
     else:
-        lam = tl.load(lam_base + offs_m * sll, mask=offs_m < L, other=0.0).to(tl.float32)[None, :]
+        lam = tl.load(lam_base + offs_m * sll, mask=row_ok, other=0.0).to(tl.float32)[None, :]
 
     p1t = tl.math.exp2(tl.dot(k1, tl.trans(q1), input_precision=PREC) * qk_scale - lse1[None, :])
     p2t = tl.math.exp2(tl.dot(k2, tl.trans(q2), input_precision=PREC) * qk_scale - lse2[None, :])
@@ -306,18 +297,18 @@ def _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, l
 def _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base, sql, sqh, sdl, sll,
                    diag, offs_n, L, qk_scale, D: tl.constexpr, DV: tl.constexpr, SHARED_K: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SCALAR_LAM: tl.constexpr,
-                   UNROLLED: tl.constexpr, EVEN_L: tl.constexpr):
+                   UNROLLED: tl.constexpr):
     """The query blocks that cross the K/V block's diagonal (masked), as a loop or unrolled."""
     if UNROLLED:
         for j in tl.static_range(BLOCK_N // BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, diag + j * BLOCK_M, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, SCALAR_LAM, EVEN_L)
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     else:
         for start_m in range(diag, diag + BLOCK_N, BLOCK_M):
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, True, PREC, SCALAR_LAM, EVEN_L)
+                                      BLOCK_M, True, PREC, SCALAR_LAM)
     return dk1, dk2, dv
 
 
@@ -346,14 +337,13 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
                               D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                               SCALAR_LAM: tl.constexpr, DIAGONAL: tl.constexpr, GRADS_LIKE_INPUTS: tl.constexpr,
-                              PAIRS_TOGETHER: tl.constexpr, EVEN_L: tl.constexpr):
+                              PAIRS_TOGETHER: tl.constexpr):
     """dK, dV of one K/V block of kv head g, summed over the GROUP output heads that read it.
     DK and DV_ have their own strides (sgk*, sgv*); GRADS_LIKE_INPUTS: they equal K's and V's.
     DIAGONAL places the masked query blocks that cross the block's diagonal: "first" (a loop before
     the others), "unrolled" (first, unrolled) or "last" (a loop after). The order changes only the
     summation order; what it changes for speed is whether ptxas keeps the warpgroup MMAs
-    asynchronous (see DKDV_DIAGONAL). PAIRS_TOGETHER: see dkdv_launch_order. EVEN_L: L is a
-    multiple of both blocks, so the query loads need no bounds masks."""
+    asynchronous (see DKDV_DIAGONAL). PAIRS_TOGETHER: see dkdv_launch_order."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_n, bg = dkdv_launch_order(PAIRS_TOGETHER)
     G = H // GROUP
@@ -385,15 +375,15 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
         if DIAGONAL != "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled", EVEN_L)
+                                          BLOCK_N, PREC, SCALAR_LAM, DIAGONAL == "unrolled")
         for start_m in range(diag + BLOCK_N, L, BLOCK_M):  # query blocks that see the whole K/V block
             dk1, dk2, dv = _dkdv_step(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                       sql, sqh, sdl, sll, start_m, offs_n, L, qk_scale, D, DV, SHARED_K,
-                                      BLOCK_M, False, PREC, SCALAR_LAM, EVEN_L)
+                                      BLOCK_M, False, PREC, SCALAR_LAM)
         if DIAGONAL == "last":
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
-                                          BLOCK_N, PREC, SCALAR_LAM, False, EVEN_L)
+                                          BLOCK_N, PREC, SCALAR_LAM, False)
     # with the loads' offsets ptxas allocates the main loop as before v5b: V2 d64 fwd+bwd ~4% faster than
     # with offsets of the gradients' own (runs 21-23, docs/kernels.md v8)
     if GRADS_LIKE_INPUTS:
@@ -505,10 +495,9 @@ DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
 # diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
 # dq_ws: the Gluon dQ kernel (V1 and V2) where it applies, V2's only from dq_ws_v2_min_len keys on;
 # dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
-# (pairs_together); even_l: the Triton dK/dV kernel drops its query bounds masks where L is a
-# multiple of its blocks
+# (pairs_together)
 OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dq_ws": True, "dq_ws_v2_min_len": 4096,
-           "dkdv_pairs_together": "auto", "even_l": True}
+           "dkdv_pairs_together": "auto"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -704,8 +693,7 @@ def triton_dkdv(do, q, k, v, lam_rows, lse, delta, k_step, shared_k):
         L, H, H // G, sm_scale * LOG2E, sm_scale, D=D, DV=DV, K_STEP=k_step, SHARED_K=shared_k,
         PREC=_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, SCALAR_LAM=scalar_lam,
         DIAGONAL=dkdv_diagonal(D, DV, q.dtype), GRADS_LIKE_INPUTS=dk.stride() == k.stride() and dv.stride() == v.stride(),
-        PAIRS_TOGETHER=together, EVEN_L=OPTIONS["even_l"] and L % bm == 0 and L % bn == 0,
-        num_warps=warps, num_stages=stages)
+        PAIRS_TOGETHER=together, num_warps=warps, num_stages=stages)
     return dk, dv
 
 
