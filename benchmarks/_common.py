@@ -140,8 +140,9 @@ def import_ops(backend: str):
         raise
 
 
-def load_backend(rt: Runtime, kernels: str = "auto", dtype: str | None = None):
-    """diffattn.backend.load for this runtime's device; a backend not written yet is a skip."""
+def load_backend(rt: Runtime, kernels: str = "auto", dtype: str | None = None, **options):
+    """diffattn.backend.load for this runtime's device (options: the cuda backend's compile and
+    graphs); a backend not written yet is a skip."""
     from diffattn import backend
 
     module = backend.REGISTRY[REGISTRY_NAME[rt.backend]][0]
@@ -149,7 +150,7 @@ def load_backend(rt: Runtime, kernels: str = "auto", dtype: str | None = None):
     if not hasattr(mod, "create"):
         raise Skip(f"{rt.backend}: {module} has no create() yet")
     device = {"torch": rt.device, "mlx": None}[rt.backend]
-    return backend.load(REGISTRY_NAME[rt.backend], device=device, dtype=dtype or rt.dtype, kernels=kernels)
+    return backend.load(REGISTRY_NAME[rt.backend], device=device, dtype=dtype or rt.dtype, kernels=kernels, **options)
 
 
 def warm_gpu(seconds: float = 2.0) -> None:

@@ -1,6 +1,9 @@
 """Whole training steps (forward, backward, clip, AdamW) through the Backend protocol.
 
-Grid: backend (mlx, torch) x variant x preset. "tiny" runs everywhere (cheap enough for CI's CPU), "stage0" needs a GPU.
+Grid: backend (mlx, torch) x variant x preset. "tiny" runs everywhere (cheap enough for CI's CPU),
+"stage0" and "stage1" need a GPU. stage1 (B 8, L 2048) is issue 7's target-5 step: on the torch
+backend its blocks are torch.compile'd and the step replays as one CUDA graph, as
+benchmarks/scripts/train_step_table.py's stage1 rows run it; every other row runs the eager step.
 Batches are random tokens (throughput does not depend on their values); kernels="auto" (fused on
 a GPU, composed on a CPU); dtype bfloat16 on a GPU (torch: autocast with float32 master weights),
 float32 on a CPU.
@@ -8,16 +11,19 @@ float32 on a CPU.
 `time_train_step` / `peakmem_train_step`: one step per call, synchronized by reading the loss
 (and torch.cuda.synchronize on CUDA). `track_*` come from one pass in setup_cache: tokens/s
 (higher is better), MFU (higher is better; _common.train_flops_per_token over the datasheet
-peak of the device in that dtype, skipped where the peak is unknown, e.g. CPUs) and the
-allocator's peak device bytes.
+peak of the device in that dtype, skipped where the peak is unknown, e.g. CPUs), a DIFF variant's
+tokens/s over its vanilla twin's in the same run (higher is better; target 5 wants >= 0.92 at
+stage1) and the allocator's peak device bytes.
 """
 from . import _common as C
 
 PRESETS = {  # name: (batch, seqlen)
     "tiny": (8, 64),
     "stage0": (8, 1024),
+    "stage1": (8, 2048),
 }
-GPU_ONLY_PRESETS = ("stage0",)
+GPU_ONLY_PRESETS = ("stage0", "stage1")
+TORCH_OPTIONS = {"stage1": dict(compile=True, graphs=True)}  # the cuda backend's options per preset
 LR = 1e-3
 
 _CASES = {}
@@ -33,11 +39,15 @@ class _Case:
         batch, seqlen = PRESETS[preset]
         rt = C.Runtime(backend, need_gpu=preset in GPU_ONLY_PRESETS)
         cfg = make_config(preset, attention=variant)
-        self.model = C.load_backend(rt).build(cfg, init_params(cfg, seed=0))
+        options = TORCH_OPTIONS.get(preset, {}) if backend == "torch" else {}
+        self.model = C.load_backend(rt, **options).build(cfg, init_params(cfg, seed=0))
         rng = np.random.default_rng(0)
         self.batches = [rng.integers(0, cfg.vocab_size, (batch, seqlen + 1)) for _ in range(4)]
         self.rt, self.cfg, self.tokens_per_step, self.seqlen, self.i = rt, cfg, batch * seqlen, seqlen, 0
-        self.step()  # first step compiles / autotunes outside any clock
+        # outside any clock: the first step compiles / autotunes; with graphs, the eager steps before
+        # the recording (StepGraph.WARMUP), the recording and a first replay
+        for _ in range(5 if options.get("graphs") else 1):
+            self.step()
 
     def step(self):
         self.i += 1
@@ -85,16 +95,25 @@ def _measure(backend, variant, preset):
     return out
 
 
+def _vs_vanilla(cache: dict) -> dict:
+    """Each DIFF variant's tokens/s over its vanilla twin's (same backend and preset, same run)."""
+    for (backend, variant, preset), entry in cache.items():
+        twin = cache.get((backend, "vanilla", preset), {})
+        if variant != "vanilla" and "tokens_per_second" in entry and "tokens_per_second" in twin:
+            entry["vs_vanilla"] = entry["tokens_per_second"] / twin["tokens_per_second"]
+    return cache
+
+
 class TrainThroughput:
     """Steady-state throughput of every combination, measured once per run in setup_cache."""
     params = TrainStep.params
     param_names = TrainStep.param_names
-    timeout = 900
+    timeout = 1200
     version = "1"
 
     def setup_cache(self):
         keys = [(b, v, p) for b in C.BACKENDS for v in C.VARIANTS for p in PRESETS]
-        return C.measure_all(keys, _measure)
+        return _vs_vanilla(C.measure_all(keys, _measure))
 
     def setup(self, cache, backend, variant, preset):
         self.entry = C.cached_entry(cache, (backend, variant, preset))
@@ -108,6 +127,14 @@ class TrainThroughput:
             raise C.Skip(self.entry.get("mfu_skip", "no MFU"))
         return self.entry["mfu"]
     track_mfu.unit = "MFU"
+
+    def track_tokens_per_second_vs_vanilla(self, cache, backend, variant, preset):
+        if variant == "vanilla":
+            raise C.Skip("vanilla is the twin the others are measured against")
+        if "vs_vanilla" not in self.entry:
+            raise C.Skip(f"{backend} {preset}: the vanilla twin was not measured")
+        return self.entry["vs_vanilla"]
+    track_tokens_per_second_vs_vanilla.unit = "x vanilla"
 
     def track_device_peak_bytes(self, cache, *params):
         value = self.entry["device_peak_bytes"]

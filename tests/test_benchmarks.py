@@ -61,10 +61,13 @@ def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
         assert len(combos) == len(values), name
         for combo, value in zip(combos, values):
             assert value is not None, f"{name}{combo} failed (null): see asv's stderr"
-            gpu_only = "fused" in combo or "B2-L4096-d2048" in combo or "stage0" in combo or "track_mfu" in name
+            gpu_only = ("fused" in combo or "B2-L4096-d2048" in combo or "stage0" in combo or "stage1" in combo
+                        or "track_mfu" in name)
             backend = combo[0] if combo and combo[0] in ("mlx", "torch") else None
             if gpu_only or (backend and not have["torch" if backend == "torch" else "mlx"]):
                 assert math.isnan(value), f"{name}{combo} gave {value} on a CPU-only machine"
+            elif name.endswith("track_tokens_per_second_vs_vanilla") and "vanilla" in combo:
+                assert math.isnan(value)  # the twin itself: a skip, not 1.0
             elif name.endswith("track_device_peak_bytes") and backend == "torch":
                 assert math.isnan(value)  # torch keeps no device allocator count on a CPU
             elif "Agreement" in name and not all(have.values()):
@@ -76,7 +79,25 @@ def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
                 seen.add(name.rsplit(".", 1)[-1])
     if have["torch"]:
         assert {"time_forward", "time_forward_backward", "peakmem_forward", "track_tflops_forward",
-                "time_train_step", "track_tokens_per_second", "track_val_loss_delta"} <= seen
+                "time_train_step", "track_tokens_per_second", "track_tokens_per_second_vs_vanilla",
+                "track_val_loss_delta"} <= seen
+
+
+def test_vs_vanilla_divides_by_the_twin_of_the_same_backend_and_preset():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_training import _vs_vanilla
+
+    cache = _vs_vanilla({
+        ("torch", "vanilla", "stage1"): {"tokens_per_second": 400.0},
+        ("torch", "diff", "stage1"): {"tokens_per_second": 368.0},
+        ("torch", "diff", "tiny"): {"tokens_per_second": 50.0},  # its twin was not measured
+        ("mlx", "vanilla", "stage1"): {"skip": "no GPU"},
+        ("mlx", "diff", "stage1"): {"tokens_per_second": 10.0},
+    })
+    assert cache[("torch", "diff", "stage1")]["vs_vanilla"] == 368.0 / 400.0
+    assert "vs_vanilla" not in cache[("torch", "diff", "tiny")]
+    assert "vs_vanilla" not in cache[("mlx", "diff", "stage1")]
+    assert "vs_vanilla" not in cache[("torch", "vanilla", "stage1")]
 
 
 def test_importing_the_suite_loads_no_framework():
