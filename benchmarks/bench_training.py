@@ -13,7 +13,9 @@ float32 on a CPU.
 (higher is better), MFU (higher is better; _common.train_flops_per_token over the datasheet
 peak of the device in that dtype, skipped where the peak is unknown, e.g. CPUs), a DIFF variant's
 tokens/s over its vanilla twin's in the same run (higher is better; target 5 wants >= 0.92 at
-stage1) and the allocator's peak device bytes.
+stage1) and the allocator's peak device bytes (over the timed steps; for a step replayed as a CUDA
+graph, over its eager warm-up and recording, as train_step_table.py counts it: replays allocate
+nothing. At d22ba4d, the first commit with stage1, the graph rows counted the replays only).
 """
 from . import _common as C
 
@@ -82,9 +84,13 @@ class TrainStep:
 
 
 def _measure(backend, variant, preset):
+    graphs = backend == "torch" and TORCH_OPTIONS.get(preset, {}).get("graphs", False)
+    if graphs:  # a replay allocates nothing (activations live in the graph's pool): the peak is the recording's
+        C.Runtime(backend, need_gpu=True).reset_peak_memory()
     case = _Case(backend, variant, preset)
     rt = case.rt
-    rt.reset_peak_memory()
+    if not graphs:  # the steady state, after the first step's compile / autotune
+        rt.reset_peak_memory()
     seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30)
     out = {"tokens_per_second": case.tokens_per_step / seconds, "device_peak_bytes": rt.peak_memory()}
     try:
