@@ -168,6 +168,15 @@ def test_table_targets_judge_gpu_time_where_rows_have_it():
     assert "NOT MET" in target3(events_only)
 
 
+def test_kernel_options_parse_to_the_types_paired_softmax_compares():
+    import kernels_sweep as ks
+    got = ks.parse_options("tma=0+dq_ws=1+dq_ws_v2_min_len=4096+diagonal=last+dkdv_pairs_together=auto")
+    assert got["tma"] is False and got["dq_ws"] is True and got["diagonal"] == "last"
+    assert got["dq_ws_v2_min_len"] == 4096 and got["dkdv_pairs_together"] == "auto"  # an int, not "4096"
+    with pytest.raises(SystemExit, match="unknown kernel option"):
+        ks.parse_options("no_such_option=1")
+
+
 def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path):
     """--kernel-options sets paired_softmax.OPTIONS for the run (an A/B of a launch option in one
     call) and the header says which; an option paired_softmax lacks stops the run. The smoke mode

@@ -40,8 +40,10 @@ SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 def parse_options(text):
     """'tma=0+diagonal=last' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults;
-    1 / 0 are booleans, other values strings). An option paired_softmax does not have is an error."""
-    given = {k: {"1": True, "0": False}.get(v, v) for k, v in (item.split("=") for item in text.split("+"))}
+    1 / 0 are booleans, other whole numbers ints, the rest strings). An option paired_softmax does
+    not have is an error."""
+    given = {k: {"1": True, "0": False}.get(v, int(v) if v.isdigit() else v)
+             for k, v in (item.split("=") for item in text.split("+"))}
     unknown = sorted(set(given) - set(DEFAULT_OPTIONS))
     if unknown:
         raise SystemExit(f"unknown kernel option(s) {unknown}, expected {tuple(DEFAULT_OPTIONS)}")
