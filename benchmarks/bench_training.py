@@ -46,9 +46,11 @@ class _Case:
         rng = np.random.default_rng(0)
         self.batches = [rng.integers(0, cfg.vocab_size, (batch, seqlen + 1)) for _ in range(4)]
         self.rt, self.cfg, self.tokens_per_step, self.seqlen, self.i = rt, cfg, batch * seqlen, seqlen, 0
-        # outside any clock: the first step compiles / autotunes; with graphs, the eager steps before
-        # the recording (StepGraph.WARMUP), the recording and a first replay
-        for _ in range(5 if options.get("graphs") else 1):
+        warmup = 1  # outside any clock: the first step compiles / autotunes
+        if options.get("graphs"):  # the eager steps before the recording, the recording, a first replay
+            from diffattn.backends.cuda.train import StepGraph
+            warmup = StepGraph.WARMUP + 2
+        for _ in range(warmup):
             self.step()
 
     def step(self):
