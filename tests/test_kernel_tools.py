@@ -194,3 +194,21 @@ def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path)
     assert header["kernel_options"] == "dq_ws=0+dkdv_pairs_together=2"
     bogus = table("bogus=1")
     assert bogus.returncode != 0 and "unknown kernel option(s) ['bogus']" in bogus.stderr
+
+
+def test_kernel_table_with_subln_normalizes_every_v1_path(tmp_path):
+    """--subln gives every V1 implementation the output RMSNorm (target 1's composed path: two SDPA
+    calls + combine + subln); the fused rows meet the normed float32 reference, which an unnormed
+    fused output (rows of RMS ~0.3, not 1) would miss by far more than float16's tolerance."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "scripts" / "kernels_table.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent.parent)}
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--subln", "--variants", "diff_v1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((tmp_path / "kernels_table.json").read_text())
+    assert table["header"]["subln"] is True
+    rows = {(r["L"], r["mode"], r["impl"]): r for r in table["rows"]}
+    for L in (16, 32):
+        for mode in ("fwd", "fwd+bwd"):
+            for impl in ("fused", "composed", "naive"):
+                assert rows[(L, mode, impl)]["err"] < 1e-2, (L, mode, impl, rows[(L, mode, impl)])

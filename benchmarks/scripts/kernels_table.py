@@ -17,6 +17,9 @@ Each fused and composed call is timed twice: by CUDA events around eager calls (
 GPU together, L2 flushed between calls; short calls time the host, docs/kernels.md) and by replaying
 a CUDA graph of repeated calls (do_bench_cudagraph: GPU time alone, L2 warm). TFLOP/s and the
 targets use the graph time where there is one.
+--subln: V1 as the model calls it and as issue 7's target 1 defines the composed path, with the
+output's RMSNorm (subln): every V1 implementation gets norm=(weight, eps), which the fused kernels
+apply in their epilogue and the composed / naive paths as one more kernel after the combine.
 --smoke runs a tiny version on CPU through the Triton interpreter (host timer) to test this script.
 """
 import argparse
@@ -33,6 +36,7 @@ from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
+SUBLN_EPS = 1e-5
 OPS = {"diff_v1": diff_v1_attention, "diff_v2": diff_v2_attention}
 
 
@@ -41,32 +45,47 @@ def flops(variant, B, L, d, mode):
     return B * HEADS * per_head * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
-def make_inputs(variant, B, L, d, device, seed):
-    """Float32 inputs and dO; lam a V1 scalar / V2 sigmoid'd per-token values."""
+def make_inputs(variant, B, L, d, device, seed, subln=False):
+    """Float32 inputs and dO; lam a V1 scalar / V2 sigmoid'd per-token values; with subln, V1's
+    norm weight (subln_w, 2d wide)."""
     g = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     H = HEADS
     if variant == "diff_v1":
         x = dict(q=randn(B, L, 2 * H, d), k=randn(B, L, 2 * H, d), v=randn(B, L, H, 2 * d),
                  lam=torch.tensor(0.6, device=device))
+        if subln:
+            x["subln_w"] = torch.rand(2 * d, generator=g, device=device) + 0.5
         return x, randn(B, L, H, 2 * d)
     x = dict(q=randn(B, L, 2 * H, d), k=randn(B, L, H, d), v=randn(B, L, H, d),
              lam=torch.sigmoid(randn(B, L, H)))
     return x, randn(B, L, H, d)
 
 
+def call(op, x, impl):
+    """op on the inputs x; V1's subln weight, where x carries one, as the op's norm."""
+    x = dict(x)
+    w = x.pop("subln_w", None)
+    return op(**x, impl=impl) if w is None else op(**x, impl=impl, norm=(w, SUBLN_EPS))
+
+
+def float32_input(variant, name):
+    """V1's lambda and norm weight are float32 parameters in the model; everything else is cast."""
+    return variant == "diff_v1" and name in ("lam", "subln_w")
+
+
 def impls(variant, device):
     """name -> fn(**inputs) for every implementation to time."""
     op = OPS[variant]
-    out = {"fused": lambda **x: op(**x, impl="fused"), "naive": lambda **x: op(**x, impl="naive")}
+    out = {"fused": lambda **x: call(op, x, "fused"), "naive": lambda **x: call(op, x, "naive")}
     if device != "cuda":
-        out["composed"] = lambda **x: op(**x, impl="composed")
+        out["composed"] = lambda **x: call(op, x, "composed")
         return out
 
     def composed(backend):
         def fn(**x):
             with _sdpa_backend(x["q"].device, backend):
-                return op(**x, impl="composed")
+                return call(op, x, "composed")
         return fn
     # every SDPA backend is tried; one that refuses the shapes (flash: V1's v head dim 2d; grouped
     # heads for V2 on some backends) gets a row saying so
@@ -82,7 +101,7 @@ def reference(variant, x, do):
     x = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     with _sdpa_backend(x["q"].device, "efficient"):
         if variant == "diff_v1":
-            out = diff_v1_attention(**x, impl="composed")
+            out = call(diff_v1_attention, x, "composed")
         else:
             group = x["q"].shape[2] // x["k"].shape[2]
             a = sdpa(x["q"], *(x[n].repeat_interleave(group, dim=2) for n in ("k", "v")))
@@ -123,7 +142,7 @@ def bench_graph(fn, grad_to_none):
 def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
     """-> dict(ms, err, peak_mib) for one implementation, with graph=True also graph_ms (or
     graph_note, why the calls could not be captured); raises on OOM / no kernel."""
-    x = {n: (t.to(dtype) if n != "lam" or variant == "diff_v2" else t).detach().requires_grad_(mode == "fwd+bwd")
+    x = {n: (t if float32_input(variant, n) else t.to(dtype)).detach().requires_grad_(mode == "fwd+bwd")
          for n, t in x32.items()}
     do = do32.to(dtype)
     leaves = list(x.values())
@@ -139,7 +158,8 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
     else:
         out = fn(**x)
         out.backward(do)
-        errs = {"err": max([rel(out.detach(), ref["out"])] + [rel(x[n].grad, ref[n]) for n in ("q", "k", "v")]),
+        grads = [n for n in ("q", "k", "v", "subln_w") if n in x]
+        errs = {"err": max([rel(out.detach(), ref["out"])] + [rel(x[n].grad, ref[n]) for n in grads]),
                 "err_dlam": rel(x["lam"].grad, ref["lam"])}
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else float("nan")
     del out
@@ -162,15 +182,15 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
     return dict(**timed, peak_mib=peak, **errs)
 
 
-def run(variants, dims, lengths, modes, device, dtype, log):
+def run(variants, dims, lengths, modes, device, dtype, log, subln=False):
     rows = []
     for variant in variants:
         for d in dims:
             for L in lengths:
                 B = max(1, TOKENS // L)
-                x32, do32 = make_inputs(variant, B, L, d, device, seed=L + d)
-                # the reference sees the very values the timed dtype holds (V1's lambda stays float32)
-                x32 = {n: t if t.dim() == 0 else t.to(dtype).float() for n, t in x32.items()}
+                x32, do32 = make_inputs(variant, B, L, d, device, seed=L + d, subln=subln)
+                # the reference sees the very values the timed dtype holds (V1's lambda and norm weight stay float32)
+                x32 = {n: t if float32_input(variant, n) else t.to(dtype).float() for n, t in x32.items()}
                 do32 = do32.to(dtype).float()
                 ref = reference(variant, x32, do32)
                 for mode in modes:
@@ -270,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
+    ap.add_argument("--subln", action="store_true", help="V1 with its output RMSNorm on every path "
+                    "(target 1's composed path: two SDPA calls + combine + subln)")
     ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
                     "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
     a = ap.parse_args(argv)
@@ -290,7 +312,8 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     header = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   torch=torch.__version__, commit=a.commit, command=" ".join(["python"] + sys.argv),
-                  dtype=str(dtype), tokens=TOKENS, heads=HEADS, kernel_options=a.kernel_options or "defaults")
+                  dtype=str(dtype), tokens=TOKENS, heads=HEADS, kernel_options=a.kernel_options or "defaults",
+                  subln=a.subln)
     try:
         import triton
         header["triton"] = triton.__version__
@@ -299,7 +322,7 @@ def main(argv=None):
     header["matmul_bf16_tflops"] = mm = _common.matmul_tflops() if device == "cuda" else float("nan")
     print(json.dumps(header), flush=True)
     rows = run(a.variants.split(","), dims, lengths, ("fwd", "fwd+bwd"), device, dtype,
-               lambda r: print(json.dumps(r), flush=True))
+               lambda r: print(json.dumps(r), flush=True), subln=a.subln)
     add_ratios(rows)
     checks = targets(rows, mm)
     text = "\n".join([f"{k}: {v}" for k, v in header.items()] + ["", markdown(rows), ""] + checks)
