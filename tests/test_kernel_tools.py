@@ -198,8 +198,9 @@ def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path)
 
 def test_kernel_table_with_subln_normalizes_every_v1_path(tmp_path):
     """--subln gives every V1 implementation the output RMSNorm (target 1's composed path: two SDPA
-    calls + combine + subln); the fused rows meet the normed float32 reference, which an unnormed
-    fused output (rows of RMS ~0.3, not 1) would miss by far more than float16's tolerance."""
+    calls + combine + subln), the torch.compile'd composed path included; every row meets the normed
+    float32 reference, which an unnormed output (rows of RMS ~0.3, not 1) would miss by far more
+    than float16's tolerance."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "scripts" / "kernels_table.py"
     env = {**os.environ, "PYTHONPATH": str(script.parent.parent.parent)}
     done = subprocess.run([sys.executable, str(script), "--smoke", "--subln", "--variants", "diff_v1", "--out",
@@ -210,5 +211,5 @@ def test_kernel_table_with_subln_normalizes_every_v1_path(tmp_path):
     rows = {(r["L"], r["mode"], r["impl"]): r for r in table["rows"]}
     for L in (16, 32):
         for mode in ("fwd", "fwd+bwd"):
-            for impl in ("fused", "composed", "naive"):
+            for impl in ("fused", "composed", "composed+compile", "naive"):
                 assert rows[(L, mode, impl)]["err"] < 1e-2, (L, mode, impl, rows[(L, mode, impl)])

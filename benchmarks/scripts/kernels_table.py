@@ -12,7 +12,9 @@ Error: max over the output (and, for fwd+bwd, the gradients of q, k, v) of ||x -
 ref the composed path in float32 (memory-efficient SDPA, IEEE float32) on the same (bf16-valued)
 inputs; lambda's gradient separately (err dlam). Peak memory:
 torch.cuda.max_memory_allocated during the call minus what was allocated before it (inputs).
-Composed is timed with each SDPA backend that accepts the shapes; "best composed" is the fastest.
+Composed is timed with each SDPA backend that accepts the shapes, and under torch.compile with
+cuDNN's (`composed:cudnn+compile`: Inductor fuses the combine, and subln, forward and backward);
+"best composed" is the fastest of them.
 Each fused and composed call is timed twice: by CUDA events around eager calls (do_bench: host and
 GPU together, L2 flushed between calls; short calls time the host, docs/kernels.md) and by replaying
 a CUDA graph of repeated calls (do_bench_cudagraph: GPU time alone, L2 warm). TFLOP/s and the
@@ -24,6 +26,7 @@ apply in their epilogue and the composed / naive paths as one more kernel after 
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -80,18 +83,32 @@ def impls(variant, device):
     out = {"fused": lambda **x: call(op, x, "fused"), "naive": lambda **x: call(op, x, "naive")}
     if device != "cuda":
         out["composed"] = lambda **x: call(op, x, "composed")
+        out["composed+compile"] = compiled_composed(variant)
         return out
 
-    def composed(backend):
-        def fn(**x):
+    def composed(backend, fn=lambda **x: call(op, x, "composed")):
+        def with_backend(**x):
             with _sdpa_backend(x["q"].device, backend):
-                return call(op, x, "composed")
-        return fn
+                return fn(**x)
+        return with_backend
     # every SDPA backend is tried; one that refuses the shapes (flash: V1's v head dim 2d; grouped
     # heads for V2 on some backends) gets a row saying so
     for backend in ("cudnn", "efficient", "flash"):
         out[f"composed:{backend}"] = composed(backend)
+    # the composed path at its best: Inductor fuses the combine (and subln) around cuDNN's calls,
+    # forward and backward, where eager runs them as a chain of elementwise kernels
+    out["composed:cudnn+compile"] = composed("cudnn", compiled_composed(variant))
     return out
+
+
+@functools.cache
+def compiled_composed(variant):
+    """One torch.compile'd composed op per variant, made once: dynamo caches per code object, so
+    every length and mode adds guards to the same entry (automatic dynamic shapes after the
+    second length) rather than compiling anew. Made on first use, after main() has set
+    TRITON_INTERPRET (torch.compile's imports would otherwise fix Triton's mode first)."""
+    op = OPS[variant]
+    return torch.compile(lambda **x: call(op, x, "composed"))
 
 
 def reference(variant, x, do):
@@ -309,6 +326,8 @@ def main(argv=None):
         device, dtype = "cuda", torch.bfloat16
         dims, lengths = [int(s) for s in a.dims.split(",")], [int(s) for s in a.lengths.split(",")]
         torch.backends.cuda.matmul.allow_tf32 = False
+    # past the limit dynamo would run the compiled composed rows eagerly, under their name
+    torch._dynamo.config.recompile_limit = 64
     os.makedirs(a.out, exist_ok=True)
     header = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   torch=torch.__version__, commit=a.commit, command=" ".join(["python"] + sys.argv),
@@ -325,6 +344,10 @@ def main(argv=None):
                lambda r: print(json.dumps(r), flush=True), subln=a.subln)
     add_ratios(rows)
     checks = targets(rows, mm)
+    # a composed+compile row that dynamo gave up on would have run eagerly under its name
+    stats = torch._dynamo.utils.counters["stats"]
+    checks.append(f"torch.compile (composed+compile rows): {stats['unique_graphs']} graphs compiled, "
+                  f"{sum(torch._dynamo.utils.counters['graph_break'].values())} graph breaks")
     text = "\n".join([f"{k}: {v}" for k, v in header.items()] + ["", markdown(rows), ""] + checks)
     print(text)
     with open(os.path.join(a.out, "kernels_table.md"), "w") as f:
