@@ -354,6 +354,19 @@ def test_train_step_table_smoke(tmp_path):
     assert all(f"| tiny | {v} | off |" in text for v in VARIANTS)
 
 
+def test_train_step_table_variant_can_name_its_own_kernels(tmp_path, monkeypatch):
+    """diff:naive is the DIFF model built with the naive kernels, whatever the run's kernels are
+    (composed in the smoke run); a plain variant keeps the run's."""
+    from benchmarks.scripts import train_step_table
+
+    built = []
+    create = train_step_table.create
+    monkeypatch.setattr(train_step_table, "create", lambda **kw: built.append(kw["kernels"]) or create(**kw))
+    assert train_step_table.main(["--smoke", "--variants", "diff,diff:naive", "--out", str(tmp_path)]) == 0
+    assert built == ["composed", "naive"] * 2  # the smoke's two runs
+    assert "| tiny | diff:naive | off |" in (tmp_path / "train_step_table.md").read_text()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="the kernels' options live beside the Triton kernels")
 def test_train_step_table_sets_kernel_options_and_refuses_unknown_ones(tmp_path, monkeypatch):
     from benchmarks.scripts import train_step_table

@@ -87,9 +87,11 @@ def host_ms(model, batch, reps=3, sleep_cycles=1_000_000_000):
 
 
 def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtype, kernels, warmup, steps, profile=None):
-    """One row: `micro` micro-batches of `tokens` tokens each per optimizer step."""
-    cfg, model, batches, batch_size = step_case(name, variant, seq_len, tokens, micro, compile, graphs,
-                                                device, dtype, kernels)
+    """One row: `micro` micro-batches of `tokens` tokens each per optimizer step. A variant written
+    VARIANT:KERNELS (e.g. diff:composed) runs with those kernels instead of the run's."""
+    attention, _, own = variant.partition(":")
+    cfg, model, batches, batch_size = step_case(name, attention, seq_len, tokens, micro, compile, graphs,
+                                                device, dtype, own or kernels)
     if graphs:  # the eager warm-up steps and the recording stay out of the clock
         warmup = max(warmup, train.StepGraph.WARMUP + 2)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -171,7 +173,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="stage1:2048:16384,small:256:16384",
                     help="comma-separated preset:seq_len:tokens_per_micro_batch[:micro_batches_per_step]")
-    ap.add_argument("--variants", default="diff,vanilla,diff_v2")
+    ap.add_argument("--variants", default="diff,vanilla,diff_v2",
+                    help="attention variants; VARIANT:KERNELS picks that row's kernels, e.g. diff:composed "
+                         "(the DIFF model with SDPA calls, compiled like the rest: the fused kernels' alternative)")
     ap.add_argument("--compile", default="off,on", help="off, on or off,on")
     ap.add_argument("--compile-presets", default="stage1", help="presets also timed compiled")
     ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
