@@ -177,6 +177,19 @@ def test_kernel_options_parse_to_the_types_paired_softmax_compares():
         ks.parse_options("no_such_option=1")
 
 
+def test_tiles_option_overrides_the_tuned_tile_and_refuses_a_malformed_one(monkeypatch):
+    import kernels_sweep as ks
+    from diffattn.backends.cuda.ops import paired_softmax as ps
+
+    monkeypatch.setattr(ps, "OVERRIDES", {})
+    ks.apply_tiles("dkdv:64:128=32,128,8,3+fwd:64:64=64,32,4,2")
+    assert ps.blocks("dkdv", 64, 128, torch.bfloat16, False) == (32, 128, 8, 3)
+    assert ps.OVERRIDES == {("dkdv", 64, 128, 2): (32, 128, 8, 3), ("fwd", 64, 64, 2): (64, 32, 4, 2)}
+    for bad in ("dkdv:64:128=32,128,8", "nope:64:128=32,128,8,3", "dkdv:64=32,128,8,3"):
+        with pytest.raises(SystemExit, match="bad tile"):
+            ks.apply_tiles(bad)
+
+
 def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path):
     """--kernel-options sets paired_softmax.OPTIONS for the run (an A/B of a launch option in one
     call) and the header says which; an option paired_softmax lacks stops the run. The smoke mode

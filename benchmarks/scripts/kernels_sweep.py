@@ -56,6 +56,21 @@ def apply_options(text):
     ps.OPTIONS.update(parse_options(text))
 
 
+def apply_tiles(text):
+    """Sets paired_softmax.OVERRIDES (16-bit inputs) from 'KERNEL:D:DV=BM,BN,warps,stages+...' for the
+    rest of the process: the tables' --tiles, to A/B a tile against TUNED's in one call."""
+    for item in text.split("+"):
+        try:
+            key, tile = item.split("=")
+            kernel, D, DV = key.split(":")
+            cfg = tuple(int(x) for x in tile.split(","))
+            assert kernel in CANDIDATES and len(cfg) == 4
+        except (ValueError, AssertionError):
+            raise SystemExit(f"bad tile {item!r}, expected KERNEL:D:DV=BM,BN,warps,stages with KERNEL in "
+                             f"{tuple(CANDIDATES)}, e.g. dkdv:64:128=32,128,8,3")
+        ps.OVERRIDES[(kernel, int(D), int(DV), 2)] = cfg
+
+
 def main():
     try:  # what torch.library.triton_op does around an eager call: launch the kernels directly
         from torch._library.triton import set_wrap_triton_enabled

@@ -309,12 +309,18 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     ap.add_argument("--subln", action="store_true", help="V1 with its output RMSNorm on every path "
                     "(target 1's composed path: two SDPA calls + combine + subln)")
+    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
+                    "tuned ones (paired_softmax.OVERRIDES), e.g. dkdv:64:128=32,128,8,3 for an A/B")
     ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
                     "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
     a = ap.parse_args(argv)
     if a.kernel_options:
         from kernels_sweep import apply_options  # this script's folder is on sys.path when it runs
         apply_options(a.kernel_options)
+    if a.tiles:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from kernels_sweep import apply_tiles
+        apply_tiles(a.tiles)
     global TOKENS, HEADS
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -332,6 +338,7 @@ def main(argv=None):
     header = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   torch=torch.__version__, commit=a.commit, command=" ".join(["python"] + sys.argv),
                   dtype=str(dtype), tokens=TOKENS, heads=HEADS, kernel_options=a.kernel_options or "defaults",
+                  tiles=a.tiles or "tuned",
                   subln=a.subln)
     try:
         import triton

@@ -181,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
                     "for this run's compiled rows (A/B of the defaults)")
     ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
+    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
+                    "tuned ones (paired_softmax.OVERRIDES), e.g. dkdv:64:128=32,128,8,3 for an A/B")
     ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
                     "(paired_softmax.OPTIONS, as kernels_sweep.py writes them) for this run; one process per "
                     "setting (compiled code keeps the options it was traced with)")
@@ -201,6 +203,10 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a module
         from kernels_sweep import apply_options
         apply_options(a.kernel_options)
+    if a.tiles:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from kernels_sweep import apply_tiles
+        apply_tiles(a.tiles)
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
@@ -209,7 +215,8 @@ def main(argv=None):
             f"- command: `PYTHONPATH=. python {' '.join(sys.argv if argv is None else ['benchmarks/scripts/train_step_table.py', *argv])}`",
             f"- commit: {a.commit or git_commit()}; torch {torch.__version__}; dtype {dtype}"
             f"{' (autocast, fp32 master weights)' if dtype == 'bfloat16' else ''}; kernels {kernels}; {a.warmup} warm-up + {a.steps} timed steps, synchronized wall clock",
-            f"- Inductor options of compiled rows: {train.COMPILE_OPTIONS}; kernel options: {a.kernel_options or 'defaults'}",
+            f"- Inductor options of compiled rows: {train.COMPILE_OPTIONS}; kernel options: {a.kernel_options or 'defaults'}; "
+            f"tiles: {a.tiles or 'tuned'}",
             "- FLOPs/token = 6 * params + 3 * n_layers * q_heads * L * (d_qk + d_v) (causal attention, fwd+bwd); "
             "MFU(PaLM) counts attention without the causal halving (nanoGPT's 12 L H Q T)"]
     peak = mm = float("nan")
