@@ -1,6 +1,8 @@
 """Attention cores alone: forward and forward+backward time and peak memory, and TFLOP/s.
 
-Grid: backend (mlx, torch) x impl (naive, composed, fused) x variant x shape. Shapes are named
+Grid: backend (mlx, torch) x impl (naive, composed, fused, compiled) x variant x shape; compiled is
+the composed path under the framework's compiler (torch.compile: Inductor fuses DIFF's combine
+around the SDPA calls; mx.compile), the strongest baseline a fused kernel has to beat. Shapes are named
 batch-seqlen-d_model; every variant is the twin of a vanilla layer of that d_model with head_dim 64
 (config.twin: DIFF V1 has half the heads with v 2d wide, DIFF V2 twice the query heads).
 The large shape and every fused kernel need a GPU and are skipped on a CPU. On a GPU the inputs
@@ -20,6 +22,7 @@ SHAPES = {  # name: (batch, seqlen, d_model, vanilla heads)
 }
 GPU_ONLY_SHAPES = ("B2-L4096-d2048",)
 OP_NAME = {"vanilla": "vanilla_attention", "diff": "diff_v1_attention", "diff_v2": "diff_v2_attention"}
+IMPLS = ("naive", "composed", "compiled", "fused")  # C.IMPLS and the compiled composed path; fused last (setup_cache)
 
 _CASES = {}  # asv re-runs setup before every timed call: build each case once per process
 
@@ -29,7 +32,9 @@ class _Case:
 
     def __init__(self, backend, impl, variant, shape):
         batch, seqlen, d_model, heads = SHAPES[shape]
-        rt = C.Runtime(backend, need_gpu=shape in GPU_ONLY_SHAPES or impl == "fused")
+        # torch.compile on a CPU would compile for seconds in every asv process: GPU-only there
+        rt = C.Runtime(backend, need_gpu=shape in GPU_ONLY_SHAPES or impl == "fused"
+                       or (backend, impl) == ("torch", "compiled"))
         op = _attention_op(backend, impl, variant)
         cfg = C.attention_layout(variant, d_model, heads, seqlen)
         hd = cfg.head_dim
@@ -65,6 +70,8 @@ class _Case:
                 return mx.vjp(op, inputs, [grad_out])
         self.forward, self.forward_backward = forward, forward_backward
         rt.sync(self.forward())  # fails here, in setup, if the op rejects the combination
+        if impl == "compiled":  # and compiles here, not in a timed call
+            rt.sync(self.forward_backward())
 
     def forward_flops(self):
         return C.attention_forward_flops(self.cfg, self.batch, self.seqlen, causal=True)
@@ -75,13 +82,21 @@ def _attention_op(backend, impl, variant):
     the composed path (no kernel of its own) is skipped rather than timed twice."""
     ops = C.import_ops(backend)
     if backend == "torch":
+        import torch
+
         if impl == "fused" and variant == "vanilla":
             raise C.Skip("torch: vanilla 'fused' is the composed SDPA call (no kernel of its own)")
         fn = getattr(ops, OP_NAME[variant])
+        if impl == "compiled":
+            return torch.compile(lambda *xs: fn(*xs, impl="composed"))
         return lambda *xs: fn(*xs, impl=impl)
     table = ops.IMPLS[variant]
     if impl == "fused" and table["fused"] is table["composed"]:
         raise C.Skip(f"mlx: {variant} 'fused' is the composed path (no kernel of its own)")
+    if impl == "compiled":
+        import mlx.core as mx
+
+        return mx.compile(table["composed"])
     return table[impl]
 
 
@@ -94,7 +109,7 @@ def _case(backend, impl, variant, shape):
 
 class Attention:
     """asv statistics of single calls (synchronized) of the attention core."""
-    params = (list(C.BACKENDS), list(C.IMPLS), list(C.VARIANTS), list(SHAPES))
+    params = (list(C.BACKENDS), list(IMPLS), list(C.VARIANTS), list(SHAPES))
     param_names = ["backend", "impl", "variant", "shape"]
     rounds = 1
     repeat = (3, 10, 1.0)
@@ -139,7 +154,7 @@ class AttentionThroughput:
 
     def setup_cache(self):
         # fused kernels last: a kernel that breaks the CUDA context should not hide the others
-        keys = [(b, i, v, s) for i in C.IMPLS for b in C.BACKENDS for v in C.VARIANTS for s in SHAPES]
+        keys = [(b, i, v, s) for i in IMPLS for b in C.BACKENDS for v in C.VARIANTS for s in SHAPES]
         return C.measure_all(keys, _measure)
 
     def setup(self, cache, backend, impl, variant, shape):

@@ -61,9 +61,9 @@ def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
         assert len(combos) == len(values), name
         for combo, value in zip(combos, values):
             assert value is not None, f"{name}{combo} failed (null): see asv's stderr"
-            gpu_only = ("fused" in combo or "B2-L4096-d2048" in combo or "stage0" in combo or "stage1" in combo
-                        or "track_mfu" in name)
             backend = combo[0] if combo and combo[0] in ("mlx", "torch") else None
+            gpu_only = ("fused" in combo or "B2-L4096-d2048" in combo or "stage0" in combo or "stage1" in combo
+                        or "track_mfu" in name or (backend == "torch" and "compiled" in combo))
             if gpu_only or (backend and not have["torch" if backend == "torch" else "mlx"]):
                 assert math.isnan(value), f"{name}{combo} gave {value} on a CPU-only machine"
             elif name.endswith("track_tokens_per_second_vs_vanilla") and "vanilla" in combo:
