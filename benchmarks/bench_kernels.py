@@ -1,6 +1,6 @@
 """Attention cores alone: forward and forward+backward time and peak memory, and TFLOP/s.
 
-Grid: backend (mlx, torch) x impl (naive, composed, fused, compiled) x variant x shape; compiled is
+Grid: backend (mlx, torch) x impl (naive, composed, compiled, fused) x variant x shape; compiled is
 the composed path under the framework's compiler (torch.compile: Inductor fuses DIFF's combine
 around the SDPA calls; mx.compile), the strongest baseline a fused kernel has to beat. Shapes are named
 batch-seqlen-d_model; every variant is the twin of a vanilla layer of that d_model with head_dim 64

@@ -52,14 +52,16 @@ def parse_options(text):
 
 def apply_options(text):
     """Sets paired_softmax.OPTIONS from 'KEY=VALUE+...' (parse_options) for the rest of the process:
-    the tables' --kernel-options."""
-    ps.OPTIONS.update(parse_options(text))
+    the tables' --kernel-options. Empty text changes nothing."""
+    if text:
+        ps.OPTIONS.update(parse_options(text))
 
 
 def apply_tiles(text):
     """Sets paired_softmax.OVERRIDES (16-bit inputs) from 'KERNEL:D:DV=BM,BN,warps,stages+...' for the
-    rest of the process: the tables' --tiles, to A/B a tile against TUNED's in one call."""
-    for item in text.split("+"):
+    rest of the process: the tables' --tiles, to A/B a tile against TUNED's in one call. Empty text
+    changes nothing."""
+    for item in filter(None, text.split("+")):
         try:
             key, tile = item.split("=")
             kernel, D, DV = key.split(":")

@@ -314,12 +314,9 @@ def main(argv=None):
     ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
                     "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
     a = ap.parse_args(argv)
-    if a.kernel_options:
-        from kernels_sweep import apply_options  # this script's folder is on sys.path when it runs
+    if a.kernel_options or a.tiles:
+        from kernels_sweep import apply_options, apply_tiles  # this script's folder is on sys.path when it runs
         apply_options(a.kernel_options)
-    if a.tiles:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from kernels_sweep import apply_tiles
         apply_tiles(a.tiles)
     global TOKENS, HEADS
     if a.smoke:

@@ -199,13 +199,10 @@ def main(argv=None):
     for kv in filter(None, a.inductor.split(",")):
         key, value = kv.split("=")
         train.COMPILE_OPTIONS[key] = int(value)
-    if a.kernel_options:
+    if a.kernel_options or a.tiles:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a module
-        from kernels_sweep import apply_options
+        from kernels_sweep import apply_options, apply_tiles
         apply_options(a.kernel_options)
-    if a.tiles:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from kernels_sweep import apply_tiles
         apply_tiles(a.tiles)
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
