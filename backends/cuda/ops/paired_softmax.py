@@ -491,7 +491,7 @@ OVERRIDES = {}
 # docs/kernels.md). With "first", ptxas 12.8 waits for every wgmma before issuing the next (its
 # advisory C7515) but allocates with the fewest spills; "last" and "unrolled" keep the MMAs
 # asynchronous at the price of more spills, which pays only on tiles with registers to spare.
-DKDV_DIAGONAL = {(64, 128): "last", (64, 64): "unrolled"}
+DKDV_DIAGONAL = {(64, 128): "unrolled", (64, 64): "unrolled"}
 # diagonal: None = DKDV_DIAGONAL's choice, else forced; dkdv_ws: V2's Gluon dK/dV kernel where it applies;
 # dq_ws: the Gluon dQ kernel (V1 and V2) where it applies, V2's only from dq_ws_v2_min_len keys on;
 # dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
