@@ -152,6 +152,19 @@ def test_table_ratios_take_the_fastest_composed_backend_per_timing():
     assert fused["graph_vs_best_composed"] == pytest.approx(1.2 / 0.9)
 
 
+def test_the_compiled_composed_path_competes_for_best_composed():
+    """Every composed impl the GPU table times, torch.compile's among them, is a candidate for
+    "best composed": here the compiled one is fastest, so the fused row is judged against it."""
+    names = [n for n in kt.impls("diff_v1", "cuda") if n.startswith("composed")]
+    assert "composed:cudnn+compile" in names
+    rows = [dict(variant="diff_v1", d=64, L=2048, B=8, mode="fwd", impl=n, ms=1.5, graph_ms=1.5) for n in names]
+    rows[names.index("composed:cudnn+compile")].update(ms=1.1, graph_ms=1.1)
+    rows.append(dict(variant="diff_v1", d=64, L=2048, B=8, mode="fwd", impl="fused", ms=1.0, graph_ms=1.0))
+    kt.add_ratios(rows)
+    assert rows[-1]["graph_best_composed"] == "composed:cudnn+compile"
+    assert rows[-1]["graph_vs_best_composed"] == pytest.approx(1.1)
+
+
 def test_table_targets_judge_gpu_time_where_rows_have_it():
     """Target 3 reads the graph replay's ratio (a host-bound event row does not fail it) and, where
     a row has no graph time, the event ratio; both are printed."""
