@@ -26,6 +26,11 @@ PRESETS = {  # name: (batch, seqlen)
 }
 GPU_ONLY_PRESETS = ("stage0", "stage1")
 TORCH_OPTIONS = {"stage1": dict(compile=True, graphs=True)}  # the cuda backend's options per preset
+
+
+def _backend_options(backend, preset):
+    """The backend's create() options of a row: TORCH_OPTIONS' on torch, none on MLX."""
+    return TORCH_OPTIONS.get(preset, {}) if backend == "torch" else {}
 LR = 1e-3
 
 _CASES = {}
@@ -41,15 +46,15 @@ class _Case:
         batch, seqlen = PRESETS[preset]
         rt = C.Runtime(backend, need_gpu=preset in GPU_ONLY_PRESETS)
         cfg = make_config(preset, attention=variant)
-        options = TORCH_OPTIONS.get(preset, {}) if backend == "torch" else {}
+        options = _backend_options(backend, preset)
         self.model = C.load_backend(rt, **options).build(cfg, init_params(cfg, seed=0))
         rng = np.random.default_rng(0)
         self.batches = [rng.integers(0, cfg.vocab_size, (batch, seqlen + 1)) for _ in range(4)]
         self.rt, self.cfg, self.tokens_per_step, self.seqlen, self.i = rt, cfg, batch * seqlen, seqlen, 0
         warmup = 1  # outside any clock: the first step compiles / autotunes
-        if options.get("graphs"):  # the eager steps before the recording, the recording, a first replay
+        if options.get("graphs"):
             from diffattn.backends.cuda.train import StepGraph
-            warmup = StepGraph.WARMUP + 2
+            warmup = StepGraph.STEPS_TO_STEADY
         for _ in range(warmup):
             self.step()
 
@@ -86,7 +91,7 @@ class TrainStep:
 
 
 def _measure(backend, variant, preset):
-    graphs = backend == "torch" and TORCH_OPTIONS.get(preset, {}).get("graphs", False)
+    graphs = _backend_options(backend, preset).get("graphs", False)
     if graphs:  # a replay allocates nothing (activations live in the graph's pool): the peak is the recording's
         C.Runtime(backend, need_gpu=True).reset_peak_memory()
     case = _Case(backend, variant, preset)

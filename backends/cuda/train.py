@@ -54,6 +54,9 @@ class StepGraph:
     batch shape) must reset() it.
     """
     WARMUP = 3
+    # steps a benchmark runs before its clock: the eager ones, the recording (which replays) and
+    # one more replay, so that timed steps are replays alone
+    STEPS_TO_STEADY = WARMUP + 2
 
     def __init__(self, step):
         self.step = step  # batch on the GPU -> mean loss; forward, backward, clip, update

@@ -93,7 +93,7 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
     cfg, model, batches, batch_size = step_case(name, attention, seq_len, tokens, micro, compile, graphs,
                                                 device, dtype, own or kernels)
     if graphs:  # the eager warm-up steps and the recording stay out of the clock
-        warmup = max(warmup, train.StepGraph.WARMUP + 2)
+        warmup = max(warmup, train.StepGraph.STEPS_TO_STEADY)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     reset_peak = torch.cuda.reset_peak_memory_stats if device == "cuda" else (lambda: None)
     if graphs:  # a replay allocates nothing: a graph's peak is its recording's
