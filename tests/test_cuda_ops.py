@@ -227,17 +227,6 @@ def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
     assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
 
 
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_persistent_forward(monkeypatch, variant):
-    """A persistent forward, three programs walking all 2 x 4 heads x 3 query blocks, computes every
-    job once: outputs and gradients (the backward reads its LSE) meet the oracle's."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "fwd_persistent", True)
-    assert_close(check(variant, "fused", 2, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
-
-
 if HAVE_TRITON:
     import triton.language as tl
 
@@ -609,19 +598,6 @@ def gluon_ops(variant, x):
                          + [(GPU_CASES[1], torch.float16)])  # float16 takes bfloat16's path; one shape
 def test_fused_gpu(variant, shape, dtype):
     """Float32 runs every dot in IEEE precision (never tf32), so it must meet 1e-5."""
-    assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
-
-
-@gpu
-@needs_cuda
-@needs_triton
-@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-@pytest.mark.parametrize("shape", GPU_CASES[1:])  # d 64 (one program a job), d 128 (V1: two column slices)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_gpu_persistent_forward(monkeypatch, variant, shape, dtype):
-    """The forward as a persistent grid (a program an SM, or two, walking every job) meets the oracle."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "fwd_persistent", True)
     assert_close(check(variant, "fused", *shape, dtype, device="cuda", strided=True), dtype)
 
 

@@ -163,10 +163,6 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "DIAGONAL" in fn.arg_names:
         consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
         consts["PAIRS_TOGETHER"] = 1  # the grid's own order; --constexprs PAIRS_TOGETHER=16 for another
-    if "SLICES" in fn.arg_names:
-        consts["SLICES"] = slices
-    if "PERSISTENT" in fn.arg_names:  # the forward's default launch; --constexprs PERSISTENT=1 for the other
-        consts["PERSISTENT"] = ps.OPTIONS["fwd_persistent"]
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
         consts["STEPS"], consts["LOAD_STAGES"] = bn, stages

@@ -24,7 +24,6 @@ V2's dK/dV (dkdv_ws_applies) and both variants' dQ (dq_ws_applies).
 Causal: blocks left of the diagonal run unmasked, the diagonal blocks masked; rows past L read
 lse = +inf so their probabilities are exactly 0.
 """
-import functools
 import math
 import os
 
@@ -125,12 +124,12 @@ def _fwd_tile(q1, q2, m1, l1, acc1, m2, l2, acc2, k1_src, k2_src, v_src, skl, sv
 
 
 @triton.jit
-def _query_rows(bh, pid_m, L, H, GROUP, BLOCK_M: tl.constexpr):
-    """Program (or persistent job) (batch * H + output head i, query block pid_m): its batch, head i, kv
-    head g and query rows. The launchers walk the query blocks backwards, so the blocks with the most
-    keys start first and the short ones fill the last wave. Q is not an argument: torch.compile's
-    mutation analysis counts every argument of a call whose results address a store as written, and
-    would copy Q."""
+def _query_rows(pid_m, L, H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (batch, output head i, kv head g) and query rows. Grid axis 0 is (batch, head);
+    the launchers walk axis 1 backwards (pid_m), so the query blocks with the most keys start first
+    and the short ones fill the last wave. Q is not an argument: torch.compile's mutation analysis
+    counts every argument of a call whose results address a store as written, and would copy Q."""
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     i = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,16 +145,23 @@ def _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_job(bh, job, Q, K, V, LAM, OUT, O2, LSE, Y, W,
-             sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-             L, H, GROUP, qk_scale, eps,
-             D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
-             SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-             TMA: tl.constexpr, NORM: tl.constexpr):
-    """One (batch * H + head, query block, column slice) of the forward; job = query block * SLICES + slice."""
-    pid_m = job // SLICES
-    col0 = (job % SLICES) * DV
-    b, i, g, diag, offs_m, row_ok = _query_rows(bh, pid_m, L, H, GROUP, BLOCK_M)
+def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
+                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
+                         L, H, GROUP, qk_scale, eps,
+                         D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                         TMA: tl.constexpr, NORM: tl.constexpr):
+    """DV here is the slice of V's columns this program computes (V's whole width, or a part of it
+    when two (BLOCK_M, width) accumulators would not fit in registers): program_id(1) enumerates
+    (query block, column slice), backwards; each slice recomputes both maps' scores.
+    NORM (whole rows only): also Y = RMSNorm(out) * W, DIFF V1's subln, from the rounded output."""
+    # Inductor passes Python floats as fp64; Triton's JIT as fp32
+    qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
+    n_slices = tl.num_programs(1) // tl.cdiv(L, BLOCK_M)
+    job = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = job // n_slices
+    col0 = (job % n_slices) * DV
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
     q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     k1_base = K + b * skb + (g * K_STEP) * skh
     k1_src, k2_src, v_src = _kv_sources(k1_base, k1_base + skh, V + b * svb + g * svh + col0, skl, svl, L, D, DV,
@@ -193,36 +199,6 @@ def _fwd_job(bh, job, Q, K, V, LAM, OUT, O2, LSE, Y, W,
     # (a vector mask: Triton 3.9's interpreter refuses a scalar-and-vector one)
     tl.store(lse_base + offs_m, m1 + tl.math.log2(l1), mask=first)
     tl.store(lse_base + L + offs_m, m2 + tl.math.log2(l2), mask=first)
-
-
-@triton.jit
-def paired_attention_fwd(Q, K, V, LAM, OUT, O2, LSE, Y, W,
-                         sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-                         L, BH, H, GROUP, qk_scale, eps,
-                         D: tl.constexpr, DV: tl.constexpr, K_STEP: tl.constexpr, SHARED_K: tl.constexpr,
-                         SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                         TMA: tl.constexpr, NORM: tl.constexpr, PERSISTENT: tl.constexpr):
-    """DV here is the slice of V's columns a job computes (V's whole width, or a part of it when two
-    (BLOCK_M, width) accumulators would not fit in registers): jobs enumerate (query block, column
-    slice), backwards; each slice recomputes both maps' scores.
-    NORM (whole rows only): also Y = RMSNorm(out) * W, DIFF V1's subln, from the rounded output.
-    Not PERSISTENT: one job a program, grid (BH, jobs). PERSISTENT: grid (programs,), each walking
-    the jobs in the order the hardware would dispatch that grid (every head's heaviest query block
-    first), a program's next job one grid-width on. Triton 3.6 pipelines loads within a job only:
-    its loop-nest fusion (tl.range's flatten) leaves inner loops whose bounds vary with the outer
-    loop alone, and the causal key loops do."""
-    # Inductor passes Python floats as fp64; Triton's JIT as fp32
-    qk_scale, eps = tl.cast(qk_scale, tl.float32), tl.cast(eps, tl.float32)
-    if PERSISTENT:
-        jobs = tl.cdiv(L, BLOCK_M) * SLICES
-        for t in range(tl.program_id(0), BH * jobs, tl.num_programs(0)):
-            _fwd_job(t % BH, jobs - 1 - t // BH, Q, K, V, LAM, OUT, O2, LSE, Y, W,
-                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-                     L, H, GROUP, qk_scale, eps, D, DV, K_STEP, SHARED_K, SLICES, BLOCK_M, BLOCK_N, PREC, TMA, NORM)
-    else:
-        _fwd_job(tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), Q, K, V, LAM, OUT, O2, LSE, Y, W,
-                 sqb, sql, sqh, skb, skl, skh, svb, svl, svh, slb, sll, slh, sob, sol, soh,
-                 L, H, GROUP, qk_scale, eps, D, DV, K_STEP, SHARED_K, SLICES, BLOCK_M, BLOCK_N, PREC, TMA, NORM)
 
 
 @triton.jit
@@ -452,7 +428,7 @@ def paired_attention_bwd_dq(Q, K, V, DO, LAM, LSE, DELTA, DQ,
     """dQ of one query block of output head i (both sub-heads). DQ has its own strides (sgq*)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 from Inductor
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b, i, g, diag, offs_m, row_ok = _query_rows(tl.program_id(0), pid_m, L, H, GROUP, BLOCK_M)
+    b, i, g, diag, offs_m, row_ok = _query_rows(pid_m, L, H, GROUP, BLOCK_M)
     q1, q2 = _query_tiles(Q, sqb, sql, sqh, b, i, offs_m, row_ok, D)
     do = tl.load(DO + b * sdb + i * sdh + offs_m[:, None] * sdl + tl.arange(0, DV)[None, :], mask=row_ok[:, None],
                  other=0.0)
@@ -520,10 +496,8 @@ DKDV_DIAGONAL = {(64, 128): "unrolled", (64, 64): "unrolled"}
 # dq_ws: the Gluon dQ kernel (V1 and V2) where it applies, V2's only from dq_ws_v2_min_len keys on;
 # dkdv_pairs_together: the Triton dK/dV grid's launch order (dkdv_launch_order), a number or "auto"
 # (pairs_together)
-# fwd_persistent: the forward as a persistent grid (resident_programs), each program walking jobs a
-# grid-width apart, instead of a program a job
 OPTIONS = {"tma": True, "diagonal": None, "dkdv_ws": True, "dq_ws": True, "dq_ws_v2_min_len": 4096,
-           "dkdv_pairs_together": "auto", "fwd_persistent": False}
+           "dkdv_pairs_together": "auto"}
 
 
 def blocks(kernel, D, DV, dtype, shared_k):
@@ -652,16 +626,6 @@ def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
-@functools.cache
-def resident_programs(device, warps):
-    """A persistent grid: as many programs as fit the GPU at once. The forward's d 64 tiles compile
-    (sm_90, Triton 3.6) to 255 registers a thread at 8 warps (one CTA an SM) and 244 at 4 (two);
-    under the interpreter a few programs, so the job loop runs several times."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count * max(1, 8 // warps)
-
-
 def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     """q (B,L,2H,D), k (B,L,KH,D), v (B,L,G,DV), lam_rows (B,L,H) (any strides, last dims contiguous)
     -> out (B,L,H,DV), o2 (B,L,H,DV), lse (B,H,2,L) float32; with norm = (weight (DV,), eps) also
@@ -680,13 +644,11 @@ def forward(q, k, v, lam_rows, k_step, shared_k, norm=None):
     fused_norm = norm is not None and slices == 1
     y = torch.empty_like(out) if fused_norm else out
     weight, eps = norm if norm is not None else (out, 0.0)
-    persistent = OPTIONS["fwd_persistent"]
-    grid = (resident_programs(q.device, warps),) if persistent else (B * H, triton.cdiv(L, bm) * slices)
-    wrap_triton(paired_attention_fwd)[grid](
+    wrap_triton(paired_attention_fwd)[(B * H, triton.cdiv(L, bm) * slices)](
         q, k, v, lam_rows, out, o2, lse, y, weight, *_strides(q, k, v), *lam_rows.stride(), *out.stride()[:3],
-        L, B * H, H, H // G, sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
-        SLICES=slices, BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm,
-        PERSISTENT=persistent, num_warps=warps, num_stages=stages)
+        L, H, H // G, sm_scale * LOG2E, eps, D=D, DV=DV // slices, K_STEP=k_step, SHARED_K=shared_k,
+        BLOCK_M=bm, BLOCK_N=bn, PREC=_precision(q.dtype), TMA=_use_tma(k, v), NORM=fused_norm, num_warps=warps,
+        num_stages=stages)
     if norm is None:
         return out, o2, lse
     if not fused_norm:  # column slices: no program holds a whole row
