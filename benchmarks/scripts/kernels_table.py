@@ -14,7 +14,10 @@ inputs; lambda's gradient separately (err dlam). Peak memory:
 torch.cuda.max_memory_allocated during the call minus what was allocated before it (inputs).
 Composed is timed with each SDPA backend that accepts the shapes, and under torch.compile with
 cuDNN's (`composed:cudnn+compile`: Inductor fuses the combine, and subln, forward and backward);
-"best composed" is the fastest of them.
+"best composed" is the fastest of them. `floor:cudnn-calls` times cuDNN's attention calls of the
+composed path alone (no combine, no subln: not the op, so no error column), the floor under every
+composed row: against it a fused ratio reads as the kernel's rate per FLOP against cuDNN's, which
+is what bounds target 1 once the composed path's combine is fused by Inductor.
 Each fused and composed call is timed twice: by CUDA events around eager calls (do_bench: host and
 GPU together, L2 flushed between calls; short calls time the host, docs/kernels.md) and by replaying
 a CUDA graph of repeated calls (do_bench_cudagraph: GPU time alone, L2 warm). TFLOP/s and the
@@ -84,6 +87,7 @@ def impls(variant, device):
     if device != "cuda":
         out["composed"] = lambda **x: call(op, x, "composed")
         out["composed+compile"] = compiled_composed(variant)
+        out["floor:sdpa-calls"] = sdpa_calls(variant)
         return out
 
     def composed(backend, fn=lambda **x: call(op, x, "composed")):
@@ -98,7 +102,21 @@ def impls(variant, device):
     # the composed path at its best: Inductor fuses the combine (and subln) around cuDNN's calls,
     # forward and backward, where eager runs them as a chain of elementwise kernels
     out["composed:cudnn+compile"] = composed("cudnn", compiled_composed(variant))
+    out["floor:cudnn-calls"] = composed("cudnn", sdpa_calls(variant))
     return out
+
+
+def sdpa_calls(variant):
+    """The composed path's attention calls alone, their outputs as SDPA gives them: no combine, no
+    subln, so not the op. A floor under every composed row: what the fused kernel's FLOPs cost at
+    cuDNN's own rate (the rows' ratios against it read as rate per FLOP against cuDNN's)."""
+    from diffattn.backends.cuda.ops.vanilla.composed import sdpa
+
+    def calls(q, k, v, **_):
+        if variant == "diff_v1":
+            return sdpa(q[:, :, 0::2], k[:, :, 0::2], v), sdpa(q[:, :, 1::2], k[:, :, 1::2], v)
+        return (sdpa(q, k, v),)
+    return calls
 
 
 @functools.cache
@@ -168,16 +186,18 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    if mode == "fwd":
-        with torch.no_grad():
-            out = fn(**x)
-        errs = {"err": rel(out, ref["out"])}
-    else:
+    with torch.set_grad_enabled(mode == "fwd+bwd"):
         out = fn(**x)
-        out.backward(do)
-        grads = [n for n in ("q", "k", "v", "subln_w") if n in x]
-        errs = {"err": max([rel(out.detach(), ref["out"])] + [rel(x[n].grad, ref[n]) for n in grads]),
-                "err_dlam": rel(x["lam"].grad, ref["lam"])}
+    floor = isinstance(out, tuple)  # sdpa_calls' outputs are not the op's: no error against the reference
+    douts = [torch.randn_like(o) for o in out] if floor else [do]
+    if mode == "fwd+bwd":
+        torch.autograd.backward(list(out) if floor else [out], douts)
+    errs = {}
+    if not floor:
+        grads = [n for n in ("q", "k", "v", "subln_w") if n in x] if mode == "fwd+bwd" else []
+        errs["err"] = max([rel(out.detach(), ref["out"])] + [rel(x[n].grad, ref[n]) for n in grads])
+        if mode == "fwd+bwd":
+            errs["err_dlam"] = rel(x["lam"].grad, ref["lam"])
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else float("nan")
     del out
     for t in leaves:
@@ -188,7 +208,8 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
             with torch.no_grad():
                 fn(**x)
         else:
-            fn(**x).backward(do)
+            out = fn(**x)
+            torch.autograd.backward(list(out) if floor else [out], douts)
     ms = bench(step, leaves if mode == "fwd+bwd" else None)
     timed = dict(ms=ms)
     if graph:
@@ -292,6 +313,15 @@ def targets(rows, mm):
     ok = all(v is not None and v >= 1.0 for v, _ in vals.values())
     out.append(f"3. V2 d64 fused fwd+bwd no slower than one GQA SDPA call + combine: {'MET' if ok else 'NOT MET'} "
                + shown(vals))
+    for mode in ("fwd", "fwd+bwd"):  # what bounds target 1: both sides run the same attention FLOPs
+        cells = []
+        for L in LENGTHS:
+            fused, floor = (get.get(("diff_v1", 64, L, mode, impl), {}) for impl in ("fused", "floor:cudnn-calls"))
+            key = "graph_ms" if "graph_ms" in fused and "graph_ms" in floor else "ms"
+            if key in fused and key in floor:
+                cells.append(f"L={L}: {floor[key] / fused[key]:.2f}x")
+        out.append(f"1. bound: V1 d64 fused {mode} against cuDNN's two attention calls alone (no combine, no "
+                   f"subln; same FLOPs): " + (", ".join(cells) or "-"))
     for v in ("diff_v1", "diff_v2"):
         peaks = {L: get.get((v, 64, L, "fwd+bwd", "fused"), {}).get("peak_mib") for L in LENGTHS}
         out.append(f"4. {v} d64 fused fwd+bwd peak MiB at fixed B*L (flat = linear in L): "
