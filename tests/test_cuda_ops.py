@@ -511,6 +511,18 @@ def test_fused_interpreted_float16(variant):
     assert_close(check(variant, "fused", 1, 37, 2, 1, 16, torch.float16), torch.float16)
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "diff_v1", "diff_v2"])
+def test_composed_traces_whole_under_dynamic_shapes(variant):
+    """With every dim symbolic (as torch.compile makes them after a shape change) the composed path
+    is one graph (fullgraph: a graph break is an error) with eager's output: grouped heads (GQA)
+    are decided from the heads' static count, not a symbolic comparison SDPA would refuse."""
+    op = OPS[variant][0]
+    x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 2, 19, 4, 2, 16, 3).items()}
+    call = (lambda **t: op(**t, impl="composed"))
+    compiled = torch.compile(call, backend="eager", dynamic=True, fullgraph=True)
+    assert rel(compiled(**x).double(), call(**x).double().numpy()) <= 1e-6
+
+
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])

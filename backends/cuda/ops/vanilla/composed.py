@@ -16,7 +16,10 @@ def _aligned(t):
 def sdpa(q, k, v):
     """q (B, L, Hq, d), k (B, L, G, d), v (B, L, G, dv) -> (B, Hq, L, dv); Hq a multiple of G (GQA)."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    gqa = q.shape[2] != k.shape[2]
+    # a branch, not the comparison itself: under torch.compile's dynamic shapes the comparison is a
+    # SymBool, which SDPA's enable_gqa refuses (a graph break at every call); branching on it makes
+    # dynamo guard on the head counts, which are the model's and never change
+    gqa = True if q.shape[2] != k.shape[2] else False
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           is_causal=True, enable_gqa=gqa)
 
