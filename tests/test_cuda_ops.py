@@ -518,7 +518,7 @@ def test_composed_traces_whole_under_dynamic_shapes(variant):
     are decided from the heads' static count, not a symbolic comparison SDPA would refuse."""
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 2, 19, 4, 2, 16, 3).items()}
-    call = (lambda **t: op(**t, impl="composed"))
+    call = lambda **t: op(**t, impl="composed")  # noqa: E731
     compiled = torch.compile(call, backend="eager", dynamic=True, fullgraph=True)
     assert rel(compiled(**x).double(), call(**x).double().numpy()) <= 1e-6
 
