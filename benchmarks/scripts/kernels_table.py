@@ -122,10 +122,11 @@ def sdpa_calls(variant):
 
 @functools.cache
 def compiled_composed(variant):
-    """One torch.compile'd composed op per variant, made once: dynamo caches per code object, so
-    every length and mode adds guards to the same entry (automatic dynamic shapes after the
-    second length) rather than compiling anew. Made on first use, after main() has set
-    TRITON_INTERPRET (torch.compile's imports would otherwise fix Triton's mode first)."""
+    """One torch.compile'd composed op per variant, made once. Dynamo caches per code object, which
+    both variants' lambdas share: every length, mode and variant adds guards to the same entry
+    rather than compiling anew, and dims that change become dynamic, V2's head counts too once V1
+    ran (vanilla.composed.sdpa decides GQA by a branch for that). Made on first use, after main()
+    has set TRITON_INTERPRET (torch.compile's imports would otherwise fix Triton's mode first)."""
     op = OPS[variant]
     return torch.compile(lambda **x: call(op, x, "composed"))
 
