@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("conformance", help="check a backend against reference-vector files (see its --help)",
                    add_help=False)
     sub.add_parser("report", help="asv results and run logs as tables and plots (see its --help)", add_help=False)
+    sub.add_parser("corpus", help="build the offline English corpus from Debian packages (see its --help)",
+                   add_help=False)
     return ap
 
 
@@ -355,7 +357,7 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("conformance", "report"):
+    if argv and argv[0] in ("conformance", "report", "corpus"):
         return _delegate(f"diffattn.{argv[0]}", argv[1:])
     args = build_parser().parse_args(argv)
     from diffattn.harness import Diverged

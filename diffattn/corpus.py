@@ -1,0 +1,504 @@
+"""A real English corpus that needs no network: documentation and reference prose from Debian.
+
+    diffattn corpus fetch --src SRC          apt-get download the pinned .deb files into SRC/debs
+    diffattn corpus build --src SRC --out DIR [--vocab 8192]
+
+What it is: the English documentation sets and dictionaries that Debian packages (the Linux
+kernel's documentation, the Python, PostgreSQL, Django, SciPy, SQLite, Octave, Rust and Java
+manuals, Perl's pod pages, the Linux man pages, the Debian handbook and policy, Git's manuals,
+the GNU Collaborative International Dictionary of English, WordNet's glosses, FOLDOC, the Jargon
+File, fortune cookies). It is technical English prose with code in it: the largest body of
+natural-language text that the package registries this project can reach hold. Markup (HTML,
+reST is kept as it is, roff, pod) is stripped to plain text.
+
+Documents: one per source file (HTML page, reST file, man page, pod page); the single-file
+dictionaries are cut at blank lines into documents of at most DOC_BYTES. Exact duplicates
+(same extracted text) are kept once, the first in sorted order. The held-out split is by
+document: a document is held out when the first 8 hex digits of sha256(its id) are 0 mod
+VAL_MODULUS, so it never depends on file order or on what else is in the corpus.
+
+Tokens: a byte-level BPE of this project's own kind (diffattn.data.BPETokenizer, vocabulary
+8192 by default) trained once on a fixed sample of the training documents and saved as
+tokenizer.json beside the shards. Token id 0 (the NUL byte, which extracted text never holds)
+starts every document: it is the BOS marker document-aware packing aligns to. Shards are
+llm.c-layout uint16 files, train_NNN.bin and val_000.bin, each a stream of whole documents.
+
+Reproducible: every input .deb is pinned by name, version and sha256 in the manifest; extraction,
+the sample and the tokenizer are deterministic, so a second build on the same inputs writes
+byte-identical shards (manifest.json lists each shard's sha256).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html.parser
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from diffattn.data import BPETokenizer, DataError, write_shard
+
+DOC_BYTES = 64 << 10  # single-file dictionaries are cut into documents of at most this size
+VAL_MODULUS = 100  # 1% of documents held out
+BOS = 0  # the NUL byte token starts every document
+SHARD_TOKENS = 32 << 20  # tokens per training shard (64 MiB as uint16)
+TOKENIZER_SAMPLE_BYTES = 96 << 20  # training documents the BPE is learned from
+
+
+@dataclass(frozen=True)
+class Source:
+    """One Debian package and the files of it that become documents, with their format."""
+    package: str
+    version: str
+    sha256: str
+    include: tuple[str, ...]  # fnmatch patterns relative to the package root
+    fmt: str  # text | html | man | pod | dict | fortune
+    exclude: tuple[str, ...] = ()
+
+
+D = "usr/share/doc"
+SOURCES: tuple[Source, ...] = (
+    Source("linux-doc-6.12", "6.12.118-1~deb12u1", "",
+           (f"{D}/linux-doc-6.12/Documentation/*.rst.gz", f"{D}/linux-doc-6.12/Documentation/*.txt.gz"), "text",
+           (f"{D}/linux-doc-6.12/Documentation/translations/*",)),
+    Source("python3.11-doc", "3.11.2-6+deb12u9", "", (f"{D}/python3.11/html/_sources/*.txt",), "text"),
+    Source("postgresql-doc-15", "15.20-0+deb12u1", "", (f"{D}/postgresql-doc-15/html/*.html",), "html"),
+    Source("python-django-doc", "3:3.2.25-0+deb12u7", "", (f"{D}/python-django-doc/html/*.html",), "html",
+           (f"{D}/python-django-doc/html/_modules/*", f"{D}/python-django-doc/html/genindex*")),
+    Source("python-scipy-doc", "1.10.1-2", "", (f"{D}/python-scipy-doc/html/*.html",), "html",
+           (f"{D}/python-scipy-doc/html/_modules/*", f"{D}/python-scipy-doc/html/genindex*")),
+    Source("sqlite3-doc", "3.40.1-2+deb12u2", "", (f"{D}/sqlite3/*.html",), "html"),
+    Source("octave-doc", "7.3.0-2", "", (f"{D}/octave/*.html",), "html"),
+    Source("rust-doc", "1.63.0+dfsg1-2", "", (f"{D}/rust-doc/html/*.html",), "html"),
+    Source("openjdk-17-doc", "17.0.21.1+2-1~deb12u1", "", (f"{D}/openjdk-17-jre-headless/api/*.html",), "html",
+           ("*-use.html", "*/class-use/*", "*index-files/*", "*-tree.html")),
+    Source("sphinx-doc", "5.3.0-4", "", (f"{D}/sphinx-doc/html/_sources/*.txt",), "text"),
+    Source("debian-handbook", "11.20220922", "", (f"{D}/debian-handbook/html/en-US/*.html",), "html"),
+    Source("debian-reference-en", "2.100", "", (f"{D}/debian-reference-en/*.html",), "html"),
+    Source("debian-policy", "4.6.2.0", "", (f"{D}/debian-policy/policy.txt.gz", f"{D}/debian-policy/*.txt"), "text"),
+    Source("developers-reference", "12.18", "", (f"{D}/developers-reference/*.txt",), "text"),
+    Source("git-doc", "1:2.39.5-0+deb12u3", "", (f"{D}/git-doc/*.txt",), "text"),
+    Source("perl-doc", "5.36.0-7+deb12u4", "", ("usr/share/perl/*/pod/*.pod",), "pod"),
+    Source("manpages", "6.03-2", "", ("usr/share/man/man*/*.gz",), "man"),
+    Source("manpages-dev", "6.03-2", "", ("usr/share/man/man*/*.gz",), "man"),
+    Source("bash-doc", "5.2.15-2", "", (f"{D}/bash/*.html",), "html"),
+    Source("gnu-standards", "2022.03.23-0.1", "", (f"{D}/gnu-standards/*.text.gz",), "text"),
+    Source("autoconf-doc", "2.71-3", "", ("usr/share/info/*.info.gz",), "text"),
+    Source("gimp-help-en", "2.10.34-2", "", ("usr/share/gimp/2.0/help/en/*.html",), "html"),
+    Source("libreoffice-help-en-us", "4:7.4.7-1+deb12u14", "", ("usr/share/libreoffice/help/en-US/*.html",), "html"),
+    Source("gnucash-docs", "4.13-1", "", (f"{D}/gnucash-docs/gnucash-guide-en/*.html",
+                                          f"{D}/gnucash-docs/gnucash-help-en/*.html"), "html"),
+    Source("qtbase5-doc-html", "5.15.8+dfsg-11+deb12u3", "", ("usr/share/qt5/doc/*.html",), "html"),
+    Source("erlang-doc", "1:25.2.3+dfsg-1+deb12u4", "", ("usr/lib/erlang/lib/*/doc/html/*.html",), "html"),
+    Source("maxima-doc", "5.46.0-11", "", ("usr/share/maxima/*/doc/html/*.html",), "html"),
+    Source("freebsd-manpages", "12.2-1", "", ("usr/share/man/man*/*.gz",), "man"),
+    Source("debian-faq", "11.1", "", (f"{D}/debian/FAQ/*.html",), "html"),
+    Source("dict-gcide", "0.48.5+nmu2", "", ("usr/share/dictd/gcide.dict.dz",), "dict"),
+    Source("dict-wn", "1:3.0-37", "", ("usr/share/dictd/wn.dict.dz",), "dict"),
+    Source("dict-foldoc", "20230119-1", "", ("usr/share/dictd/foldoc.dict.dz",), "dict"),
+    Source("dict-jargon", "4.4.7-3.1", "", ("usr/share/dictd/jargon.dict.dz",), "dict"),
+    Source("fortunes", "1:1.99.1-7.3", "", ("usr/share/games/fortunes/*",), "fortune",
+           ("*.dat", "*.u8", "*/off/*")),
+)
+
+
+# ---- text extraction ----------------------------------------------------------------------
+
+class _HTMLText(html.parser.HTMLParser):
+    """Visible text of an HTML page: block tags become line breaks; scripts, styles and page
+    furniture (nav, header, footer, the Sphinx sidebar) are dropped."""
+    SKIP = {"script", "style", "nav", "header", "footer", "noscript", "svg", "head"}
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
+             "table", "dt", "dd", "dl", "section", "blockquote", "hr", "title"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+        self.pre = 0
+
+    def handle_starttag(self, tag, attrs):
+        cls = dict(attrs).get("class") or ""
+        if tag in self.SKIP or "sphinxsidebar" in cls or "related" == cls:
+            self.skip += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+        if tag == "pre":
+            self.pre += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skip = max(self.skip - 1, 0)
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+        if tag == "pre":
+            self.pre = max(self.pre - 1, 0)
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+
+def html_text(raw: str) -> str:
+    p = _HTMLText()
+    p.feed(raw)
+    p.close()
+    return "".join(p.parts)
+
+
+_ROFF_ESC = re.compile(r"\\f(\[[^\]]*\]|\(..|.)|\\[&|^%]|\\s[-+]?\d")
+
+
+def man_text(raw: str) -> str:
+    """A man page's words: requests dropped or reduced to their arguments, font escapes removed."""
+    out = []
+    for line in raw.splitlines():
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith((".", "'")):
+            req, _, rest = line[1:].partition(" ")
+            if req in ("SH", "SS"):
+                out.append("\n" + rest.strip('"'))
+            elif req in ("B", "I", "BR", "IR", "RB", "RI", "BI", "IB", "SM", "TP", "IP", "TQ"):
+                if rest:
+                    out.append(rest.replace('"', ""))
+            elif req in ("PP", "LP", "P", "sp", "br"):
+                out.append("")
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    text = _ROFF_ESC.sub("", text)
+    for a, b in ((r"\-", "-"), (r"\(em", "—"), (r"\(en", "–"), (r"\(aq", "'"), (r"\(dq", '"'),
+                 (r"\(bu", "•"), (r"\e", "\\"), ("\\ ", " "), (r"\(co", "©")):
+        text = text.replace(a, b)
+    return text
+
+
+_POD_CODE = re.compile(r"[BICFLSEXZ]<+\s*([^<>]*?)\s*>+")
+
+
+def pod_text(raw: str) -> str:
+    out = []
+    for line in raw.splitlines():
+        if line.startswith("="):
+            cmd, _, rest = line.partition(" ")
+            if cmd.startswith(("=head", "=item")):
+                out.append(rest)
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    for _ in range(3):  # nested formatting codes, innermost first
+        text = _POD_CODE.sub(r"\1", text)
+    return text
+
+
+def _chunks(text: str, limit: int = DOC_BYTES) -> list[str]:
+    """Cut at blank lines into pieces of at most `limit` UTF-8 bytes (a longer paragraph is cut
+    where it exceeds)."""
+    pieces, cur, size = [], [], 0
+    for para in re.split(r"\n\s*\n", text):
+        b = len(para.encode("utf-8")) + 2
+        if cur and size + b > limit:
+            pieces.append("\n\n".join(cur))
+            cur, size = [], 0
+        cur.append(para)
+        size += b
+    if cur:
+        pieces.append("\n\n".join(cur))
+    return [p for p in pieces if p.strip()]
+
+
+def _read(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", errors="replace")
+
+
+_ODD_SPACE = re.compile(r"[^\S \t\n\r\f\v]")  # Unicode whitespace beyond ASCII's six
+
+
+def _clean(text: str) -> str:
+    """Plain text with ASCII whitespace only (so the BPE pre-split reads the same on bytes and on
+    str), no NUL (the BOS byte), no more than one blank line in a row."""
+    text = text.replace("\r\n", "\n").replace("\x00", "")
+    text = _ODD_SPACE.sub(" ", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def extract(source: Source, path: Path) -> list[str]:
+    """The documents one file of a source holds (usually one)."""
+    raw = _read(path)
+    if source.fmt == "html":
+        docs = [html_text(raw)]
+    elif source.fmt == "man":
+        docs = [man_text(raw)]
+    elif source.fmt == "pod":
+        docs = [pod_text(raw)]
+    elif source.fmt == "dict":
+        docs = _chunks(raw)
+    elif source.fmt == "fortune":
+        docs = _chunks(raw.replace("\n%\n", "\n\n"))
+    else:
+        docs = [raw]
+    return [d for d in (_clean(d) for d in docs) if len(d) > 64]
+
+
+def source_files(source: Source, root: Path) -> list[Path]:
+    files = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and any(fnmatch(rel, g) for g in source.include) \
+                and not any(fnmatch(rel, g) for g in source.exclude):
+            files.append(p)
+    return files
+
+
+def _extract_file(args):
+    source, root, path = args
+    rel = path.relative_to(root).as_posix()
+    docs = extract(source, path)
+    return [(f"{source.package}/{rel}" + (f"#{i}" if len(docs) > 1 else ""), d) for i, d in enumerate(docs)]
+
+
+def is_held_out(doc_id: str) -> bool:
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % VAL_MODULUS == 0
+
+
+# ---- fetch and build ----------------------------------------------------------------------
+
+def deb_name(source: Source) -> str:
+    return f"{source.package}_{source.version.replace(':', '%3a')}_all.deb"
+
+
+def fetch(src: Path) -> list[Path]:
+    """apt-get download each pinned package into src/debs (needs `apt-get update` once)."""
+    debs = Path(src) / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in SOURCES if not (debs / deb_name(s)).is_file()]
+    if missing:
+        cmd = ["apt-get", "download", *[f"{s.package}={s.version}" for s in missing]]
+        r = subprocess.run(cmd, cwd=debs, capture_output=True, text=True)
+        if r.returncode:
+            raise DataError(f"apt-get download failed: {r.stderr.strip().splitlines()[-1:]}")
+    return [debs / deb_name(s) for s in SOURCES]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(src: Path, sources: tuple[Source, ...] = SOURCES) -> dict[str, dict]:
+    """dpkg -x every pinned .deb into src/x/PACKAGE; returns {package: {deb, sha256}}."""
+    src = Path(src)
+    out = {}
+    for s in sources:
+        deb = src / "debs" / deb_name(s)
+        if not deb.is_file():
+            raise DataError(f"{deb}: missing; run `diffattn corpus fetch --src {src}` first")
+        digest = _sha256(deb)
+        if s.sha256 and digest != s.sha256:
+            raise DataError(f"{deb}: sha256 {digest[:16]}... differs from the pinned {s.sha256[:16]}...")
+        root = src / "x" / s.package
+        if not root.is_dir():  # unpacked beside, then renamed: a killed unpack leaves no half tree
+            tmp = root.with_name(root.name + ".unpacking")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            subprocess.run(["dpkg", "-x", str(deb), str(tmp)], check=True, capture_output=True)
+            tmp.rename(root)
+        out[s.package] = {"deb": deb.name, "version": s.version, "sha256": digest}
+    return out
+
+
+def collect_documents(src: Path, workers: int | None = None,
+                      sources: tuple[Source, ...] = SOURCES) -> list[tuple[str, str]]:
+    """(doc_id, text) for every document, sorted by id, exact duplicates dropped."""
+    src = Path(src)
+    jobs = []
+    for s in sources:
+        root = src / "x" / s.package
+        jobs += [(s, root, p) for p in source_files(s, root)]
+    with Pool(workers or os.cpu_count()) as pool:
+        docs = [d for part in pool.imap(_extract_file, jobs, chunksize=16) for d in part]
+    docs.sort(key=lambda d: d[0])
+    seen, unique = set(), []
+    for doc_id, text in docs:
+        h = hashlib.sha256(text.encode("utf-8")).digest()
+        if h not in seen:
+            seen.add(h)
+            unique.append((doc_id, text))
+    return unique
+
+
+# ---- the tokenizer ------------------------------------------------------------------------
+# The BPE is this project's own (diffattn.data.BPETokenizer: its pre-split regex, byte ids 0..255,
+# merge i is id 256+i); Hugging Face `tokenizers` learns and applies it fast. Both read the same
+# chunks (the corpus holds ASCII whitespace only) and merge by rank, so they give the same ids;
+# build() checks that on a sample of documents and refuses to write shards if they differ.
+
+def _byte_chars() -> list[str]:
+    """The printable character ByteLevel BPE stands for each byte (GPT-2's bytes-to-unicode)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _hf_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError("building the corpus needs Hugging Face `tokenizers`: pip install tokenizers") from None
+    return tokenizers
+
+
+def _hf_pre_tokenizer():
+    tk = _hf_tokenizers()
+    from diffattn.data import _CHUNK
+    return tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(_CHUNK.pattern.decode()), behavior="isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+class FastBPE:
+    """A BPETokenizer learned and applied by Hugging Face `tokenizers`, ids in the project's
+    numbering (`lut` maps the library's ids to them)."""
+
+    def __init__(self, hf, bpe: BPETokenizer, lut: np.ndarray):
+        self.hf, self.bpe, self.lut = hf, bpe, lut
+
+    @classmethod
+    def train(cls, texts, vocab_size: int) -> "FastBPE":
+        tk = _hf_tokenizers()
+        hf = tk.Tokenizer(tk.models.BPE())
+        hf.pre_tokenizer = _hf_pre_tokenizer()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], min_frequency=2,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                         show_progress=False)
+        hf.train_from_iterator(texts, trainer)
+        model = json.loads(hf.to_str())["model"]
+        to_byte = {c: b for b, c in enumerate(_byte_chars())}
+        piece_id = {bytes([b]): b for b in range(256)}
+        merges = []
+        for m in model["merges"]:
+            a, b = m.split(" ") if isinstance(m, str) else m
+            pa, pb = (bytes(to_byte[c] for c in x) for x in (a, b))
+            merges.append((piece_id[pa], piece_id[pb]))
+            piece_id[pa + pb] = 255 + len(merges)
+        lut = np.zeros(len(model["vocab"]), np.int64)
+        for token, hf_id in model["vocab"].items():
+            lut[hf_id] = piece_id[bytes(to_byte[c] for c in token)]
+        return cls(hf, BPETokenizer(merges), lut)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.lut[np.asarray(e.ids, np.int64)] for e in self.hf.encode_batch(texts)]
+
+
+def build(src: Path, out: Path, vocab_size: int = 8192, workers: int | None = None, log=print,
+          sources: tuple[Source, ...] = SOURCES) -> dict:
+    """Unpack, extract, split by document, train the BPE, write shards and manifest.json."""
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.glob("*.bin")):
+        raise DataError(f"--out {out}: already holds shards; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    debs = unpack(src, sources)
+    docs = collect_documents(src, workers, sources)
+    train = [(i, t) for i, t in docs if not is_held_out(i)]
+    val = [(i, t) for i, t in docs if is_held_out(i)]
+    log(f"{len(docs):,} documents ({len(train):,} train, {len(val):,} held out), "
+        f"{sum(len(t.encode()) for _, t in docs) / 1e6:.1f} MB of text")
+    # the tokenizer sample: every k-th training document, k fixed by the sample size wanted
+    total = sum(len(t.encode()) for _, t in train)
+    every = max(1, total // TOKENIZER_SAMPLE_BYTES)
+    sample = [t for _, t in train[::every]]
+    sample_bytes = sum(len(t.encode()) for t in sample)
+    log(f"training BPE {vocab_size} on {sample_bytes / 1e6:.1f} MB (every {every}th training document)")
+    fast = FastBPE.train(sample, vocab_size)
+    check = [t for _, t in train[::max(1, len(train) // 64)]][:64]
+    for text, ids in zip(check, fast.encode_batch(check)):
+        if not np.array_equal(ids, fast.bpe.encode(text)):
+            raise DataError("the fast BPE and diffattn.data.BPETokenizer disagree on a document; no shards written")
+    (out / "tokenizer.json").write_text(json.dumps(fast.bpe.to_json()))
+    shards, stats = [], {}
+    for split, part in (("train", train), ("val", val)):
+        buf, n_buf, index, n_tok, n_bytes = [], 0, 0, 0, 0
+        for lo in range(0, len(part), 512):
+            texts = [t for _, t in part[lo:lo + 512]]
+            for text, ids in zip(texts, fast.encode_batch(texts)):
+                buf.append(np.concatenate([[BOS], ids]).astype(np.uint16))
+                n_buf += len(ids) + 1
+                n_tok += len(ids) + 1
+                n_bytes += len(text.encode("utf-8"))
+                if split == "train" and n_buf >= SHARD_TOKENS:
+                    shards.append(_flush(out, split, index, buf, vocab_size))
+                    buf, n_buf, index = [], 0, index + 1
+        if buf:
+            shards.append(_flush(out, split, index, buf, vocab_size))
+        stats[split] = {"documents": len(part), "tokens": n_tok, "bytes": n_bytes,
+                        "bytes_per_token": n_bytes / max(n_tok - len(part), 1)}
+        log(f"{split}: {len(part):,} documents, {n_tok / 1e6:.1f}M tokens, {n_bytes / 1e6:.1f} MB")
+    manifest = {
+        "name": "debian-docs-en", "tokenizer": f"bpe:{vocab_size}", "bos": BOS,
+        "val_rule": f"sha256(doc_id)[:8] % {VAL_MODULUS} == 0", "doc_bytes_max_for_dicts": DOC_BYTES,
+        "tokenizer_sample": {"every": every, "bytes": sample_bytes},
+        "sources": [{"package": s.package, **debs[s.package], "include": list(s.include),
+                     "exclude": list(s.exclude), "format": s.fmt,
+                     "documents": sum(1 for i, _ in docs if i.startswith(s.package + "/"))} for s in sources],
+        "splits": stats, "shards": shards,
+        "tokenizer_sha256": _sha256(out / "tokenizer.json"),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _flush(out: Path, split: str, index: int, buf: list, vocab_size: int) -> dict:
+    path = out / f"{split}_{index:03d}.bin"
+    tokens = np.concatenate(buf)
+    write_shard(path, tokens, vocab_size)
+    return {"file": path.name, "tokens": int(tokens.size), "sha256": _sha256(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="diffattn corpus", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help="apt-get download the pinned packages into SRC/debs")
+    f.add_argument("--src", required=True)
+    b = sub.add_parser("build", help="extract, split by document, train the BPE, write shards + manifest")
+    b.add_argument("--src", required=True, help="the folder `fetch` filled")
+    b.add_argument("--out", required=True, help="an empty folder for the shards")
+    b.add_argument("--vocab", type=int, default=8192)
+    b.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            debs = fetch(Path(args.src))
+            print(f"{len(debs)} packages in {Path(args.src) / 'debs'}")
+        else:
+            m = build(Path(args.src), Path(args.out), args.vocab, args.workers)
+            print(f"wrote {len(m['shards'])} shards, {m['splits']['train']['tokens']:,} training and "
+                  f"{m['splits']['val']['tokens']:,} held-out tokens, to {args.out} (manifest.json)")
+    except (DataError, OSError, subprocess.CalledProcessError) as e:
+        print(f"diffattn corpus {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
