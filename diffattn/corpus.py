@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffattn import data
 from diffattn.data import BPETokenizer, DataError, write_shard
 
 DOC_BYTES = 64 << 10  # single-file dictionaries are cut into documents of at most this size
@@ -408,22 +409,34 @@ class FastBPE:
             lut[hf_id] = piece_id[bytes(to_byte[c] for c in token)]
         return cls(hf, BPETokenizer(merges), lut)
 
+    @classmethod
+    def from_bpe(cls, bpe: BPETokenizer) -> "FastBPE":
+        """The library's tokenizer for a saved BPETokenizer (ids equal, lut the identity)."""
+        tk = _hf_tokenizers()
+        chars = _byte_chars()
+        text = ["".join(chars[b] for b in piece) for piece in bpe.pieces]
+        vocab = {t: i for i, t in enumerate(text)}
+        hf = tk.Tokenizer(tk.models.BPE(vocab, [(text[a], text[b]) for a, b in bpe.merges]))
+        hf.pre_tokenizer = _hf_pre_tokenizer()
+        return cls(hf, bpe, np.arange(bpe.vocab_size, dtype=np.int64))
+
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.lut[np.asarray(e.ids, np.int64)] for e in self.hf.encode_batch(texts)]
 
 
 def build(src: Path, out: Path, vocab_size: int = 8192, workers: int | None = None, log=print,
-          sources: tuple[Source, ...] = SOURCES) -> dict:
-    """Unpack, extract, split by document, train the BPE, write shards and manifest.json."""
+          sources: tuple[Source, ...] = SOURCES, save_documents: Path | None = None) -> dict:
+    """Unpack, extract, split by document, train the BPE, write shards and manifest.json.
+    `save_documents` also writes the extracted documents (documents.jsonl.xz), from which
+    `rebuild` makes the same shards on a machine without the packages."""
     src, out = Path(src), Path(out)
-    if out.exists() and any(out.glob("*.bin")):
-        raise DataError(f"--out {out}: already holds shards; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     debs = unpack(src, sources)
     docs = collect_documents(src, workers, sources)
+    if save_documents is not None:
+        write_documents(save_documents, docs)
     train = [(i, t) for i, t in docs if not is_held_out(i)]
-    val = [(i, t) for i, t in docs if is_held_out(i)]
-    log(f"{len(docs):,} documents ({len(train):,} train, {len(val):,} held out), "
+    log(f"{len(docs):,} documents ({len(train):,} train, {len(docs) - len(train):,} held out), "
         f"{sum(len(t.encode()) for _, t in docs) / 1e6:.1f} MB of text")
     # the tokenizer sample: every k-th training document, k fixed by the sample size wanted
     total = sum(len(t.encode()) for _, t in train)
@@ -432,13 +445,56 @@ def build(src: Path, out: Path, vocab_size: int = 8192, workers: int | None = No
     sample_bytes = sum(len(t.encode()) for t in sample)
     log(f"training BPE {vocab_size} on {sample_bytes / 1e6:.1f} MB (every {every}th training document)")
     fast = FastBPE.train(sample, vocab_size)
-    check = [t for _, t in train[::max(1, len(train) // 64)]][:64]
+    manifest = {
+        "name": "debian-docs-en", "tokenizer": f"bpe:{vocab_size}", "bos": BOS,
+        "val_rule": f"sha256(doc_id)[:8] % {VAL_MODULUS} == 0", "doc_bytes_max_for_dicts": DOC_BYTES,
+        "tokenizer_sample": {"every": every, "bytes": sample_bytes},
+        "sources": [{"package": s.package, **debs[s.package], "include": list(s.include),
+                     "exclude": list(s.exclude), "format": s.fmt,
+                     "documents": sum(1 for i, _ in docs if i.startswith(s.package + "/"))} for s in sources],
+    }
+    return _write_shards(out, docs, fast, manifest, log)
+
+
+def rebuild(documents: Path, tokenizer: Path, out: Path, expect: Path | None = None, log=print) -> dict:
+    """The shards of a saved documents file and tokenizer (no packages, no training); with
+    `expect` (the original manifest.json) every shard's sha256 must equal the original's."""
+    out = Path(out)
+    _check_out(out)
+    docs = read_documents(documents)
+    tok = data.load_tokenizer(tokenizer)
+    if not isinstance(tok, BPETokenizer):
+        raise DataError(f"{tokenizer}: not a BPE tokenizer")
+    manifest = json.loads(Path(expect).read_text()) if expect else {"name": "debian-docs-en"}
+    keep = {k: manifest[k] for k in ("name", "tokenizer", "bos", "val_rule", "doc_bytes_max_for_dicts",
+                                     "tokenizer_sample", "sources") if k in manifest}
+    built = _write_shards(out, docs, FastBPE.from_bpe(tok), keep, log)
+    if expect:
+        want = [(x["file"], x["sha256"]) for x in manifest["shards"]]
+        got = [(x["file"], x["sha256"]) for x in built["shards"]]
+        if want != got or built["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+            raise DataError(f"rebuilt shards differ from {expect}: "
+                            f"{next((w for w, g in zip(want, got) if w != g), 'tokenizer or shard count')}")
+        log(f"all {len(got)} shards byte-identical to {expect}")
+    return built
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and any(out.glob("*.bin")):
+        raise DataError(f"--out {out}: already holds shards; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_shards(out: Path, docs: list[tuple[str, str]], fast: "FastBPE", manifest: dict, log) -> dict:
+    vocab_size = fast.bpe.vocab_size
+    check = [t for _, t in docs[::max(1, len(docs) // 64)]][:64]
     for text, ids in zip(check, fast.encode_batch(check)):
         if not np.array_equal(ids, fast.bpe.encode(text)):
             raise DataError("the fast BPE and diffattn.data.BPETokenizer disagree on a document; no shards written")
     (out / "tokenizer.json").write_text(json.dumps(fast.bpe.to_json()))
     shards, stats = [], {}
-    for split, part in (("train", train), ("val", val)):
+    for split in ("train", "val"):
+        part = [(i, t) for i, t in docs if is_held_out(i) == (split == "val")]
         buf, n_buf, index, n_tok, n_bytes = [], 0, 0, 0, 0
         for lo in range(0, len(part), 512):
             texts = [t for _, t in part[lo:lo + 512]]
@@ -455,18 +511,31 @@ def build(src: Path, out: Path, vocab_size: int = 8192, workers: int | None = No
         stats[split] = {"documents": len(part), "tokens": n_tok, "bytes": n_bytes,
                         "bytes_per_token": n_bytes / max(n_tok - len(part), 1)}
         log(f"{split}: {len(part):,} documents, {n_tok / 1e6:.1f}M tokens, {n_bytes / 1e6:.1f} MB")
-    manifest = {
-        "name": "debian-docs-en", "tokenizer": f"bpe:{vocab_size}", "bos": BOS,
-        "val_rule": f"sha256(doc_id)[:8] % {VAL_MODULUS} == 0", "doc_bytes_max_for_dicts": DOC_BYTES,
-        "tokenizer_sample": {"every": every, "bytes": sample_bytes},
-        "sources": [{"package": s.package, **debs[s.package], "include": list(s.include),
-                     "exclude": list(s.exclude), "format": s.fmt,
-                     "documents": sum(1 for i, _ in docs if i.startswith(s.package + "/"))} for s in sources],
-        "splits": stats, "shards": shards,
-        "tokenizer_sha256": _sha256(out / "tokenizer.json"),
-    }
+    manifest = {**manifest, "tokenizer": f"bpe:{vocab_size}", "splits": stats, "shards": shards,
+                "tokenizer_sha256": _sha256(out / "tokenizer.json")}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_documents(path: Path, docs: list[tuple[str, str]]) -> None:
+    """One JSON object {"id", "text"} a line, xz-compressed."""
+    import lzma
+
+    tmp = Path(str(path) + ".tmp")
+    with lzma.open(tmp, "wt", encoding="utf-8", preset=6) as f:
+        for doc_id, text in docs:
+            f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_documents(path: Path) -> list[tuple[str, str]]:
+    import lzma
+
+    try:
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            return [(d["id"], d["text"]) for d in map(json.loads, f)]
+    except (OSError, lzma.LZMAError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a readable documents file ({e})") from None
 
 
 def _flush(out: Path, split: str, index: int, buf: list, vocab_size: int) -> dict:
@@ -489,13 +558,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True, help="an empty folder for the shards")
     b.add_argument("--vocab", type=int, default=8192)
     b.add_argument("--workers", type=int, default=None)
+    b.add_argument("--save-documents", default=None, help="also write the documents (jsonl.xz) for `rebuild`")
+    r = sub.add_parser("rebuild", help="the same shards from a documents file and tokenizer (no packages)")
+    r.add_argument("--documents", required=True)
+    r.add_argument("--tokenizer", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--expect", default=None, help="the original manifest.json: shards must be byte-identical")
     args = ap.parse_args(argv)
     try:
         if args.command == "fetch":
             debs = fetch(Path(args.src))
             print(f"{len(debs)} packages in {Path(args.src) / 'debs'}")
         else:
-            m = build(Path(args.src), Path(args.out), args.vocab, args.workers)
+            m = build(Path(args.src), Path(args.out), args.vocab, args.workers,
+                      save_documents=args.save_documents) if args.command == "build" else \
+                rebuild(Path(args.documents), Path(args.tokenizer), Path(args.out),
+                        Path(args.expect) if args.expect else None)
             print(f"wrote {len(m['shards'])} shards, {m['splits']['train']['tokens']:,} training and "
                   f"{m['splits']['val']['tokens']:,} held-out tokens, to {args.out} (manifest.json)")
     except (DataError, OSError, subprocess.CalledProcessError) as e:

@@ -116,3 +116,24 @@ def test_build_refuses_a_folder_that_holds_shards(tmp_path):
 def test_a_missing_package_is_named(tmp_path):
     with pytest.raises(data.DataError, match="missing; run `diffattn corpus fetch"):
         corpus.unpack(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian's dpkg) to make a package")
+def test_rebuild_from_saved_documents_gives_the_same_shards(tmp_path):
+    words = data.pydoc_text().decode("utf-8").split()
+    pages = {f"usr/share/doc/p{i:02d}.html": "<p>" + " ".join(words[i * 500:(i + 1) * 500]) + "</p>"
+             for i in range(100)}
+    source = _make_deb(tmp_path, "testdoc", "1.0", pages)
+    docs = tmp_path / "documents.jsonl.xz"
+    corpus.build(tmp_path / "src", tmp_path / "a", vocab_size=400, workers=1, log=lambda *_: None,
+                 sources=(source,), save_documents=docs)
+    rebuilt = corpus.rebuild(docs, tmp_path / "a" / "tokenizer.json", tmp_path / "b",
+                             expect=tmp_path / "a" / "manifest.json", log=lambda *_: None)
+    assert rebuilt["shards"] == json.loads((tmp_path / "a" / "manifest.json").read_text())["shards"]
+    # a tampered manifest is caught
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    m["shards"][0]["sha256"] = "0" * 64
+    (tmp_path / "bad.json").write_text(json.dumps(m))
+    with pytest.raises(data.DataError, match="differ"):
+        corpus.rebuild(docs, tmp_path / "a" / "tokenizer.json", tmp_path / "c", expect=tmp_path / "bad.json",
+                       log=lambda *_: None)
