@@ -200,8 +200,9 @@ def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info:
         if theirs.get(k) != v:
             raise CheckpointError(f"{where}: checkpoint has model {k}={theirs.get(k)!r}, this run {k}={v!r}")
     theirs = manifest["train_config"]
+    defaults = config_dict(TrainConfig())  # a field newer than the checkpoint: it ran the default
     for k, v in config_dict(tcfg).items():
-        if k not in RESUMABLE_CHANGES and theirs.get(k) != v:
+        if k not in RESUMABLE_CHANGES and theirs.get(k, defaults[k]) != v:
             raise CheckpointError(f"{where}: checkpoint has {k}={theirs.get(k)!r}, this run {k}={v!r}")
     for k in ("name", "fingerprint", "vocab_size"):
         if k in data_info and manifest["data"].get(k) != data_info[k]:
