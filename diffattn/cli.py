@@ -3,7 +3,9 @@
     diffattn train --backend mlx|cuda|numpy [--preset tiny] [--attention diff] [--data builtin:pydoc]
                    [--steps N | --tokens N | --minutes M] [--out DIR] [--resume] [--json]
     diffattn paired --backend ... [same options]      DIFF vs its vanilla twin, paired init
+    diffattn paired ... --seeds 0-7 [--resume]        one pair of twins per seed, intervals over seeds
     diffattn agree --preset tiny --steps 50           MLX vs PyTorch, CPU float32
+    diffattn eval RUN_OR_CKPT [--data ...] [--tokens N] [--position-bins K]   held-out loss of a checkpoint
     diffattn tokenize --data SRC --tokenizer bpe:N --out DIR   token shards for --data DIR
     diffattn conformance ...                          (diffattn.conformance)
     diffattn report ...                               (diffattn.report)
@@ -112,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume then continues exactly")
     p = sub.add_parser("paired", help="DIFF vs its vanilla twin from paired init on the same batches")
     _run_options(p)
+    p.add_argument("--seeds", default=None, help="seeds to pair, like 0-7 or 0,3,5 (default: --seed); each seed "
+                   "drives init and, unless --data-seed is given, the batch order")
+    p.add_argument("--resume", dest="continue_paired", action="store_true",
+                   help="continue the paired run in --out: finished arms are kept, the others resume from "
+                        "their checkpoint (starts the run if --out is new)")
     a = sub.add_parser("agree", help="the same weights and batches on two backends (CPU float32)")
     a.add_argument("--backends", default="mlx,cuda", help="two backends, comma separated (default mlx,cuda)")
     a.add_argument("--preset", default="tiny")
@@ -125,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="held-out loss, bpb and loss by position of a saved checkpoint (any backend's)")
+    e.add_argument("run", help="a run folder (its latest checkpoint), a checkpoints/ folder or a step_XXXXXX folder")
+    e.add_argument("--backend", default="cuda", help="numpy | mlx | cuda (default cuda)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None, help="default: the backend's (float32; numpy float64)")
+    e.add_argument("--kernels", default="auto")
+    e.add_argument("--data", default=None, help="held-out data, any `train --data` source (default: the run's own)")
+    e.add_argument("--tokenizer", default=None, help="default: the run's (its saved tokenizer.json)")
+    e.add_argument("--hf-split", default="train")
+    e.add_argument("--hf-column", default="text")
+    e.add_argument("--tokens", type=float, default=None, help="held-out tokens (default: the run's eval tokens)")
+    e.add_argument("--seq-len", type=int, default=None, help="context (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    e.add_argument("--position-bins", type=int, default=8, help="equal bins of target position (8)")
+    e.add_argument("--task", default="lm", help="lm (default); long-context probes where diffattn.probes exists")
+    e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    e.add_argument("--json", action="store_true", help="end with the JSON result on stdout")
     k = sub.add_parser("tokenize", help="write a corpus as token shards (train.bin, val.bin, tokenizer.json)")
     k.add_argument("--data", default="builtin:pydoc", help="any text source of `train --data`")
     k.add_argument("--tokenizer", default="byte", help="byte | bpe:N (trained on the training split)")
@@ -311,15 +335,16 @@ def cmd_train(args) -> int:
 def cmd_paired(args) -> int:
     from diffattn import paired
 
+    if args.seeds is not None and args.seed is not None:
+        raise UsageError("give --seeds (several) or --seed (one), not both")
+    seeds = paired.parse_seeds(args.seeds) if args.seeds is not None else [_pick(args, "seed")]
     backend, data, cfg, tcfg, out, budget, _ = _prepare(args, "paired")
-    r = paired.run_paired(cfg, tcfg, data, backend, out, budget_s=budget, progress=not args.no_progress)
+    r = paired.run_paired(cfg, tcfg, data, backend, out, seeds=seeds, data_seed=args.data_seed,
+                          resume=args.continue_paired, budget_s=budget, progress=not args.no_progress)
     print(paired.format_paired(r))
     print(f"run folder: {out}")
     if args.json:
-        slim = {k: v for k, v in r.items() if k != "shared"}
-        slim["shared"] = {k: r["shared"][k] for k in ("count", "bytes", "byte_identical_at_init",
-                                                      "byte_identical_in_backend_at_step0")}
-        print(json.dumps({"command": "paired", **slim}, sort_keys=True))
+        print(json.dumps({"command": "paired", **r}, sort_keys=True))
     return 0
 
 
@@ -341,6 +366,42 @@ def cmd_agree(args) -> int:
     if args.json:
         print(json.dumps({"command": "agree", **{k: v for k, v in r.items() if k != "per_step"}}, sort_keys=True))
     return 0 if r["ok"] else 1
+
+
+def cmd_eval(args) -> int:
+    from diffattn import harness
+    from diffattn.backend import load
+    from diffattn.eval import evaluate_checkpoint
+
+    ckpt = harness.find_checkpoint(args.run)
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        trained_on = manifest["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise harness.CheckpointError(f"{ckpt}: unreadable checkpoint manifest") from None
+    if args.data is None:
+        args.data = trained_on["name"]
+        args.tokenizer = args.tokenizer or trained_on.get("tokenizer") or "byte"
+    for name in ("seq_len", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    tokenizer_file = ckpt.parent.parent / "tokenizer.json"  # the run's own BPE, where it trained one
+    data = _load_data(args, manifest["model_config"]["vocab_size"], tokenizer_file)
+    r = evaluate_checkpoint(ckpt, backend, data, tokens=args.tokens, seq_len=args.seq_len,
+                            batch_size=args.batch_size, n_bins=args.position_bins, task=args.task)
+    if "val_loss" in r:
+        print(f"val loss {r['val_loss']:.6f} nats/token | val bpb {_fmt(r['val_bpb'])} | {r['tokens']:,} tokens of "
+              f"{r['data']} at context {r['seq_len']} | {r['attention']} step {r['step']} ({r['backend']['backend']}, "
+              f"{r['backend']['dtype']})")
+        for (lo, hi), v in zip(r["position_bins"], r["loss_by_position"]):
+            print(f"  loss @ pos {lo}-{hi - 1}: {v:.4f}")
+    if args.out:
+        harness._write_json(Path(args.out), r)
+    if args.json:
+        print(json.dumps({"command": "eval", **r}, sort_keys=True))
+    return 0
 
 
 def cmd_tokenize(args) -> int:
@@ -384,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bad_input = _bad_input_errors()
     try:
-        commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "tokenize": cmd_tokenize}
+        commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "eval": cmd_eval,
+                    "tokenize": cmd_tokenize}
         return commands[args.command](args)
     except bad_input as e:
         print(f"diffattn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
