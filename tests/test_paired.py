@@ -127,3 +127,15 @@ def test_an_arm_killed_before_its_first_checkpoint_starts_again(tmp_path, pydoc)
     assert not (tmp_path / "seed_0" / "diff" / "checkpoints" / "latest.json").exists()
     r = paired.run_paired(cfg(), tcfg(), pydoc, numpy_backend(), tmp_path, seeds=[0], resume=True, progress=False)
     assert r["per_seed"][0]["delta"] == straight["per_seed"][0]["delta"]
+
+
+def test_report_draws_loss_and_delta_by_position_of_a_paired_run(tmp_path, pydoc, capsys):
+    pytest.importorskip("matplotlib")
+    from diffattn import report
+
+    paired.run_paired(cfg(), tcfg(steps=2), pydoc, numpy_backend(), tmp_path / "p", seeds=[0, 1], progress=False)
+    assert report.main(["--paired", str(tmp_path / "p"), "--plots", str(tmp_path / "plots")]) == 0
+    png = tmp_path / "plots" / "paired_by_position_p.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in capsys.readouterr().out
+    assert report.main(["--paired", str(tmp_path / "plots"), "--plots", str(tmp_path / "plots")]) == 2
+    assert "no paired.json" in capsys.readouterr().err
