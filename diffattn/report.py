@@ -314,9 +314,10 @@ def plot_runs(run_dirs, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for run in map(Path, run_dirs):
-        arms = [(f"{f.parent.name} {f.name}".replace(".", ""), f) for f in sorted(run.glob("seed_*/*"))
+        arms = [(f"{f.parent.name} {f.name}", f) for f in sorted(run.glob("seed_*/*"))
                 if (f / "metrics.jsonl").is_file()]  # a paired run: seed_S/diff, seed_S/vanilla
-        arms = arms or [(run.name, run)]
+        arms = arms or [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] \
+            or [(run.name, run)]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for label, arm in arms:
             train, evals = read_metrics(arm)
