@@ -3,7 +3,9 @@
     diffattn train --backend mlx|cuda|numpy [--preset tiny] [--attention diff] [--data builtin:pydoc]
                    [--steps N | --tokens N | --minutes M] [--out DIR] [--resume] [--json]
     diffattn paired --backend ... [same options]      DIFF vs its vanilla twin, paired init
+    diffattn paired ... --seeds 0-7 [--resume]        one pair of twins per seed, intervals over seeds
     diffattn agree --preset tiny --steps 50           MLX vs PyTorch, CPU float32
+    diffattn eval RUN_OR_CKPT [--data ...] [--tokens N] [--position-bins K]   held-out loss of a checkpoint
     diffattn tokenize --data SRC --tokenizer bpe:N --out DIR   token shards for --data DIR
     diffattn conformance ...                          (diffattn.conformance)
     diffattn report ...                               (diffattn.report)
@@ -23,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-# Defaults of README command one (`diffattn train --backend X`): the tiny DIFF model on the
-# pydoc prose, sized to finish in a few minutes on a 2-core CPU with MLX's CPU build (the
-# slowest: ~2.5 min; PyTorch ~15 s, numpy ~1 min). The same steps on every backend, so the
-# printed val bpb is comparable across them.
-DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte",
-                batch_size=16, seq_len=64, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50,
-                eval_every=100, eval_batches=8, seed=0, data_seed=0)
-DEFAULT_STEPS = {"numpy": 600, "mlx": 600, "cuda": 600}
+# What a run uses when no flag says otherwise. The training fields (length, batch, lr, warmup,
+# schedule, eval) come from the preset's recipe (diffattn.config.RECIPES); README command one
+# (`diffattn train --backend X`) is the tiny recipe on the pydoc prose: the same steps on every
+# backend, so the printed val bpb is comparable across them.
+DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte", seed=0, data_seed=0)
+RECIPE_FLAGS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+                "eval_every")
 BUDGET_MAX_STEPS = 10 ** 9
 
 
@@ -63,7 +64,8 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--compile", action="store_true", help="cuda: torch.compile each block")
     g.add_argument("--cuda-graphs", action="store_true", help="cuda: replay each training step as one CUDA graph")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help=f"tiny | small | stage0 | stage1 (default {DEFAULTS['preset']})")
+    g.add_argument("--preset", default=None, help="tiny | small | stage0 | stage1 | stage1-short: a model and "
+                   f"its training recipe (default {DEFAULTS['preset']})")
     g.add_argument("--attention", default=None, help="diff | vanilla | diff_v2 (default diff)")
     for flag in ("d-model", "n-layers", "n-heads", "n-kv-heads", "vocab-size"):
         g.add_argument(f"--{flag}", type=int, default=None, help="override the preset")
@@ -75,8 +77,7 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--hf-column", default="text")
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default by backend: "
-                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's recipe)")
     length.add_argument("--tokens", type=float, default=None, help="train on this many tokens")
     length.add_argument("--minutes", type=float, default=None, help="wall-clock budget for training steps")
     g.add_argument("--batch-size", type=int, default=None)
@@ -85,8 +86,11 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr-ratio", type=float, default=None)
     g.add_argument("--warmup-steps", type=int, default=None)
+    g.add_argument("--schedule", default=None, help="lr decay after warmup: cosine | linear")
     g.add_argument("--eval-every", type=int, default=None)
-    g.add_argument("--eval-batches", type=int, default=None)
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--eval-batches", type=int, default=None, help="eval batches of the training shape")
+    length.add_argument("--eval-tokens", type=float, default=None, help="eval tokens (default: the recipe's)")
     g.add_argument("--seed", type=int, default=None, help="parameter init seed")
     g.add_argument("--data-seed", type=int, default=None, help="batch order seed")
     g = p.add_argument_group("output")
@@ -97,6 +101,8 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffattn.config import RECIPES
+
     ap = _Parser(prog="diffattn", description="Differential Transformer benchmark suite (MLX / PyTorch).")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train one model; prints val loss and bits per byte")
@@ -108,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume then continues exactly")
     p = sub.add_parser("paired", help="DIFF vs its vanilla twin from paired init on the same batches")
     _run_options(p)
+    p.add_argument("--seeds", default=None, help="seeds to pair, like 0-7 or 0,3,5 (default: --seed); each seed "
+                   "drives init and, unless --data-seed is given, the batch order")
+    p.add_argument("--resume", dest="continue_paired", action="store_true",
+                   help="continue the paired run in --out: finished arms are kept, the others resume from "
+                        "their checkpoint (starts the run if --out is new)")
     a = sub.add_parser("agree", help="the same weights and batches on two backends (CPU float32)")
     a.add_argument("--backends", default="mlx,cuda", help="two backends, comma separated (default mlx,cuda)")
     a.add_argument("--preset", default="tiny")
@@ -116,11 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int, default=50)
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--seq-len", type=int, default=64)
-    a.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    a.add_argument("--lr", type=float, default=RECIPES["tiny"].lr)
     a.add_argument("--warmup-steps", type=int, default=10)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="held-out loss, bpb and loss by position of a saved checkpoint (any backend's)")
+    e.add_argument("run", help="a run folder (its latest checkpoint), a checkpoints/ folder or a step_XXXXXX folder")
+    e.add_argument("--backend", default="cuda", help="numpy | mlx | cuda (default cuda)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None, help="default: the backend's (float32; numpy float64)")
+    e.add_argument("--kernels", default="auto")
+    e.add_argument("--data", default=None, help="held-out data, any `train --data` source (default: the run's own)")
+    e.add_argument("--tokenizer", default=None, help="default: the run's (its saved tokenizer.json)")
+    e.add_argument("--hf-split", default="train")
+    e.add_argument("--hf-column", default="text")
+    e.add_argument("--tokens", type=float, default=None, help="held-out tokens (default: the run's eval tokens)")
+    e.add_argument("--seq-len", type=int, default=None, help="context (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    e.add_argument("--position-bins", type=int, default=8, help="equal bins of target position (8)")
+    e.add_argument("--task", default="lm", help="lm (default); long-context probes where diffattn.probes exists")
+    e.add_argument("--out", default=None, help="also write the JSON result to this file")
+    e.add_argument("--json", action="store_true", help="end with the JSON result on stdout")
     k = sub.add_parser("tokenize", help="write a corpus as token shards (train.bin, val.bin, tokenizer.json)")
     k.add_argument("--data", default="builtin:pydoc", help="any text source of `train --data`")
     k.add_argument("--tokenizer", default="byte", help="byte | bpe:N (trained on the training split)")
@@ -140,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pick(args, name):
     v = getattr(args, name, None)
-    return DEFAULTS[name] if v is None else v
+    if v is not None:
+        return v
+    if name in RECIPE_FLAGS:
+        from diffattn.config import recipe
+
+        return getattr(recipe(_pick(args, "preset")), name)
+    return DEFAULTS[name]
 
 
 def _load_data(args, vocab_size=None, tokenizer_file=None):
@@ -162,13 +196,14 @@ def _model_config(args, data):
     return preset(_pick(args, "preset"), attention=_pick(args, "attention"), **over)
 
 
-def _train_config(args, backend_name):
-    from diffattn.config import TrainConfig
+def _train_config(args):
+    """The preset's recipe, each field a flag gives overridden. A shortened run (--steps,
+    --tokens) keeps warmup within its first 10% and evaluates at least at its end."""
+    from diffattn.config import TrainConfig, recipe
 
-    t = dict(batch_size=_pick(args, "batch_size"), seq_len=_pick(args, "seq_len"),
-             grad_accum=_pick(args, "grad_accum"), lr=_pick(args, "lr"), min_lr_ratio=_pick(args, "min_lr_ratio"),
-             warmup_steps=_pick(args, "warmup_steps"), eval_every=_pick(args, "eval_every"),
-             eval_batches=_pick(args, "eval_batches"), seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
+    rec = recipe(_pick(args, "preset"))
+    t = {k: _pick(args, k) for k in RECIPE_FLAGS}
+    t.update(seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
     per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
     if args.minutes is not None:
         if not args.minutes > 0:
@@ -178,8 +213,18 @@ def _train_config(args, backend_name):
         if not args.tokens > 0:
             raise UsageError(f"--tokens {args.tokens:g} must be positive")
         steps = math.ceil(args.tokens / per_step)
+    elif args.steps is not None:
+        steps = args.steps
     else:
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(backend_name, 1000)
+        steps = rec.steps if rec.steps is not None else math.ceil(rec.tokens / per_step)
+    if args.eval_batches is not None:
+        t["eval_batches"] = args.eval_batches
+    elif args.eval_tokens is not None:
+        if not args.eval_tokens > 0:
+            raise UsageError(f"--eval-tokens {args.eval_tokens:g} must be positive")
+        t["eval_batches"] = math.ceil(args.eval_tokens / (t["batch_size"] * t["seq_len"]))
+    else:
+        t["eval_batches"] = rec.eval_batches(t["batch_size"], t["seq_len"])
     t["steps"] = steps
     t["eval_every"] = min(t["eval_every"], steps) if args.eval_every is None else t["eval_every"]
     t["warmup_steps"] = min(t["warmup_steps"], steps // 10) if args.warmup_steps is None else t["warmup_steps"]
@@ -214,7 +259,8 @@ def _resume_args(args, source) -> None:
     fill = dict(data=data_name, tokenizer=run["data"].get("tokenizer") or "byte", preset=run.get("preset"),
                 batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
                 min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
-                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"])
+                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
+                schedule=tc.get("schedule", "cosine"))
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -255,7 +301,7 @@ def _prepare(args, command):
         cfg = model_config_from(args.model_config)
     else:
         cfg = _model_config(args, data)
-    tcfg = _train_config(args, backend.name)
+    tcfg = _train_config(args)
     out = Path(args.out) if args.out else _default_out(command, cfg.attention)
     budget = args.minutes * 60 if args.minutes is not None else None
     return backend, data, cfg, tcfg, out, budget, resume_from
@@ -291,15 +337,16 @@ def cmd_train(args) -> int:
 def cmd_paired(args) -> int:
     from diffattn import paired
 
+    if args.seeds is not None and args.seed is not None:
+        raise UsageError("give --seeds (several) or --seed (one), not both")
+    seeds = paired.parse_seeds(args.seeds) if args.seeds is not None else [_pick(args, "seed")]
     backend, data, cfg, tcfg, out, budget, _ = _prepare(args, "paired")
-    r = paired.run_paired(cfg, tcfg, data, backend, out, budget_s=budget, progress=not args.no_progress)
+    r = paired.run_paired(cfg, tcfg, data, backend, out, seeds=seeds, data_seed=args.data_seed,
+                          resume=args.continue_paired, budget_s=budget, progress=not args.no_progress)
     print(paired.format_paired(r))
     print(f"run folder: {out}")
     if args.json:
-        slim = {k: v for k, v in r.items() if k != "shared"}
-        slim["shared"] = {k: r["shared"][k] for k in ("count", "bytes", "byte_identical_at_init",
-                                                      "byte_identical_in_backend_at_step0")}
-        print(json.dumps({"command": "paired", **slim}, sort_keys=True))
+        print(json.dumps({"command": "paired", **r}, sort_keys=True))
     return 0
 
 
@@ -321,6 +368,42 @@ def cmd_agree(args) -> int:
     if args.json:
         print(json.dumps({"command": "agree", **{k: v for k, v in r.items() if k != "per_step"}}, sort_keys=True))
     return 0 if r["ok"] else 1
+
+
+def cmd_eval(args) -> int:
+    from diffattn import harness
+    from diffattn.backend import load
+    from diffattn.eval import evaluate_checkpoint
+
+    ckpt = harness.find_checkpoint(args.run)
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        trained_on = manifest["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise harness.CheckpointError(f"{ckpt}: unreadable checkpoint manifest") from None
+    if args.data is None:
+        args.data = trained_on["name"]
+        args.tokenizer = args.tokenizer or trained_on.get("tokenizer") or "byte"
+    for name in ("seq_len", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    tokenizer_file = ckpt.parent.parent / "tokenizer.json"  # the run's own BPE, where it trained one
+    data = _load_data(args, manifest["model_config"]["vocab_size"], tokenizer_file)
+    r = evaluate_checkpoint(ckpt, backend, data, tokens=args.tokens, seq_len=args.seq_len,
+                            batch_size=args.batch_size, n_bins=args.position_bins, task=args.task)
+    if "val_loss" in r:
+        print(f"val loss {r['val_loss']:.6f} nats/token | val bpb {_fmt(r['val_bpb'])} | {r['tokens']:,} tokens of "
+              f"{r['data']} at context {r['seq_len']} | {r['attention']} step {r['step']} ({r['backend']['backend']}, "
+              f"{r['backend']['dtype']})")
+        for (lo, hi), v in zip(r["position_bins"], r["loss_by_position"]):
+            print(f"  loss @ pos {lo}-{hi - 1}: {v:.4f}")
+    if args.out:
+        harness._write_json(Path(args.out), r)
+    if args.json:
+        print(json.dumps({"command": "eval", **r}, sort_keys=True))
+    return 0
 
 
 def cmd_tokenize(args) -> int:
@@ -364,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bad_input = _bad_input_errors()
     try:
-        commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "tokenize": cmd_tokenize}
+        commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "eval": cmd_eval,
+                    "tokenize": cmd_tokenize}
         return commands[args.command](args)
     except bad_input as e:
         print(f"diffattn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",

@@ -132,6 +132,9 @@ class AdamWConfig:
     grad_clip: float = 1.0  # global L2 norm; 0 disables
 
 
+SCHEDULES = ("cosine", "linear")  # the decay after warmup (diffattn.optim.lr_at)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8
@@ -146,6 +149,7 @@ class TrainConfig:
     seed: int = 0  # parameter init
     data_seed: int = 0  # batch order
     optim: AdamWConfig = field(default_factory=AdamWConfig)
+    schedule: str = "cosine"  # after warmup, decay to lr * min_lr_ratio: one of SCHEDULES
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "grad_accum", "steps", "eval_batches"):
@@ -154,13 +158,15 @@ class TrainConfig:
                 raise ConfigError(f"invalid TrainConfig: {name}={v!r} must be a positive integer")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ConfigError("invalid TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"invalid TrainConfig: schedule={self.schedule!r}, expected one of {SCHEDULES}")
 
 
 # Presets. Sizes with the default byte vocabulary (256), DIFF variant:
 #   tiny    d 64,   2 layers,  2 DIFF heads of 16  ->   ~0.1M params, trains in seconds on a CPU
 #   small   d 256,  4 layers,  4 DIFF heads of 32  ->   ~3.2M params
 #   stage0  d 512, 10 layers,  4 DIFF heads of 64  ->  ~32M params
-#   stage1  d 1024, 13 layers, 8 DIFF heads of 64  -> ~162M params
+#   stage1  d 1024, 13 layers, 8 DIFF heads of 64  -> ~162M params (stage1-short: the same model)
 # (`diffattn.config.describe_presets()` prints the exact counts.)
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=64, n_layers=2, n_heads=2, max_seq_len=64),
@@ -168,6 +174,86 @@ PRESETS: dict[str, ModelConfig] = {
     "stage0": ModelConfig(d_model=512, n_layers=10, n_heads=4, max_seq_len=1024),
     "stage1": ModelConfig(d_model=1024, n_layers=13, n_heads=8, ffn_hidden=2688, max_seq_len=2048),
 }
+PRESETS["stage1-short"] = PRESETS["stage1"]  # the stage1 model and context on a shorter recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset is trained: what `diffattn train/paired --preset NAME` runs unless a flag
+    overrides a field. The length is `steps`, or `tokens` (steps = ceil(tokens / tokens per
+    step)); exactly one is set. Eval reads `eval_tokens` of the validation split every
+    `eval_every` steps (as batches of the training shape: eval_batches = ceil(eval_tokens /
+    (batch_size * seq_len))). lr is the peak, reached after `warmup_steps` of linear warmup,
+    then `schedule` decays it to lr * min_lr_ratio at the last step (diffattn.optim.lr_at)."""
+    seq_len: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    eval_tokens: int
+    steps: int | None = None
+    tokens: int | None = None
+    grad_accum: int = 1
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ConfigError(f"invalid Recipe: give steps or tokens, not {'both' if self.steps else 'neither'}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "eval_tokens"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v > 0):
+                raise ConfigError(f"invalid Recipe: {name}={v!r} must be a positive integer")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"invalid Recipe: schedule={self.schedule!r}, expected one of {SCHEDULES}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else math.ceil(self.tokens / self.tokens_per_step)
+
+    def eval_batches(self, batch_size: int, seq_len: int) -> int:
+        """Batches of batch_size x seq_len holding at least eval_tokens target tokens."""
+        return max(1, math.ceil(self.eval_tokens / (batch_size * seq_len)))
+
+
+# tiny and small: CPU-sized, the defaults of README command one (600 steps of 16 x 64 tokens,
+# eval 8 batches of 16 x 64 every 100 steps).
+CPU_RECIPE = Recipe(seq_len=64, batch_size=16, steps=600, lr=3e-3, warmup_steps=50, eval_every=100,
+                    eval_tokens=8 * 16 * 64)
+# stage1: diff-mlx's Stage 1 (2.0B tokens at context 2048, batch 32, peak lr 4e-4, 1000 warmup
+# steps, cosine): 30,518 steps of 65,536 tokens. Eval 2^20 tokens every 1000 steps costs ~0.5% of
+# the training compute (16 forward batches, ~1/3 of a step each, per 1000 steps).
+STAGE1_RECIPE = Recipe(seq_len=2048, batch_size=32, tokens=2_000_000_000, lr=4e-4, warmup_steps=1000,
+                       eval_every=1000, eval_tokens=1 << 20)
+RECIPES: dict[str, Recipe] = {
+    "tiny": CPU_RECIPE,
+    "small": CPU_RECIPE,
+    # stage0: diff-mlx's Stage 0 length and context (100M tokens at 1024). Batch 32 x 1024 tokens
+    # (3,052 steps): a 30M model reaches its loss regime well within this batch size, and many
+    # steps matter more than large batches at 100M tokens. Peak lr 2e-3 with cosine to 10%:
+    # AdamW models of ~30M parameters train stably at 1e-3..3e-3 (the LR that scaling-law sweeps
+    # find grows as models shrink; 6e-4 is GPT-3 Small's at 125M and half a million tokens per
+    # batch); 2e-3 sits mid-range and is shared by both twins, tuned for neither. Warmup 200 steps
+    # (6.5%). Eval 2^20 tokens every 500 steps: 7 evals of 32 forward batches, ~2.5% of training.
+    "stage0": Recipe(seq_len=1024, batch_size=32, tokens=100_000_000, lr=2e-3, warmup_steps=200,
+                     eval_every=500, eval_tokens=1 << 20),
+    "stage1": STAGE1_RECIPE,
+    # stage1-short: Stage 1's model, context, batch and peak lr on a budget of about 20 GPU-minutes
+    # per arm: 300M tokens at ~250k tokens/s (stage1 compiled, bf16, one H100). Change `tokens`
+    # for another budget. 4,578 steps; warmup 400 (stage1's 1000 would be 22% of the run).
+    "stage1-short": dataclasses.replace(STAGE1_RECIPE, tokens=300_000_000, warmup_steps=400, eval_every=500),
+}
+
+
+def recipe(name: str) -> Recipe:
+    """The training recipe of a preset."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown preset {name!r}, expected one of {tuple(RECIPES)}")
+    return RECIPES[name]
 
 
 def preset(name: str, **overrides) -> ModelConfig:
@@ -189,6 +275,6 @@ def describe_presets() -> str:
     for name in PRESETS:
         for att in ATTENTIONS:
             c = preset(name, attention=att)
-            rows.append(f"{name:7s} {att:8s} d={c.d_model:5d} L={c.n_layers:3d} heads={c.n_heads:3d} "
+            rows.append(f"{name:12s} {att:8s} d={c.d_model:5d} L={c.n_layers:3d} heads={c.n_heads:3d} "
                         f"kv={c.kv_heads:3d} head_dim={c.head_dim:4d} ffn={c.ffn_dim:5d} params={c.num_params():,}")
     return "\n".join(rows)

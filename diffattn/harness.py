@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 import diffattn
-from diffattn import optim, spec
+from diffattn import optim
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
+from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import (ParamsError, atomic_write, check_params, init_params, load_tensors, param_shapes,
                              save_tensors)
 
 CHECKPOINT_FORMAT = "diffattn-checkpoint/1"
 KEEP_CHECKPOINTS = 2
-POSITION_BINS = 8
 
 
 class CheckpointError(ValueError):
@@ -200,49 +200,14 @@ def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info:
         if theirs.get(k) != v:
             raise CheckpointError(f"{where}: checkpoint has model {k}={theirs.get(k)!r}, this run {k}={v!r}")
     theirs = manifest["train_config"]
+    defaults = config_dict(TrainConfig())  # a field newer than the checkpoint: it ran the default
     for k, v in config_dict(tcfg).items():
-        if k not in RESUMABLE_CHANGES and theirs.get(k) != v:
+        if k not in RESUMABLE_CHANGES and theirs.get(k, defaults[k]) != v:
             raise CheckpointError(f"{where}: checkpoint has {k}={theirs.get(k)!r}, this run {k}={v!r}")
     for k in ("name", "fingerprint", "vocab_size"):
         if k in data_info and manifest["data"].get(k) != data_info[k]:
             raise CheckpointError(f"{where}: checkpoint was trained on data {k}={manifest['data'].get(k)!r}, "
                                   f"this run's is {data_info[k]!r}")
-
-
-# ---- evaluation ---------------------------------------------------------------------------
-
-def evaluate(model, data, tcfg: TrainConfig, n_bins: int = POSITION_BINS) -> dict:
-    """Validation loss (nats/token), bits per byte (if the data has byte lengths), mean loss
-    in `n_bins` equal bins of target position, and for retrieval tasks the answer accuracy."""
-    L = tcfg.seq_len
-    edges = np.linspace(0, L, min(n_bins, L) + 1).astype(int)
-    nats, count, n_bytes = 0.0, 0, 0
-    bin_sum, bin_count = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
-    correct = answers = 0
-    answer_nats = 0.0
-    for tokens, mask in data.val_batches(tcfg.batch_size, L, tcfg.eval_batches, tcfg.data_seed):
-        tl = np.asarray(model.token_losses(tokens), np.float64)
-        nats += float(tl.sum())
-        count += tl.size
-        if data.token_bytes is not None:
-            n_bytes += int(data.token_bytes[tokens[:, 1:]].sum())
-        per_pos = tl.sum(0)
-        for i in range(len(edges) - 1):
-            bin_sum[i] += per_pos[edges[i]:edges[i + 1]].sum()
-            bin_count[i] += tl.shape[0] * (edges[i + 1] - edges[i])
-        if mask is not None:
-            pred = np.asarray(model.logits(tokens[:, :-1])).argmax(-1)
-            correct += int((pred[mask] == tokens[:, 1:][mask]).sum())
-            answers += int(mask.sum())
-            answer_nats += float(tl[mask].sum())
-    out = {"val_loss": nats / count,
-           "val_bpb": spec.bits_per_byte(nats, n_bytes) if n_bytes else None,
-           "position_bins": [[int(a), int(b)] for a, b in zip(edges[:-1], edges[1:])],
-           "loss_by_position": (bin_sum / bin_count).tolist()}
-    if answers:
-        out["accuracy"] = correct / answers
-        out["answer_loss"] = answer_nats / answers
-    return out
 
 
 # ---- progress -----------------------------------------------------------------------------

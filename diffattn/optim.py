@@ -62,7 +62,8 @@ def adamw_step(params, grads, state, lr: float, cfg: AdamWConfig = AdamWConfig()
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr * min_lr_ratio.
+    """Linear warmup to cfg.lr over warmup_steps, then decay to lr * min_lr_ratio: cosine
+    (cfg.schedule "cosine") or a straight line ("linear").
 
     The decay follows `progress` in [0, 1] when given (a wall-clock budget's fraction used),
     else the fraction of the steps after warmup, reaching the floor at cfg.steps."""
@@ -71,4 +72,7 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     if progress is None:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, progress)
+    if cfg.schedule == "linear":
+        return floor + (cfg.lr - floor) * (1.0 - progress)
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,6 +1,7 @@
 """`diffattn report`: asv results (every machine, every commit) and run logs as tables and plots.
 
     diffattn report [--results DIR] [--threshold 0.1] [--plots DIR | --no-plots] [--runs DIR ...]
+    diffattn report --paired DIR [DIR ...] [--plots DIR]    loss and delta by position of paired runs
 
 Reads asv's results JSON directly (schema version 2: machine folders of
 `<commit>-<env>.json` files beside `benchmarks.json`) into one long pandas table, one row per
@@ -313,7 +314,10 @@ def plot_runs(run_dirs, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for run in map(Path, run_dirs):
-        arms = [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] or [(run.name, run)]
+        arms = [(f"{f.parent.name} {f.name}", f) for f in sorted(run.glob("seed_*/*"))
+                if (f / "metrics.jsonl").is_file()]  # a paired run: seed_S/diff, seed_S/vanilla
+        arms = arms or [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] \
+            or [(run.name, run)]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for label, arm in arms:
             train, evals = read_metrics(arm)
@@ -323,9 +327,44 @@ def plot_runs(run_dirs, out_dir) -> list[Path]:
                         label=f"{label} val")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{'paired run' if len(arms) == 2 else 'run'} {run}", fontsize=9)
+        kind = "paired" if len(arms) > 1 else "run"
+        ax.set_title(f"{kind} run {run}", fontsize=9)
         ax.legend(fontsize=8)
-        written.append(_save(plt, fig, out_dir / f"{'paired' if len(arms) == 2 else 'run'}_{_safe(run.name)}.png"))
+        written.append(_save(plt, fig, out_dir / f"{kind}_{_safe(run.name)}.png"))
+    return written
+
+
+def plot_paired(paired_dirs, out_dir) -> list[Path]:
+    """Per paired run folder (its paired.json): held-out loss by position for both twins (mean
+    over seeds), and the delta DIFF - vanilla by position with its 95% t interval over seeds."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in map(Path, paired_dirs):
+        if not (run / "paired.json").is_file():
+            raise ReportError(f"{run}: no paired.json (not a `diffattn paired` run folder)")
+        r = _load_json(run / "paired.json")
+        mids = [(lo + hi - 1) / 2 for lo, hi in r["position_bins"]]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+        for arm, label in (("diff", r["attention"]), ("vanilla", "vanilla")):
+            curves = [p[arm]["loss_by_position"] for p in r["per_seed"]]
+            top.plot(mids, [sum(c) / len(c) for c in zip(*curves)], "o-", label=label)
+        top.set_ylabel("held-out loss (nats/token)")
+        top.legend(fontsize=8)
+        bins = r["summary"]["loss_by_position"]
+        bottom.axhline(0.0, color="gray", lw=0.8)
+        bottom.plot(mids, [b["mean"] for b in bins], "o-", color="black", label=f"{r['attention']} - vanilla")
+        if bins[0]["t_interval"] is not None:
+            bottom.fill_between(mids, [b["t_interval"][0] for b in bins], [b["t_interval"][1] for b in bins],
+                                alpha=0.25, label=f"{bins[0]['level']:.0%} t interval over {bins[0]['n']} seeds")
+        bottom.set_xlabel("target position")
+        bottom.set_ylabel("delta loss (nats/token)")
+        bottom.legend(fontsize=8)
+        total = r["summary"]["val_loss"]
+        top.set_title(f"{run}: {r['attention']} vs vanilla, {r['data']}, seeds {r['summary']['seeds']}; "
+                      f"delta {total['mean']:+.4f} nats", fontsize=9)
+        written.append(_save(plt, fig, out_dir / f"paired_by_position_{_safe(run.name)}.png"))
     return written
 
 
@@ -366,8 +405,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-plots", action="store_true", help="print tables only")
     p.add_argument("--runs", nargs="*", default=[], help="run folders (train or paired) to plot loss curves of")
     p.add_argument("--csv", default=None, help="also write the long results table to this CSV file")
+    p.add_argument("--paired", nargs="+", default=None, metavar="DIR",
+                   help="plot these paired run folders (loss and delta by position, with intervals) and stop")
     args = p.parse_args(argv)
     try:
+        if args.paired:
+            written = plot_paired(args.paired, args.plots) + plot_runs(args.runs, args.plots)
+            print(f"wrote {len(written)} plot(s) to {args.plots}: {', '.join(map(str, written))}")
+            return 0
         if not args.threshold > 0:
             raise ReportError(f"--threshold must be positive, got {args.threshold}")
         df = load_results(args.results or _results_dir_from_config())

@@ -82,9 +82,47 @@ def test_paired_prints_deltas_and_records_byte_identical_init(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "val loss" in r.stdout and "loss @ pos" in r.stdout
     s = json.loads(r.stdout.splitlines()[-1])
-    manifest = json.loads((tmp_path / "p" / "paired.json").read_text())
-    assert manifest["shared"]["byte_identical_at_init"] and manifest["shared"]["count"] == s["shared"]["count"] > 10
-    assert s["delta"]["val_loss"] == pytest.approx(s["diff"]["val_loss"] - s["vanilla"]["val_loss"], abs=1e-12)
+    shared = json.loads((tmp_path / "p" / "seed_0" / "shared.json").read_text())
+    assert shared["byte_identical_at_init"] and shared["count"] == s["per_seed"][0]["shared"]["count"] > 10
+    one = s["per_seed"][0]
+    assert one["delta"]["val_loss"] == pytest.approx(one["diff"]["val_loss"] - one["vanilla"]["val_loss"], abs=1e-12)
+    assert s["summary"]["val_loss"]["mean"] == one["delta"]["val_loss"] and s["summary"]["val_loss"]["t_interval"] is None
+
+
+@pytest.mark.skipif(not have("cuda"), reason="needs the cuda backend (PyTorch, here on the CPU)")
+def test_multi_seed_paired_then_eval_reproduces_a_twins_last_val_loss(tmp_path):
+    out = tmp_path / "p"
+    r = diffattn("paired", "--backend", "cuda", "--preset", "tiny", "--seeds", "0-2", "--steps", "4",
+                 "--eval-every", "2", "--out", out, "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    p = json.loads((out / "paired.json").read_text())
+    assert p["complete"] and [s["seed"] for s in p["per_seed"]] == [0, 1, 2]
+    deltas = [s["delta"]["val_loss"] for s in p["per_seed"]]
+    v = p["summary"]["val_loss"]
+    assert v["mean"] == pytest.approx(np.mean(deltas), abs=1e-15) and v["n"] == 3
+    assert v["t_interval"][0] < v["mean"] < v["t_interval"][1] and len(p["summary"]["loss_by_position"]) == 8
+    assert "95% t [" in r.stdout
+    twin = out / "seed_1" / "vanilla"
+    last = [json.loads(x) for x in (twin / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
+    r = diffattn("eval", twin, "--backend", "cuda", "--json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout.splitlines()[-1])
+    # the same float32 computation on the same eval tokens; 1e-6 nats is float32 rounding of a ~3-nat mean
+    assert e["step"] == last["step"] == 4 and e["tokens"] == 2 * 16
+    assert e["val_loss"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert e["loss_by_position"] == pytest.approx(last["loss_by_position"], abs=1e-6)
+    # another backend evaluates the same checkpoint (numpy, float64): the same loss to float32's precision
+    r = diffattn("eval", twin / "checkpoints", "--backend", "numpy", "--position-bins", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout.splitlines()[-1])
+    assert e["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5) and len(e["loss_by_position"]) == 4
+
+
+def test_eval_rejects_a_task_it_lacks(tmp_path):
+    r = diffattn("train", "--backend", "numpy", "--steps", "2", "--eval-every", "2", "--out", tmp_path / "r", *SMALL)
+    assert r.returncode == 0, r.stderr
+    r = diffattn("eval", tmp_path / "r", "--backend", "numpy", "--task", "no-such-task")
+    assert r.returncode == 2 and "--task 'no-such-task'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")

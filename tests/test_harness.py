@@ -335,8 +335,8 @@ def test_paired_run_checks_shared_tensors_and_reports_deltas(attention, tmp_path
     b = RecordingBackend(load_backend("numpy"))
     cfg = preset("tiny", attention=attention, d_model=32, max_seq_len=16)
     r = paired.run_paired(cfg, tcfg(steps=4, eval_every=4), pydoc, b, tmp_path, progress=False)
-    manifest = json.loads((tmp_path / "paired.json").read_text())
-    shared = manifest["shared"]
+    shared = json.loads((tmp_path / "seed_0" / "shared.json").read_text())
+    assert json.loads((tmp_path / "paired.json").read_text())["per_seed"][0]["shared"]["count"] == shared["count"]
     assert shared["byte_identical_at_init"] is True and shared["byte_identical_in_backend_at_step0"] is True
     expect = {"embed.weight", "norm.weight", "layers.0.attn.q_proj.weight", "layers.1.mlp.w2.weight"}
     if attention == "diff":
@@ -344,20 +344,23 @@ def test_paired_run_checks_shared_tensors_and_reports_deltas(attention, tmp_path
     assert expect - {"layers.0.attn.q_proj.weight"} <= set(shared["names"]) if attention == "diff_v2" \
         else expect <= set(shared["names"])
     assert "layers.0.attn.lambda_q1" in shared["diff_only"] or attention == "diff_v2"
+    r = r["per_seed"][0]
     assert r["delta"]["val_loss"] == r["diff"]["val_loss"] - r["vanilla"]["val_loss"]
     assert r["delta"]["loss_by_position"] == [a - v for a, v in zip(r["diff"]["loss_by_position"],
                                                                      r["vanilla"]["loss_by_position"])]
     # the two variants saw the same batches, step for step
     diff_batches, van_batches = b.calls[:4], b.calls[4:]
     assert all(np.array_equal(x[0], y[0]) for x, y in zip(diff_batches, van_batches))
-    assert "val loss" in paired.format_paired(r)
+    manifest = json.loads((tmp_path / "paired.json").read_text())
+    assert manifest["summary"]["val_loss"]["mean"] == r["delta"]["val_loss"]
+    assert "val loss" in paired.format_paired(manifest)
 
 
 def test_paired_run_on_a_retrieval_task_reports_the_accuracy_delta(tmp_path):
     b = load_backend("numpy")
     cfg = preset("tiny", d_model=32, max_seq_len=32)
     r = paired.run_paired(cfg, tcfg(steps=2, seq_len=32, eval_every=2), data.load("builtin:recall"), b,
-                          progress=False)
+                          progress=False)["per_seed"][0]
     assert r["delta"]["accuracy"] == r["diff"]["accuracy"] - r["vanilla"]["accuracy"]
     assert r["delta"]["val_bpb"] is None
 
