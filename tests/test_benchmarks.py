@@ -28,6 +28,64 @@ def _asv(tmp_path, *args, timeout=900):
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def test_committed_benchmarks_json_is_the_suite_as_asv_discovers_it(tmp_path):
+    """asv rewrites results_dir/benchmarks.json on every run: committed in sync, a local or quick
+    run leaves it unchanged (and the report's benchmark versions are the suite's)."""
+    assert _asv(tmp_path, "machine", "--machine", "sync", "--yes").returncode == 0
+    r = _asv(tmp_path, "run", "--python=same", "--machine", "sync", "--bench", "^$")  # discovers, runs none (exit 1)
+    assert (tmp_path / "results" / "benchmarks.json").is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    discovered = (tmp_path / "results" / "benchmarks.json").read_text()
+    committed = (ROOT / "benchmarks" / "asv_results" / "benchmarks.json").read_text()
+    assert committed == discovered, ("benchmarks/asv_results/benchmarks.json is stale: copy the one "
+                                     f"`asv run --bench '^$'` writes ({tmp_path}/results/benchmarks.json)")
+
+
+def test_median_seconds_returns_the_median_of_steady_calls():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    clock = _ScriptedClock([0.010, 0.011, 0.010, 0.012, 0.010, 0.011, 0.010])
+    assert C.median_seconds(clock.call, lambda _: None, budget_s=1e9, max_reps=6, clock=clock) == pytest.approx(0.0105)
+
+
+def test_median_seconds_refuses_a_median_its_own_loop_contradicts():
+    """Nine 10 ms calls and one 500 ms stall: the median says 10 ms, the loop's wall time 59 ms
+    per call, far beyond the samples' spread: no figure (the failure names both)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    clock = _ScriptedClock([0.01] * 10 + [0.5])
+    with pytest.raises(C.Untrusted, match=r"median 10 ms but 59 ms per call"):
+        C.median_seconds(clock.call, lambda _: None, budget_s=1e9, max_reps=10, clock=clock)
+
+
+def test_check_timings_allows_disagreement_up_to_twice_the_measured_spread():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    times = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]  # median 2, quartiles 1 and 3: spread 100%
+    assert C.check_timings(times, total=2.0 * 6 * 2.5)["noise"] == pytest.approx(1.0)  # 2.5x: within 200%
+    with pytest.raises(C.Untrusted):
+        C.check_timings(times, total=2.0 * 6 * 3.5)
+    with pytest.raises(C.Untrusted):  # identical samples: only the 10% floor is allowed
+        C.check_timings([1.0] * 5, total=5 * 1.2)
+
+
+class _ScriptedClock:
+    """A clock that only moves inside call(): each call takes the next of `durations` (the first
+    is median_seconds' untimed warm-up)."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 0.0, iter(durations)
+
+    def __call__(self):
+        return self.now
+
+    def call(self):
+        self.now += next(self.durations)
+
+
+@pytest.mark.slow
 def test_asv_check_passes(tmp_path):
     r = _asv(tmp_path, "check", "--python=same")
     assert r.returncode == 0 and "No problems found" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
@@ -37,6 +95,7 @@ def _gpu_visible():
     return os.path.exists("/dev/nvidiactl") or (sys.platform == "darwin" and os.uname().machine == "arm64")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_gpu_visible(), reason="checks the CPU-only outcome of the quick run")
 def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
