@@ -247,3 +247,26 @@ def test_tokenize_writes_shards_that_train_with_exact_bpb(tmp_path):
     assert json.loads(r.stdout.splitlines()[-1])["val_bpb"] is not None
     r = diffattn("tokenize", "--data", "builtin:pydoc", "--out", tmp_path / "shards")
     assert r.returncode == 2 and "already holds token shards" in r.stderr
+
+
+@pytest.mark.skipif(not have("cuda"), reason="PyTorch not installed")
+def test_torch_names_the_pytorch_backend_and_its_device_and_the_run_ends_with_its_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    r = diffattn("train", "--backend", "torch", "--device", "cpu", "--steps", "3", "--eval-every", "3", "--out", out,
+                 *[a for a in SMALL if a != "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert "with torch (cpu, float32) ->" in r.stderr and "cuda (cpu" not in r.stderr
+    assert r.stdout.splitlines()[-1] == f"loss plot: {out / 'loss.png'}"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((out / "run.json").read_text())
+    assert run["env"]["backend"]["backend"] == "cuda"  # the registry name: checkpoints resume under either name
+
+
+def test_paired_run_ends_with_both_arms_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "paired"
+    r = diffattn("paired", "--backend", "numpy", "--steps", "2", "--eval-every", "2", "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"loss plot: {out / 'loss.png'}"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
