@@ -16,6 +16,10 @@ tokens/s over its vanilla twin's in the same run (higher is better; target 5 wan
 stage1) and the allocator's peak device bytes (over the timed steps; for a step replayed as a CUDA
 graph, over its eager warm-up and recording, as train_step_table.py counts it: replays allocate
 nothing. At d22ba4d, the first commit with stage1, the graph rows counted the replays only).
+tokens/s is tokens per step over the median of the same `_Case.step` that time_train_step times,
+refused (a failure, no number) where the loop's own wall clock disagrees with that median beyond
+the samples' noise (_common.median_seconds); `diffattn report` cross-checks it against
+time_train_step, which asv measures in other processes (docs/benchmarks.md, "Trusting a figure").
 """
 from . import _common as C
 
