@@ -275,25 +275,33 @@ class Untrusted(RuntimeError):
 
 
 TRUST_FLOOR = 0.10  # disagreement always allowed: a stable step's mean sits a few % above its median
+# Work on a CPU keeps at least one core busy: a process that ran less than half the loop's wall
+# time was waiting for cores other processes held, and its timing measures them.
+MIN_CPU_SHARE = 0.5
 
 
 def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100,
-                   clock=time.perf_counter) -> float:
+                   on_cpu: bool = False, clock=time.perf_counter, cpu_clock=time.process_time) -> float:
     """Median wall time of fn() with a sync after every call, after one untimed warm-up call.
     Runs at least min_reps and stops at max_reps or once budget_s is spent.
 
     Cross-checked before it is returned: the loop's own wall time over its calls (what a
     throughput over the whole loop would say) must agree with the median within
-    max(TRUST_FLOOR, 2 x the samples' interquartile range over their median); otherwise
-    Untrusted (measure_all records it, and the track reports a failure instead of a number)."""
+    max(TRUST_FLOOR, 2 x the samples' interquartile range over their median), and work `on_cpu`
+    must have had this process running for MIN_CPU_SHARE of the loop; otherwise Untrusted
+    (measure_all records it, and the track reports a failure instead of a number)."""
     sync(fn())
     times = []
-    start = clock()
+    start, cpu_start = clock(), cpu_clock()
     while len(times) < max_reps and (len(times) < min_reps or clock() - start < budget_s):
         t0 = clock()
         sync(fn())
         times.append(clock() - t0)
-    check_timings(times, clock() - start)
+    wall, cpu = clock() - start, cpu_clock() - cpu_start
+    check_timings(times, wall)
+    if on_cpu and not cpu >= MIN_CPU_SHARE * wall:
+        raise Untrusted(f"the process ran {cpu / wall:.0%} of the timed loop's wall time ({len(times)} calls): "
+                        "other processes held the cores")
     return statistics.median(times)
 
 

@@ -71,18 +71,39 @@ def test_check_timings_allows_disagreement_up_to_twice_the_measured_spread():
         C.check_timings([1.0] * 5, total=5 * 1.2)
 
 
+def test_median_seconds_on_a_cpu_refuses_a_loop_the_process_mostly_waited_through():
+    """Ten 10 ms calls of which the process ran 4 ms each: 40% of the wall time, under the 50%
+    that CPU work keeps; the same loop on a GPU (the host waits on the device) is reported."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    def run(on_cpu):
+        clock = _ScriptedClock([0.01] * 11, cpu_share=0.4)
+        return C.median_seconds(clock.call, lambda _: None, budget_s=1e9, max_reps=10, on_cpu=on_cpu, clock=clock,
+                                cpu_clock=clock.cpu)
+
+    with pytest.raises(C.Untrusted, match="the process ran 40% of the timed loop's wall time"):
+        run(on_cpu=True)
+    assert run(on_cpu=False) == pytest.approx(0.01)
+
+
 class _ScriptedClock:
     """A clock that only moves inside call(): each call takes the next of `durations` (the first
     is median_seconds' untimed warm-up)."""
 
-    def __init__(self, durations):
-        self.now, self.durations = 0.0, iter(durations)
+    def __init__(self, durations, cpu_share=1.0):
+        self.now, self.cpu_now, self.durations, self.cpu_share = 0.0, 0.0, iter(durations), cpu_share
 
     def __call__(self):
         return self.now
 
+    def cpu(self):
+        return self.cpu_now
+
     def call(self):
-        self.now += next(self.durations)
+        step = next(self.durations)
+        self.now += step
+        self.cpu_now += self.cpu_share * step
 
 
 @pytest.mark.slow
