@@ -91,6 +91,7 @@ def results(tmp_path_factory):
     return repo, commits
 
 
+@pytest.mark.slow
 def test_load_results_reads_every_machine_commit_and_combination(results):
     repo, commits = results
     df = report.load_results(repo / "results")
@@ -105,6 +106,7 @@ def test_load_results_reads_every_machine_commit_and_combination(results):
     assert set(df[df["name"] == "track_seconds"]["higher_is_better"]) == {False}
 
 
+@pytest.mark.slow
 def test_side_by_side_gain_follows_direction(results):
     repo, _ = results
     new = report.latest(report.load_results(repo / "results"))
@@ -118,6 +120,7 @@ def test_side_by_side_gain_follows_direction(results):
     assert diff["gain diff/vanilla"].to_numpy() == pytest.approx([0.8] * len(diff))
 
 
+@pytest.mark.slow
 def test_machine_table_puts_machines_side_by_side(results):
     repo, _ = results
     table = report.machine_table(report.latest(report.load_results(repo / "results")))
@@ -127,6 +130,7 @@ def test_machine_table_puts_machines_side_by_side(results):
     assert (tf["gpu-b"] / tf["cpu-a"]).to_numpy() == pytest.approx([100 / 1.2] * len(tf))
 
 
+@pytest.mark.slow
 def test_history_flags_only_changes_for_the_worse_beyond_threshold(results):
     repo, commits = results
     df = report.load_results(repo / "results")
@@ -142,6 +146,7 @@ def test_history_flags_only_changes_for_the_worse_beyond_threshold(results):
     assert report.history(df, threshold=0.5)[1].empty
 
 
+@pytest.mark.slow
 def test_main_prints_tables_and_writes_plots(results, tmp_path, capsys):
     repo, _ = results
     run = tmp_path / "paired"
@@ -194,6 +199,7 @@ def test_committed_results_report_has_a_gpu_machine_with_both_backends():
     assert "machine vs machine" in text and "h100-sxm" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_COMMITTED, reason="no committed asv results")
 def test_asv_publish_succeeds_on_committed_results(tmp_path):
     conf = json.loads("\n".join(l for l in (ROOT / "asv.conf.json").read_text().splitlines()
@@ -228,7 +234,7 @@ def test_contradictions_flag_issue_25s_pair_and_pass_consistent_figures():
     flagged = contradictions(bad, threshold=0.1)
     assert len(flagged) == 1
     row = flagged.iloc[0]
-    assert row["pair"] == "diff/vanilla (backend=torch, preset=tiny)"
+    assert row["pair"] == "diff/vanilla torch tiny"
     assert row["throughput says"] == f"{42826.96 / 592.55:.3g}x" and row["time says"] == f"{0.0144 / 0.0215:.3g}x"
     # 512 tokens a step: tokens/s x seconds = 512 for both (within 5% and 10% + noise allowed)
     good = _training_rows({("torch", "vanilla"): (512 / 0.0100, 0.0100, 0.02),
