@@ -123,7 +123,10 @@ def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
     if not head:
         pytest.skip("not a git checkout")
     assert _asv(tmp_path, "machine", "--machine", "ci-cpu", "--yes").returncode == 0
-    r = _asv(tmp_path, "run", "--python=same", "--quick", "--machine", "ci-cpu", "--set-commit-hash", head)
+    r = _asv(tmp_path, "run", "--python=same", "--quick", "--show-stderr", "--machine", "ci-cpu", "--set-commit-hash",
+             head)
+    if "Untrusted:" in r.stdout + r.stderr:  # the guard refused timings: other processes held the cores
+        pytest.skip("this machine was too busy to measure: " + (r.stdout + r.stderr).split("Untrusted:")[1][:160])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     files = list((tmp_path / "results" / "ci-cpu").glob(f"{head[:8]}-*.json"))
     assert len(files) == 1
