@@ -65,6 +65,7 @@ def test_stop_then_resume_equals_one_straight_run(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
 def test_resume_from_a_checkpoint_of_the_other_backend(tmp_path):
     r = diffattn("train", "--backend", "mlx", "--steps", "8", "--eval-every", "4", "--stop-after", "4",
@@ -125,6 +126,7 @@ def test_eval_rejects_a_task_it_lacks(tmp_path):
     assert r.returncode == 2 and "--task 'no-such-task'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
 def test_agree_tiny_50_steps_within_tolerance():
     r = diffattn("agree", "--preset", "tiny", "--steps", "50", "--json")
