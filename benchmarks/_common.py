@@ -17,6 +17,16 @@ import platform
 import statistics
 import time
 
+# torch's CPU build runs every parallel region on an OpenMP team of one thread per core whose
+# threads spin at the region's barrier. On a shared 2-core machine any other process then turns
+# each of a training step's hundreds of barriers into lost time slices: a tiny-preset step read
+# 972 ms instead of 54 (one thread) or 30 (passive wait) under the same load, and the slowdown
+# comes and goes with the other load, so two figures of one combination taken at different moments
+# disagreed 72x (docs/benchmarks.md, "Trusting a figure"). Waiting passively keeps both threads and
+# loses nothing on an idle machine. Set before any framework loads: benchmark processes import
+# torch in setup, after this module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 BACKENDS = ("mlx", "torch")  # the two stacks; "torch" is diffattn.backend.load("cuda", ...)
 REGISTRY_NAME = {"mlx": "mlx", "torch": "cuda"}
 FRAMEWORK = {"mlx": "mlx", "torch": "torch"}
@@ -259,17 +269,55 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100) -> float:
+class Untrusted(RuntimeError):
+    """Two timings of the same calls in one process disagree by more than their measured noise:
+    the machine's load changed under the measurement, and no figure is reported."""
+
+
+TRUST_FLOOR = 0.10  # disagreement always allowed: a stable step's mean sits a few % above its median
+# Work on a CPU keeps at least one core busy: a process that ran less than half the loop's wall
+# time was waiting for cores other processes held, and its timing measures them.
+MIN_CPU_SHARE = 0.5
+
+
+def median_seconds(fn, sync, budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 100,
+                   on_cpu: bool = False, clock=time.perf_counter, cpu_clock=time.process_time) -> float:
     """Median wall time of fn() with a sync after every call, after one untimed warm-up call.
-    Runs at least min_reps and stops at max_reps or once budget_s is spent."""
+    Runs at least min_reps and stops at max_reps or once budget_s is spent.
+
+    Cross-checked before it is returned: the loop's own wall time over its calls (what a
+    throughput over the whole loop would say) must agree with the median within
+    max(TRUST_FLOOR, 2 x the samples' interquartile range over their median), and work `on_cpu`
+    must have had this process running for MIN_CPU_SHARE of the loop; otherwise Untrusted
+    (measure_all records it, and the track reports a failure instead of a number)."""
     sync(fn())
     times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+    start, cpu_start = clock(), cpu_clock()
+    while len(times) < max_reps and (len(times) < min_reps or clock() - start < budget_s):
+        t0 = clock()
         sync(fn())
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
+    wall, cpu = clock() - start, cpu_clock() - cpu_start
+    check_timings(times, wall)
+    if on_cpu and not cpu >= MIN_CPU_SHARE * wall:
+        raise Untrusted(f"the process ran {cpu / wall:.0%} of the timed loop's wall time ({len(times)} calls): "
+                        "other processes held the cores")
     return statistics.median(times)
+
+
+def check_timings(times: list[float], total: float) -> dict:
+    """{"median", "mean_over_loop", "noise"} of per-call samples and the loop's total wall time;
+    raises Untrusted when the two per-call figures disagree by more than the noise allows."""
+    median = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) >= 2 else (median, median, median)
+    noise = (q3 - q1) / median if median > 0 else float("inf")
+    over_loop = total / len(times)
+    allowed = max(TRUST_FLOOR, 2 * noise)
+    if not abs(over_loop / median - 1) <= allowed:
+        raise Untrusted(f"{len(times)} calls: median {median * 1e3:.3g} ms but {over_loop * 1e3:.3g} ms per call "
+                        f"over the loop ({over_loop / median:.2f}x; noise {noise:.0%}, allowed {allowed:.0%}): "
+                        "the machine's load changed during the measurement")
+    return {"median": median, "mean_over_loop": over_loop, "noise": noise}
 
 
 def cached_entry(cache: dict, key: tuple):

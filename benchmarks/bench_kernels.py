@@ -136,9 +136,9 @@ class Attention:
 def _measure(backend, impl, variant, shape):
     case = _Case(backend, impl, variant, shape)
     rt = case.rt
-    fwd = C.median_seconds(case.forward, rt.sync)
+    fwd = C.median_seconds(case.forward, rt.sync, on_cpu=not rt.gpu)
     rt.reset_peak_memory()
-    fwd_bwd = C.median_seconds(case.forward_backward, rt.sync)
+    fwd_bwd = C.median_seconds(case.forward_backward, rt.sync, on_cpu=not rt.gpu)
     peak = rt.peak_memory()
     flops = case.forward_flops()
     return {"tflops_forward": flops / fwd / 1e12, "tflops_forward_backward": C.FWD_BWD_FACTOR * flops / fwd_bwd / 1e12,

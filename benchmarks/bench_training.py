@@ -16,6 +16,10 @@ tokens/s over its vanilla twin's in the same run (higher is better; target 5 wan
 stage1) and the allocator's peak device bytes (over the timed steps; for a step replayed as a CUDA
 graph, over its eager warm-up and recording, as train_step_table.py counts it: replays allocate
 nothing. At d22ba4d, the first commit with stage1, the graph rows counted the replays only).
+tokens/s is tokens per step over the median of the same `_Case.step` that time_train_step times,
+refused (a failure, no number) where the loop's own wall clock disagrees with that median beyond
+the samples' noise, or, on a CPU, where other processes held the cores (_common.median_seconds); `diffattn report` cross-checks it against
+time_train_step, which asv measures in other processes (docs/benchmarks.md, "Trusting a figure").
 """
 from . import _common as C
 
@@ -98,7 +102,7 @@ def _measure(backend, variant, preset):
     rt = case.rt
     if not graphs:  # the steady state, after the first step's compile / autotune
         rt.reset_peak_memory()
-    seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30)
+    seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30, on_cpu=not rt.gpu)
     out = {"tokens_per_second": case.tokens_per_step / seconds, "device_peak_bytes": rt.peak_memory()}
     try:
         flops = C.train_flops_per_token(case.cfg, case.seqlen) * out["tokens_per_second"]

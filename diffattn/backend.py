@@ -3,7 +3,7 @@
 The harness, paired runs, conformance and benchmarks talk only to this interface; a backend
 never reimplements the loop. Everything crossing it is numpy.
 
-    backend = diffattn.backend.load("mlx" | "cuda" | "numpy", device=..., dtype=..., kernels=...)
+    backend = diffattn.backend.load("mlx" | "cuda" (alias "torch") | "numpy", device=..., dtype=..., kernels=...)
     model = backend.build(model_config, params, optim=AdamWConfig())
 
 Batches are int arrays of shape (B, L+1): inputs batch[:, :-1], targets batch[:, 1:].
@@ -30,6 +30,15 @@ REGISTRY = {
     "mlx": ("diffattn.backends.mlx", "mlx", "mlx.core"),
     "cuda": ("diffattn.backends.cuda", "cuda", "torch"),
 }
+# other names a backend answers to: the PyTorch backend runs on a CPU as well as on CUDA
+ALIASES = {"torch": "cuda"}
+FRAMEWORK_NAME = {"numpy": "numpy", "mlx": "mlx", "cuda": "torch"}
+
+
+def describe_short(backend) -> str:
+    """What runs, on what, in what precision, e.g. "torch (cpu, float32)" for the PyTorch backend
+    on a CPU: the framework's name, never the registry's "cuda" for a CPU run."""
+    return f"{FRAMEWORK_NAME.get(backend.name, backend.name)} ({backend.device}, {backend.dtype})"
 
 
 class BackendError(RuntimeError):
@@ -84,8 +93,9 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
     dtype None means the backend's default (numpy: float64, mlx and cuda: float32). compile and
     graphs are the cuda backend's (torch.compile'd blocks; the training step replayed as a CUDA
     graph); they change speed, not the math."""
+    name = ALIASES.get(name, name)
     if name not in REGISTRY:
-        raise BackendError(f"unknown backend {name!r}, expected one of {tuple(REGISTRY)}")
+        raise BackendError(f"unknown backend {name!r}, expected one of {tuple(REGISTRY) + tuple(ALIASES)}")
     if dtype is not None and dtype not in DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}, expected one of {DTYPES}")
     if kernels not in KERNELS:

@@ -1,6 +1,6 @@
 """The `diffattn` command.
 
-    diffattn train --backend mlx|cuda|numpy [--preset tiny] [--attention diff] [--data builtin:pydoc]
+    diffattn train --backend torch|mlx|numpy [--preset tiny] [--attention diff] [--data builtin:pydoc]
                    [--steps N | --tokens N | --minutes M] [--out DIR] [--resume] [--json]
     diffattn paired --backend ... [same options]      DIFF vs its vanilla twin, paired init
     diffattn paired ... --seeds 0-7 [--resume]        one pair of twins per seed, intervals over seeds
@@ -57,7 +57,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> None:
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", required=backend_required, help="numpy | mlx | cuda")
+    g.add_argument("--backend", required=backend_required,
+                   help="torch (PyTorch, CPU or CUDA; also named cuda) | mlx | numpy")
     g.add_argument("--device", default=None, help="cpu | gpu | cuda (backend default if omitted)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (backend default if omitted)")
     g.add_argument("--kernels", default="auto", help="auto | fused | composed | naive")
@@ -311,13 +312,27 @@ def _fmt(v, spec=".4f"):
     return "n/a" if v is None else format(v, spec)
 
 
+def _plot_losses(out: Path) -> None:
+    """The run's loss curves as out/loss.png (a paired folder: both arms on one plot), and where
+    it went; without matplotlib (the bench extra) a line saying so."""
+    from diffattn import report
+
+    try:
+        path = report.plot_run(out, out / "loss.png")
+    except ImportError:
+        print("loss plot: not drawn, matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    print(f"loss plot: {path}")
+
+
 def cmd_train(args) -> int:
     from diffattn import harness
+    from diffattn.backend import describe_short
 
     backend, data, cfg, tcfg, out, budget, resume_from = _prepare(args, "train")
     if not args.no_progress:
         print(f"training {cfg.attention} ({_pick(args, 'preset')}, {cfg.num_params():,} params) on "
-              f"{data.name} with {backend.name} ({backend.device}, {backend.dtype}) -> {out}", file=sys.stderr)
+              f"{data.name} with {describe_short(backend)} -> {out}", file=sys.stderr)
     s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget,
                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
                       extra_manifest={"preset": _pick(args, "preset")})
@@ -328,6 +343,7 @@ def cmd_train(args) -> int:
         line += f" | accuracy {s['accuracy']:.4f}"
     print(line)
     print(f"run folder: {out}")
+    _plot_losses(out)
     if args.json:
         summary = {k: v for k, v in s.items() if k != "losses"}
         print(json.dumps({"command": "train", **summary}, sort_keys=True))
@@ -345,6 +361,7 @@ def cmd_paired(args) -> int:
                           resume=args.continue_paired, budget_s=budget, progress=not args.no_progress)
     print(paired.format_paired(r))
     print(f"run folder: {out}")
+    _plot_losses(out)
     if args.json:
         print(json.dumps({"command": "paired", **r}, sort_keys=True))
     return 0

@@ -1,11 +1,14 @@
 """`diffattn report`: asv results (every machine, every commit) and run logs as tables and plots.
 
-    diffattn report [--results DIR] [--threshold 0.1] [--plots DIR | --no-plots] [--runs DIR ...]
+    diffattn report [--full] [--results DIR] [--threshold 0.1] [--plots DIR | --no-plots] [--runs DIR ...]
     diffattn report --paired DIR [DIR ...] [--plots DIR]    loss and delta by position of paired runs
 
 Reads asv's results JSON directly (schema version 2: machine folders of
 `<commit>-<env>.json` files beside `benchmarks.json`) into one long pandas table, one row per
-(machine, commit, benchmark, parameter combination), and prints:
+(machine, commit, benchmark, parameter combination). By default it prints one screen
+(diffattn.report_summary: the best figure of every benchmark at each machine's newest commit,
+regressions beyond the threshold and measured noise, pairs of figures that contradict each
+other, where the plots went); with --full:
 
 - side-by-side tables of the newest commit of each machine: MLX vs PyTorch, fused vs composed
   (vs naive), DIFF vs vanilla, and machine vs machine;
@@ -110,13 +113,15 @@ def load_results(results_dir) -> "pandas.DataFrame":
                 combos = _combinations(param_lists)
                 if not isinstance(values, list):
                     values = [values]
-                for combo, value in zip(combos, values):
+                q25, q75 = (rec.get(k) or [None] * len(values) for k in ("stats_q_25", "stats_q_75"))
+                for combo, value, lo, hi in zip(combos, values, q25, q75):
                     row = {"machine": machine, "commit": data["commit_hash"], "date": date, "run_at": run_at,
                            "env": data.get("env_name"), "benchmark": bench,
                            "suite": bench.rsplit(".", 1)[0], "name": bench.rsplit(".", 1)[-1],
                            "kind": info.get("type"), "unit": info.get("unit"),
                            "params": ", ".join(f"{n}={v}" for n, v in zip(names, combo)),
-                           "value": float("nan") if value is None else float(value)}
+                           "value": float("nan") if value is None else float(value),
+                           "noise": _noise(value, lo, hi)}
                     row.update(dict(zip(names, combo)))
                     rows.append(row)
     if not rows:
@@ -127,6 +132,14 @@ def load_results(results_dir) -> "pandas.DataFrame":
         if c not in df:
             df[c] = None
     return df
+
+
+def _noise(value, q25, q75) -> float:
+    """The interquartile range of a time_ benchmark's samples over its median (asv keeps the
+    quartiles of time_ benchmarks only); 0 where asv kept none (track_ figures, --quick runs)."""
+    if value is None or q25 is None or q75 is None or not value > 0:
+        return 0.0
+    return float((q75 - q25) / value)
 
 
 def commit_order(df):
@@ -188,8 +201,9 @@ def machine_table(df):
 
 def history(df, threshold: float):
     """Per machine, benchmark and parameters: values by commit (oldest first) and, where the
-    newest commit is worse than the one before by more than `threshold` (relative, in the
-    benchmark's direction), a regression flag. Returns (wide history table, regressions)."""
+    newest commit is worse than the one before by more than `threshold` plus the two figures'
+    measured noise (relative, in the benchmark's direction), a regression flag. Returns (wide
+    history table, regressions)."""
     import pandas as pd
 
     d = df[df["value"].notna()].merge(commit_order(df), on=["machine", "commit"])
@@ -197,6 +211,7 @@ def history(df, threshold: float):
     for (machine, bench, params), g in d.groupby(["machine", "benchmark", "params"], sort=True):
         g = g.sort_values("rank")
         values = list(zip(g["commit"].str[:8], g["value"]))
+        noise = list(g["noise"])
         higher = bool(g["higher_is_better"].iloc[0])
         row = {"machine": machine, "benchmark": bench, "params": params, "unit": g["unit"].iloc[0],
                "commits": len(values), "values": " -> ".join(_fmt(v, g["unit"].iloc[0]) for _, v in values)}
@@ -205,7 +220,7 @@ def history(df, threshold: float):
             change = (new - prev) / abs(prev) if prev else float("nan")
             worse = -change if higher else change
             row["change"] = change
-            if worse > threshold:
+            if worse > threshold + noise[-2] + noise[-1]:  # beyond the threshold and both figures' noise
                 row["flag"] = "REGRESSION"
                 regressions.append({**row, "from": c_prev, "to": c_new, "previous": prev, "newest": new})
         rows.append(row)
@@ -309,29 +324,20 @@ def read_metrics(run_dir) -> tuple[list, list]:
 
 def plot_runs(run_dirs, out_dir) -> list[Path]:
     """Loss curves: a paired run folder (diff/ and vanilla/ inside) gives both arms on one plot."""
-    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for run in map(Path, run_dirs):
-        arms = [(f"{f.parent.name} {f.name}", f) for f in sorted(run.glob("seed_*/*"))
-                if (f / "metrics.jsonl").is_file()]  # a paired run: seed_S/diff, seed_S/vanilla
-        arms = arms or [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] \
-            or [(run.name, run)]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for label, arm in arms:
-            train, evals = read_metrics(arm)
-            line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{label} train")
-            if evals:
-                ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
-                        label=f"{label} val")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        kind = "paired" if len(arms) > 1 else "run"
-        ax.set_title(f"{kind} run {run}", fontsize=9)
-        ax.legend(fontsize=8)
-        written.append(_save(plt, fig, out_dir / f"{kind}_{_safe(run.name)}.png"))
+        written.append(plot_run(run, out_dir / f"{'paired' if _arms(run)[1:] else 'run'}_{_safe(run.name)}.png"))
     return written
+
+
+def _arms(run: Path) -> list:
+    """(label, folder) of each training run in a run folder: a paired run's seed_S/diff and
+    seed_S/vanilla (or diff/ and vanilla/), else the folder itself."""
+    arms = [(f"{f.parent.name} {f.name}", f) for f in sorted(run.glob("seed_*/*")) if (f / "metrics.jsonl").is_file()]
+    return arms or [(a, run / a) for a in ("diff", "vanilla") if (run / a / "metrics.jsonl").is_file()] \
+        or [(run.name, run)]
 
 
 def plot_paired(paired_dirs, out_dir) -> list[Path]:
@@ -368,6 +374,25 @@ def plot_paired(paired_dirs, out_dir) -> list[Path]:
     return written
 
 
+def plot_run(run, path) -> Path:
+    """One run folder's training loss (and eval) curves as a PNG at `path`."""
+    plt = _pyplot()
+    run = Path(run)
+    arms = _arms(run)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, arm in arms:
+        train, evals = read_metrics(arm)
+        line, = ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"{label} train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
+                    label=f"{label} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{'paired run' if len(arms) > 1 else 'run'} {run}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, Path(path))
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 def build_report(df, threshold: float) -> str:
@@ -397,10 +422,13 @@ def build_report(df, threshold: float) -> str:
 
 
 def main(argv=None) -> int:
+    from diffattn.report_summary import build_summary, contradictions
+
     p = argparse.ArgumentParser(prog="diffattn report", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=None, help=f"asv results folder (default: asv.conf.json's results_dir, "
                    f"else {DEFAULT_RESULTS})")
     p.add_argument("--threshold", type=float, default=0.10, help="relative change flagged as a regression (0.10)")
+    p.add_argument("--full", action="store_true", help="every table and the whole history, not the one-screen summary")
     p.add_argument("--plots", default="benchmarks/plots", help="folder for PNG plots (benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="print tables only")
     p.add_argument("--runs", nargs="*", default=[], help="run folders (train or paired) to plot loss curves of")
@@ -415,13 +443,22 @@ def main(argv=None) -> int:
             return 0
         if not args.threshold > 0:
             raise ReportError(f"--threshold must be positive, got {args.threshold}")
-        df = load_results(args.results or _results_dir_from_config())
-        print(build_report(df, args.threshold))
+        results = args.results or _results_dir_from_config()
+        df = load_results(results)
+        if args.full:
+            print(build_report(df, args.threshold))
+            print(format_table(contradictions(df, args.threshold),
+                               "CONTRADICTIONS: throughput and time ratios of a pair disagree (every commit)"))
+        else:
+            print(build_summary(df, args.threshold, results))
         if args.csv:
             df.to_csv(args.csv, index=False)
         if not args.no_plots:
             written = plot_history(df, args.plots) + plot_runs(args.runs, args.plots)
-            print(f"wrote {len(written)} plot(s) to {args.plots}")
+            print(f"\nplots: {len(written)} PNG file(s) in {Path(args.plots).resolve()} "
+                  "(history_<machine>_<benchmark>.png; run_*/paired_* for --runs)")
+        if not args.full:
+            print("full tables and history: diffattn report --full")
     except (ReportError, ImportError) as e:
         print(f"diffattn report: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

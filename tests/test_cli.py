@@ -65,6 +65,7 @@ def test_stop_then_resume_equals_one_straight_run(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
 def test_resume_from_a_checkpoint_of_the_other_backend(tmp_path):
     r = diffattn("train", "--backend", "mlx", "--steps", "8", "--eval-every", "4", "--stop-after", "4",
@@ -125,6 +126,7 @@ def test_eval_rejects_a_task_it_lacks(tmp_path):
     assert r.returncode == 2 and "--task 'no-such-task'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (have("mlx") and have("cuda")), reason="needs both the mlx and the cuda backends")
 def test_agree_tiny_50_steps_within_tolerance():
     r = diffattn("agree", "--preset", "tiny", "--steps", "50", "--json")
@@ -247,3 +249,26 @@ def test_tokenize_writes_shards_that_train_with_exact_bpb(tmp_path):
     assert json.loads(r.stdout.splitlines()[-1])["val_bpb"] is not None
     r = diffattn("tokenize", "--data", "builtin:pydoc", "--out", tmp_path / "shards")
     assert r.returncode == 2 and "already holds token shards" in r.stderr
+
+
+@pytest.mark.skipif(not have("cuda"), reason="PyTorch not installed")
+def test_torch_names_the_pytorch_backend_and_its_device_and_the_run_ends_with_its_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    r = diffattn("train", "--backend", "torch", "--device", "cpu", "--steps", "3", "--eval-every", "3", "--out", out,
+                 *[a for a in SMALL if a != "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert "with torch (cpu, float32) ->" in r.stderr and "cuda (cpu" not in r.stderr
+    assert r.stdout.splitlines()[-1] == f"loss plot: {out / 'loss.png'}"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((out / "run.json").read_text())
+    assert run["env"]["backend"]["backend"] == "cuda"  # the registry name: checkpoints resume under either name
+
+
+def test_paired_run_ends_with_both_arms_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "paired"
+    r = diffattn("paired", "--backend", "numpy", "--steps", "2", "--eval-every", "2", "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"loss plot: {out / 'loss.png'}"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -91,6 +91,7 @@ def test_conformance_catches_a_lambda_off_by_1e3(monkeypatch):
     assert failed == {"v1_gqa", "v1_mha", "v1_naive_mha"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton for the interpreter")
 @pytest.mark.skipif(not os.path.exists("backends/cuda/ops/diff_v1/fused.py"), reason="fused ops not in this tree yet")
 def test_fixture_conformance_fused_under_the_triton_interpreter(unseen):
@@ -118,6 +119,7 @@ for attention in ("diff", "diff_v2"):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton for the interpreter")
 def test_tiny_model_with_fused_kernels_under_the_triton_interpreter():
     r = subprocess.run([sys.executable, "-c", FUSED_TINY_MODEL], capture_output=True, text=True,

@@ -511,6 +511,7 @@ def test_fused_interpreted_float16(variant):
     assert_close(check(variant, "fused", 1, 37, 2, 1, 16, torch.float16), torch.float16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["vanilla", "diff_v1", "diff_v2"])
 def test_composed_traces_whole_under_dynamic_shapes(variant):
     """With every dim symbolic (as torch.compile makes them after a shape change) the composed path
@@ -542,6 +543,7 @@ def test_fused_traces_under_torch_compile(variant):
         assert rel(a.double(), b.double().numpy()) <= 1e-6
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])

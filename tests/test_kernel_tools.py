@@ -72,6 +72,7 @@ def json_of_fresh_process(code):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_kernel_compiles_for_sm90_and_every_column_is_read():
     row = json_of_fresh_process("import kernels_resources as kr; "
                                 "print(json.dumps(kr.resources('dq', 'diff_v2', 64, (64, 64, 4, 2), tma=False, arch=90)))")
@@ -152,6 +153,7 @@ def test_table_ratios_take_the_fastest_composed_backend_per_timing():
     assert fused["graph_vs_best_composed"] == pytest.approx(1.2 / 0.9)
 
 
+@pytest.mark.slow
 def test_the_compiled_composed_path_competes_for_best_composed():
     """Every composed impl the GPU table times, torch.compile's among them, is a candidate for
     "best composed": here the compiled one is fastest, so the fused row is judged against it."""
@@ -221,6 +223,7 @@ def test_tiles_option_overrides_the_tuned_tile_and_refuses_a_malformed_one(monke
             ks.apply_tiles(bad)
 
 
+@pytest.mark.slow
 def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path):
     """--kernel-options sets paired_softmax.OPTIONS for the run (an A/B of a launch option in one
     call) and the header says which; an option paired_softmax lacks stops the run. The smoke mode

@@ -81,6 +81,7 @@ def test_composed_and_naive_match_the_oracle(shape):
         assert rel(diff_v1_naive(q, k, v, lam), ref) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA build is compiled on the GPU only")
 @pytest.mark.parametrize("dtype,d", [("float", 8), ("__nv_bfloat16", 128)])
 def test_cuda_build_compiles_with_nvcc(tmp_path, dtype, d):

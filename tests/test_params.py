@@ -73,3 +73,19 @@ def test_mismatched_file_names_the_offending_tensor(tmp_path):
         save_params(path, small, params)
     with pytest.raises(ParamsError, match="unexpected tensor"):
         load_params(path, small.twin("vanilla"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_file_the_umasks_permissions(tmp_path, umask, mode):
+    """As open() would: 0666 less the umask (mkstemp's 0600 belongs to the temporary only)."""
+    import os
+    import stat
+
+    from diffattn.params import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode

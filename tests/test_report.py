@@ -91,6 +91,7 @@ def results(tmp_path_factory):
     return repo, commits
 
 
+@pytest.mark.slow
 def test_load_results_reads_every_machine_commit_and_combination(results):
     repo, commits = results
     df = report.load_results(repo / "results")
@@ -105,6 +106,7 @@ def test_load_results_reads_every_machine_commit_and_combination(results):
     assert set(df[df["name"] == "track_seconds"]["higher_is_better"]) == {False}
 
 
+@pytest.mark.slow
 def test_side_by_side_gain_follows_direction(results):
     repo, _ = results
     new = report.latest(report.load_results(repo / "results"))
@@ -118,6 +120,7 @@ def test_side_by_side_gain_follows_direction(results):
     assert diff["gain diff/vanilla"].to_numpy() == pytest.approx([0.8] * len(diff))
 
 
+@pytest.mark.slow
 def test_machine_table_puts_machines_side_by_side(results):
     repo, _ = results
     table = report.machine_table(report.latest(report.load_results(repo / "results")))
@@ -127,6 +130,7 @@ def test_machine_table_puts_machines_side_by_side(results):
     assert (tf["gpu-b"] / tf["cpu-a"]).to_numpy() == pytest.approx([100 / 1.2] * len(tf))
 
 
+@pytest.mark.slow
 def test_history_flags_only_changes_for_the_worse_beyond_threshold(results):
     repo, commits = results
     df = report.load_results(repo / "results")
@@ -142,6 +146,7 @@ def test_history_flags_only_changes_for_the_worse_beyond_threshold(results):
     assert report.history(df, threshold=0.5)[1].empty
 
 
+@pytest.mark.slow
 def test_main_prints_tables_and_writes_plots(results, tmp_path, capsys):
     repo, _ = results
     run = tmp_path / "paired"
@@ -151,7 +156,7 @@ def test_main_prints_tables_and_writes_plots(results, tmp_path, capsys):
         lines.append({"kind": "eval", "step": 3, "val_loss": losses[-1]})
         (run / arm / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     plots = tmp_path / "plots"
-    code = report.main(["--results", str(repo / "results"), "--plots", str(plots), "--runs", str(run)])
+    code = report.main(["--full", "--results", str(repo / "results"), "--plots", str(plots), "--runs", str(run)])
     out = capsys.readouterr().out
     assert code == 0
     for title in ("MLX vs PyTorch", "fused vs composed", "diff vs vanilla", "machine vs machine",
@@ -194,6 +199,7 @@ def test_committed_results_report_has_a_gpu_machine_with_both_backends():
     assert "machine vs machine" in text and "h100-sxm" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_COMMITTED, reason="no committed asv results")
 def test_asv_publish_succeeds_on_committed_results(tmp_path):
     conf = json.loads("\n".join(l for l in (ROOT / "asv.conf.json").read_text().splitlines()
@@ -207,3 +213,53 @@ def test_asv_publish_succeeds_on_committed_results(tmp_path):
     index = json.loads((tmp_path / "html" / "index.json").read_text())
     measured = {p.parent.name for p in COMMITTED.glob("*/*.json") if p.name != "machine.json"}
     assert set(index["params"]["machine"]) == measured
+
+
+def _training_rows(figures, machine="cpu", commit="c" * 40):
+    """Long-table rows of one commit: figures = {(backend, variant): (tokens/s, step seconds, step noise)}."""
+    rows = []
+    for (backend, variant), (tps, seconds, noise) in figures.items():
+        for bench, value, n in (("bench_training.TrainThroughput.track_tokens_per_second", tps, 0.0),
+                                ("bench_training.TrainStep.time_train_step", seconds, noise)):
+            rows.append({"machine": machine, "commit": commit, "benchmark": bench, "value": value, "noise": n,
+                         "backend": backend, "variant": variant, "preset": "tiny", "impl": None, "shape": None})
+    return pd.DataFrame(rows)
+
+
+def test_contradictions_flag_issue_25s_pair_and_pass_consistent_figures():
+    from diffattn.report_summary import contradictions
+
+    # issue 25's run: tokens/s said DIFF 72x vanilla, time_train_step said DIFF 0.67x as fast
+    bad = _training_rows({("torch", "vanilla"): (592.55, 0.0144, 0.02), ("torch", "diff"): (42826.96, 0.0215, 0.02)})
+    flagged = contradictions(bad, threshold=0.1)
+    assert len(flagged) == 1
+    row = flagged.iloc[0]
+    assert row["pair"] == "diff/vanilla torch tiny"
+    assert row["throughput says"] == f"{42826.96 / 592.55:.3g}x" and row["time says"] == f"{0.0144 / 0.0215:.3g}x"
+    # 512 tokens a step: tokens/s x seconds = 512 for both (within 5% and 10% + noise allowed)
+    good = _training_rows({("torch", "vanilla"): (512 / 0.0100, 0.0100, 0.02),
+                           ("torch", "diff"): (512 / 0.0125 * 1.05, 0.0125, 0.02)})
+    assert contradictions(good, threshold=0.1).empty
+    # the same 5% at a 1% threshold is beyond 1% + 2 x 2% noise: flagged
+    assert len(contradictions(good, threshold=0.01)) == 1
+
+
+def test_regression_needs_more_than_the_figures_measured_noise():
+    d = pd.concat([_training_rows({("torch", "vanilla"): (5.0, 0.010, 0.2)}, commit="a" * 40),
+                   _training_rows({("torch", "vanilla"): (5.0, 0.013, 0.2)}, commit="b" * 40)])
+    d = d.assign(date=pd.Timestamp("2026-01-01", tz="UTC"), run_at=[pd.Timestamp(i, unit="s", tz="UTC")
+                                                                    for i in range(len(d))],
+                 unit="seconds", higher_is_better=False, params="backend=torch, variant=vanilla, preset=tiny")
+    # +30% is beyond the 10% threshold but within 10% + 20% + 20% of noise
+    assert report.history(d, threshold=0.1)[1].empty
+    assert len(report.history(d.assign(noise=0.0), threshold=0.1)[1]) == 1
+
+
+@pytest.mark.skipif(not HAVE_COMMITTED, reason="no committed asv results")
+def test_default_report_fits_one_screen(capsys):
+    assert report.main(["--results", str(COMMITTED), "--no-plots"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 60 and max(map(len, lines)) <= 120, (len(lines), max(map(len, lines)))
+    assert any(line.startswith("## regressions beyond") for line in lines)
+    assert any(line.startswith("## contradicting pairs") for line in lines)
+    assert lines[-1] == "full tables and history: diffattn report --full"
