@@ -110,3 +110,88 @@ def generate(model, prompt, max_new_tokens: int, sampler: Sampler | None = None,
         if i + 1 < max_new_tokens:
             logits = model.decode_step(tok)
     return out
+
+
+# ---- trained models from run folders or checkpoints -----------------------------------------
+
+def load_run(path, backend="numpy", device=None, dtype=None, kernels="auto"):
+    """(model, tokenizer or None, manifest) of a run folder's latest checkpoint, or of a
+    checkpoint folder, written by any backend, built on `backend` (a name or a loaded Backend).
+    The tokenizer is the run's tokenizer.json, else the byte tokenizer when the run used bytes."""
+    from pathlib import Path
+
+    from diffattn import data as data_mod
+    from diffattn.backend import load
+    from diffattn.harness import load_checkpoint, model_config_from
+
+    params, _, manifest, ckpt = load_checkpoint(path)
+    cfg = model_config_from(manifest["model_config"])
+    be = load(backend, device=device, dtype=dtype, kernels=kernels) if isinstance(backend, str) else backend
+    tok_file = Path(ckpt).parent.parent / "tokenizer.json"
+    info = manifest.get("data", {})
+    if tok_file.is_file():
+        tok = data_mod.load_tokenizer(tok_file)
+    elif info.get("tokenizer") in (None, "byte") and cfg.vocab_size <= 256:
+        tok = data_mod.ByteTokenizer()  # byte-level text and the synthetic byte tasks
+    else:
+        tok = None
+    return be.build(cfg, params), tok, manifest
+
+
+def main(argv=None) -> int:
+    """`diffattn generate RUN_OR_CKPT --prompt TEXT ...`: stream a continuation to stdout."""
+    import argparse
+    import codecs
+    import sys
+
+    ap = argparse.ArgumentParser(prog="diffattn generate",
+                                 description="Continue a prompt with a trained model (any backend's checkpoint), "
+                                             "streaming the text as it is decoded.")
+    ap.add_argument("run", metavar="RUN_OR_CKPT", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ap.add_argument("--prompt", required=True, help="the text to continue (encoded with the run's tokenizer)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="numpy", help="numpy | mlx | cuda (default numpy)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--tokens", action="store_true", help="print token ids, one line, instead of text")
+    args = ap.parse_args(argv)
+    from diffattn.cli import _bad_input_errors
+
+    try:
+        sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+        model, tok, _ = load_run(args.run, args.backend, args.device, args.dtype, args.kernels)
+        if tok is None:
+            raise ValueError(f"{args.run}: the run has no tokenizer.json to encode the prompt with")
+        prompt = tok.encode(args.prompt)
+        if len(prompt) == 0:
+            raise ValueError("--prompt is empty: give at least one token of text")
+        if prompt.max() >= model.cfg.vocab_size:
+            raise ValueError(f"the prompt encodes to ids beyond the model's vocab_size {model.cfg.vocab_size}")
+        n_new = min(args.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+        if n_new < 0 or args.max_new_tokens < 0:
+            raise ValueError(f"the prompt's {len(prompt)} tokens leave no room in the model's context of "
+                             f"{model.cfg.max_seq_len}" if n_new < 0 else "--max-new-tokens must be >= 0")
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = sys.stdout
+
+        def show(tok_ids):
+            if args.tokens:
+                out.write(f"{int(tok_ids[0])} ")
+            else:
+                out.write(text.decode(tok.decode([int(tok_ids[0])])))
+            out.flush()
+
+        if not args.tokens:
+            out.write(args.prompt)
+        generate(model, prompt[None], n_new, sampler, on_tokens=show)
+        out.write(text.decode(b"", final=True) + "\n" if not args.tokens else "\n")
+        out.flush()
+    except (*_bad_input_errors(), ValueError) as e:
+        print(f"diffattn generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
