@@ -190,3 +190,21 @@ def test_generate_refuses_more_than_the_context():
     model = load("numpy", dtype="float32").build(cfg, params)
     with pytest.raises(ValueError, match="context"):
         generate(model, toks[:, :10], cfg.max_seq_len)
+
+
+def test_decode_table_smoke(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks.scripts import decode_table
+
+    assert decode_table.main(["--smoke", "--no-hf", "--variants", "diff", "--batches", "2", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "decode_table.md").read_text()
+    assert "| diff | 2 |" in text and "device cpu" in text
+    assert decode_table.hbm_bandwidth("NVIDIA H200") == 4.8e12
+    assert decode_table.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert decode_table.hbm_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+
+
+def test_bytes_per_step_counts_weights_once_and_the_cache_per_row():
+    cfg = preset("stage1", attention="diff")
+    per_token = cfg.n_layers * (cfg.k_heads * cfg.head_dim + cfg.kv_heads * cfg.v_head_dim) * 2
+    assert decode.bytes_per_step(cfg, 16, 100) == cfg.num_params() * 2 + 16 * 100 * per_token

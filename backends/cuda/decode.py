@@ -55,22 +55,21 @@ def attend_cache(q, k, v, mask, scale):
 
 
 class LayerPack:
-    """One block's weights as decoding reads them."""
+    """One block's weights as decoding reads them, and as the compiled layer step takes them:
+    `tensors`, in a fixed order per variant."""
 
     def __init__(self, block, cfg: ModelConfig, cdt: torch.dtype):
         a = block.attn
         qk = torch.cat([a.q_proj.weight, a.k_proj.weight])[a.qk_rows]
-        self.w_qkv = torch.cat([qk, a.v_proj.weight]).to(cdt)
         self.splits = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
-        self.w_o = a.out_proj.weight.to(cdt)
-        self.attn_norm, self.mlp_norm = block.attn_norm.weight, block.mlp_norm.weight
-        self.w13 = torch.cat([block.mlp.w1.weight, block.mlp.w3.weight]).to(cdt)
-        self.w2 = block.mlp.w2.weight.to(cdt)
-        if cfg.attention == "diff":
-            self.lam = a.lam()
-            self.subln = ((a.subln.weight * (1.0 - a.lambda_init)).to(a.subln.weight.dtype), a.subln.eps)
+        self.tensors = [block.attn_norm.weight, torch.cat([qk, a.v_proj.weight]).to(cdt), a.out_proj.weight.to(cdt),
+                        block.mlp_norm.weight, torch.cat([block.mlp.w1.weight, block.mlp.w3.weight]).to(cdt),
+                        block.mlp.w2.weight.to(cdt)]
+        if cfg.attention == "diff":  # lambda and subln's weight with (1 - lambda_init) folded in
+            self.tensors += [a.lam(), (a.subln.weight * (1.0 - a.lambda_init)).to(a.subln.weight.dtype)]
+            self.subln_eps = a.subln.eps
         elif cfg.attention == "diff_v2":
-            self.w_lam = a.lambda_proj.weight.to(cdt)
+            self.tensors += [a.lambda_proj.weight.to(cdt)]
 
 
 class Decoder:
@@ -88,12 +87,14 @@ class Decoder:
             rot = module.layers[0].attn.rotary
             rot.tables(cfg.max_seq_len)
             self.cos, self.sin = rot.cos.to(cdt), rot.sin.to(cdt)
+        self.splits = self.layers[0].splits
+        self.subln_eps = getattr(self.layers[0], "subln_eps", None)
         self.device = self.embed.device
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.k = self.v = None
-        self.batch = self.max_len = 0
-        self.pos = 0
-        self._step = torch.compile(self._step_math, dynamic=False) if compile else self._step_math
+        self.batch = self.max_len = self.pos = 0
+        # one compiled graph for every layer (same shapes, weights and cache passed in)
+        self._layer = torch.compile(self._layer_step, dynamic=False) if compile else self._layer_step
         self.graph = None
 
     # ---- the cache ---------------------------------------------------------------------------
@@ -114,30 +115,27 @@ class Decoder:
         """Cache bytes one position of one row holds (diffattn.decode.cache_bytes_per_token)."""
         return spec_decode.cache_elements_per_token(self.cfg) * self.k[0].element_size()
 
-    # ---- shared pieces -------------------------------------------------------------------------
-    def _qkv(self, p: LayerPack, h, positions):
+    # ---- pieces shared by prefill and the step -------------------------------------------------
+    def _qkv(self, h, w_qkv, positions):
         cfg, (B, T, _) = self.cfg, h.shape
-        q, k, v = F.linear(h.to(self.cdt), p.w_qkv).split(p.splits, -1)
+        q, k, v = F.linear(h.to(self.cdt), w_qkv).split(self.splits, -1)
         q = rope_at(q.reshape(B, T, cfg.q_heads, cfg.head_dim), self.cos, self.sin, positions)
         k = rope_at(k.reshape(B, T, cfg.k_heads, cfg.head_dim), self.cos, self.sin, positions)
         return q, k, v.reshape(B, T, cfg.kv_heads, cfg.v_head_dim)
 
-    def _store(self, i: int, k, v, positions) -> None:
-        """k (B, T, m*G, d) -> cache k[:, j, g] = k[:, :, g*m + j]; v (B, T, G, dv)."""
-        G = self.cfg.kv_heads
-        self.k[i][:, :, :, positions] = k.unflatten(2, (G, -1)).permute(0, 3, 2, 1, 4).to(self.cdt)
-        self.v[i][:, :, positions] = v.transpose(1, 2).to(self.cdt)
+    def _store(self, ck, cv, k, v, positions) -> None:
+        """k (B, T, m*G, d) -> ck[:, j, g] = k[:, :, g*m + j]; v (B, T, G, dv) -> cv."""
+        ck[:, :, :, positions] = k.unflatten(2, (self.cfg.kv_heads, -1)).permute(0, 3, 2, 1, 4).to(self.cdt)
+        cv[:, :, positions] = v.transpose(1, 2).to(self.cdt)
 
-    def _v2_lambda(self, p: LayerPack, h):
-        return torch.sigmoid(F.linear(h.to(self.cdt), p.w_lam))  # (B, T, H), token-wise
+    def _v2_lambda(self, h, w_lam):
+        return torch.sigmoid(F.linear(h.to(self.cdt), w_lam))  # (B, T, H), token-wise
 
-    def _block(self, i: int, x, attend):
-        """x += out_proj(attend(...)); x += mlp(x). attend(i, p, h) -> (B, T, n_heads, v_head_dim)."""
-        p, (B, T, _) = self.layers[i], x.shape
-        h = rms_norm(x, p.attn_norm, self.cfg.norm_eps)
-        x = x + F.linear(attend(i, p, h).reshape(B, T, -1).to(self.cdt), p.w_o)
-        gate, up = F.linear(rms_norm(x, p.mlp_norm, self.cfg.norm_eps).to(self.cdt), p.w13).chunk(2, -1)
-        return x + F.linear(F.silu(gate) * up, p.w2)
+    def _residual(self, x, o, w_o, mlp_norm, w13, w2):
+        """x + out_proj(o), then + mlp: o (B, T, n_heads, v_head_dim)."""
+        x = x + F.linear(o.flatten(2).to(self.cdt), w_o)
+        gate, up = F.linear(rms_norm(x, mlp_norm, self.cfg.norm_eps).to(self.cdt), w13).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, w2)
 
     def _embed(self, tokens):
         return self.embed[tokens].to(torch.promote_types(self.embed.dtype, torch.float32))
@@ -153,44 +151,48 @@ class Decoder:
         self.allocate(tokens.shape[0], max_len)
         positions = torch.arange(tokens.shape[1], device=self.device)
         att = self.cfg.attention
-
-        def attend(i, p, h):  # the training forward's attention op, causal over the prompt
-            q, k, v = self._qkv(p, h, positions)
-            self._store(i, k, v, positions)
-            if att == "vanilla":
-                return ops.vanilla_attention(q, k, v, self.kernels)
-            if att == "diff":
-                return ops.diff_v1_attention(q, k, v, p.lam, self.kernels, norm=p.subln)
-            return ops.diff_v2_attention(q, k, v, self._v2_lambda(p, h), self.kernels)
-
         x = self._embed(tokens)
-        for i in range(self.cfg.n_layers):
-            x = self._block(i, x, attend)
+        for i, p in enumerate(self.layers):
+            attn_norm, w_qkv, w_o, mlp_norm, w13, w2, *extra = p.tensors
+            h = rms_norm(x, attn_norm, self.cfg.norm_eps)
+            q, k, v = self._qkv(h, w_qkv, positions)
+            self._store(self.k[i], self.v[i], k, v, positions)
+            # the training forward's attention op, causal over the prompt
+            if att == "vanilla":
+                o = ops.vanilla_attention(q, k, v, self.kernels)
+            elif att == "diff":
+                o = ops.diff_v1_attention(q, k, v, extra[0], self.kernels, norm=(extra[1], self.subln_eps))
+            else:
+                o = ops.diff_v2_attention(q, k, v, self._v2_lambda(h, extra[0]), self.kernels)
+            x = self._residual(x, o, w_o, mlp_norm, w13, w2)
         self.pos = tokens.shape[1]
         return self._logits(x)
 
     # ---- one decode step -------------------------------------------------------------------------
+    def _layer_step(self, x, positions, mask, ck, cv, attn_norm, w_qkv, w_o, mlp_norm, w13, w2, *extra):
+        """One block for x (B, 1, D) at positions (1,): writes ck / cv there and attends one query
+        per row to the whole static cache, keys past the position masked off (mask (1, S))."""
+        att = self.cfg.attention
+        h = rms_norm(x, attn_norm, self.cfg.norm_eps)
+        q, k, v = self._qkv(h, w_qkv, positions)
+        self._store(ck, cv, k, v, positions)
+        if att == "vanilla":
+            o = attend_cache(q, ck[:, 0], cv, mask, self.scale)
+        elif att == "diff":  # sub-heads 2i, 2i+1 of q are head i's q1, q2
+            o1 = attend_cache(q[:, :, 0::2], ck[:, 0], cv, mask, self.scale)
+            o2 = attend_cache(q[:, :, 1::2], ck[:, 1], cv, mask, self.scale)
+            o = rms_norm(o1 - extra[0] * o2, extra[1], self.subln_eps)
+        else:
+            a = attend_cache(q, ck[:, 0], cv, mask, self.scale)  # (B, 1, 2H, d): pairs 2i, 2i+1
+            o = a[:, :, 0::2] - self._v2_lambda(h, extra[0])[..., None] * a[:, :, 1::2]
+        return self._residual(x, o, w_o, mlp_norm, w13, w2)
+
     def _step_math(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1) at positions (1,) -> (B, V) float32 logits; writes the cache there."""
-        att, G = self.cfg.attention, self.cfg.kv_heads
         mask = torch.arange(self.max_len, device=self.device)[None, :] <= positions[:, None]  # (1, S)
-
-        def attend(i, p, h):  # one query per row over the whole static cache, masked
-            q, k, v = self._qkv(p, h, positions)
-            self._store(i, k, v, positions)
-            ck, cv = self.k[i], self.v[i]
-            if att == "vanilla":
-                return attend_cache(q, ck[:, 0], cv, mask, self.scale)
-            if att == "diff":  # sub-heads 2i, 2i+1 of q are head i's q1, q2
-                o1 = attend_cache(q[:, :, 0::2], ck[:, 0], cv, mask, self.scale)
-                o2 = attend_cache(q[:, :, 1::2], ck[:, 1], cv, mask, self.scale)
-                return rms_norm(o1 - p.lam * o2, *p.subln)
-            a = attend_cache(q, ck[:, 0], cv, mask, self.scale)  # (B, 1, 2H, d): pairs 2i, 2i+1
-            return a[:, :, 0::2] - self._v2_lambda(p, h)[..., None] * a[:, :, 1::2]
-
         x = self._embed(tokens)
-        for i in range(self.cfg.n_layers):
-            x = self._block(i, x, attend)
+        for i, p in enumerate(self.layers):
+            x = self._layer(x, positions, mask, self.k[i], self.v[i], *p.tensors)
         return self._logits(x)[:, -1]
 
     @torch.no_grad()
@@ -205,7 +207,7 @@ class Decoder:
         self.positions.fill_(self.pos)
         self.pos += 1
         if not self.graphs:
-            return self._step(self.tokens, self.positions)
+            return self._step_math(self.tokens, self.positions)
         if self.graph is None:
             return self._record()
         self.graph.replay()
@@ -218,10 +220,10 @@ class Decoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP):
-                self._step(self.tokens, self.positions)
+                self._step_math(self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step(self.tokens, self.positions)
+            self.logits = self._step_math(self.tokens, self.positions)
         self.graph.replay()
         return self.logits
