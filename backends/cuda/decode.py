@@ -15,7 +15,8 @@ logits stay float32; matmuls take their inputs in the compute dtype.
 prefill(tokens (B, T)) runs the prompt through the model's own attention op (kernels naive /
 composed / fused, causal over the prompt) and writes its keys and values. step(tokens (B,))
 attends one query per row to the whole static cache under a mask of the written positions, so
-its shapes never change: with compile=True it is torch.compile'd, with graphs=True (CUDA) it is
+its shapes never change: with compile=True each layer's step is torch.compile'd (one graph for
+every layer: weights and cache are its arguments), with graphs=True (CUDA) the whole step is
 recorded once as a CUDA graph and replayed, reading its token and position from buffers the
 graph owns.
 """
