@@ -20,11 +20,12 @@ def _measure(variant, batch):
     C.Runtime("torch", need_gpu=True)
     import torch
 
-    from benchmarks.scripts.decode_table import ours
+    from benchmarks.scripts.decode_table import build, ours
     from diffattn.config import preset
 
     options = dict(dtype="bfloat16", kernels="auto", compile=True, graphs=True)
-    r = ours(preset("stage1").twin(variant), int(batch), PROMPT, NEW, torch.device("cuda"), options, repeats=3)
+    device = torch.device("cuda")
+    r = ours(build(preset("stage1").twin(variant), device, options), int(batch), PROMPT, NEW, device, repeats=3)
     return {"decode": r["step_tok_s"], "prefill": r["prefill_tok_s"]}
 
 
