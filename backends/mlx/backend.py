@@ -84,8 +84,10 @@ class MLXModel:
 
         tokens = np.asarray(tokens)
         max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if tokens.ndim != 2:
+            raise BackendError(f"prefill tokens have shape {tokens.shape}, expected (B, T)")
         try:
-            spec_decode.check_lengths(self.cfg, tokens.shape[0] if tokens.ndim == 2 else 0, max_len)
+            spec_decode.check_lengths(self.cfg, tokens.shape[0], max_len)
             spec_decode.check_tokens(self.cfg, tokens, tokens.shape[0], 0, max_len)
         except ValueError as e:
             raise BackendError(f"prefill: {e}") from None
