@@ -176,6 +176,9 @@ def main(argv=None) -> int:
         if n_new < 0 or args.max_new_tokens < 0:
             raise ValueError(f"the prompt's {len(prompt)} tokens leave no room in the model's context of "
                              f"{model.cfg.max_seq_len}" if n_new < 0 else "--max-new-tokens must be >= 0")
+        if n_new < args.max_new_tokens:
+            print(f"diffattn generate: {n_new} new tokens, what the model's context of {model.cfg.max_seq_len} "
+                  f"leaves after the prompt's {len(prompt)}", file=sys.stderr)
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out = sys.stdout
 
