@@ -12,11 +12,12 @@ Without a CUDA GPU every combination is a skip (NotImplementedError), never a nu
 """
 from . import _common as C
 
+PRESETS = ("stage1",)
 BATCHES = ("1", "16")  # asv params are literal strings
 PROMPT, NEW = 512, 128
 
 
-def _measure(variant, batch):
+def _measure(preset_name, variant, batch):
     C.Runtime("torch", need_gpu=True)
     import torch
 
@@ -25,26 +26,26 @@ def _measure(variant, batch):
 
     options = dict(dtype="bfloat16", kernels="auto", compile=True, graphs=True)
     device = torch.device("cuda")
-    r = ours(build(preset("stage1").twin(variant), device, options), int(batch), PROMPT, NEW, device, repeats=3)
+    r = ours(build(preset(preset_name).twin(variant), device, options), int(batch), PROMPT, NEW, device, repeats=3)
     return {"decode": r["step_tok_s"], "prefill": r["prefill_tok_s"]}
 
 
 class DecodeThroughput:
-    params = (list(C.VARIANTS), list(BATCHES))
-    param_names = ["variant", "batch"]
+    params = (list(PRESETS), list(C.VARIANTS), list(BATCHES))
+    param_names = ["preset", "variant", "batch"]
     timeout = 1200
     version = "1"
 
     def setup_cache(self):
-        cache = C.measure_all([(v, b) for v in C.VARIANTS for b in BATCHES], _measure)
-        for (v, b), entry in cache.items():
-            twin = cache.get(("vanilla", b), {})
+        cache = C.measure_all([(p, v, b) for p in PRESETS for v in C.VARIANTS for b in BATCHES], _measure)
+        for (p, v, b), entry in cache.items():
+            twin = cache.get((p, "vanilla", b), {})
             if "decode" in entry and "decode" in twin:
                 entry["vs_vanilla"] = entry["decode"] / twin["decode"]
         return cache
 
-    def setup(self, cache, variant, batch):
-        self.entry = C.cached_entry(cache, (variant, batch))
+    def setup(self, cache, preset, variant, batch):
+        self.entry = C.cached_entry(cache, (preset, variant, batch))
 
     def track_decode_tokens_per_second(self, cache, *params):
         return self.entry["decode"]
@@ -54,7 +55,7 @@ class DecodeThroughput:
         return self.entry["prefill"]
     track_prefill_tokens_per_second.unit = "tokens/s"
 
-    def track_decode_vs_vanilla(self, cache, variant, batch):
+    def track_decode_vs_vanilla(self, cache, preset, variant, batch):
         if variant == "vanilla":
             raise C.Skip("vanilla is the reference")
         return self.entry["vs_vanilla"]
