@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting rows after this long")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="eager decode step (still one CUDA graph)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU, float32, eager (tests the script)")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
             print("decode_table: needs a CUDA GPU (or --smoke)", file=sys.stderr)
             return 2
         device, dtype, cache_dtype = torch.device("cuda"), torch.bfloat16, "bfloat16"
-        options = dict(dtype="bfloat16", kernels="auto", compile=True, graphs=True)
+        options = dict(dtype="bfloat16", kernels="auto", compile=not args.no_compile, graphs=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     bw = hbm_bandwidth(name)
     batches = [int(b) for b in args.batches.split(",")]
@@ -180,8 +181,14 @@ def main(argv=None) -> int:
         for b in batches:
             row = {"variant": variant, "batch": b, "params": cfg.num_params()}
             if time.time() - t0 < args.budget_s:
-                model = model or build(cfg, device, options)  # one model (and compiled step) per variant
-                row.update(ours(model, b, args.prompt, args.new, device, args.repeats))
+                try:
+                    model = model or build(cfg, device, options)  # one model (and compiled step) per variant
+                    row.update(ours(model, b, args.prompt, args.new, device, args.repeats))
+                except Exception as e:  # recorded and shown, never a number; the other rows still run
+                    row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
                 steps_bytes = decode.bytes_per_step(cfg, b, args.prompt + args.new // 2, cache_dtype)
                 row["bytes_per_step"] = steps_bytes
                 row["bound_tok_s"] = b * bw / steps_bytes if bw else None
@@ -194,7 +201,11 @@ def main(argv=None) -> int:
     if not args.no_hf:
         for b in batches:
             if time.time() - t0 < args.budget_s:
-                hf[b] = hf_llama(base.twin("vanilla"), b, args.prompt, args.new, device, dtype, args.repeats)
+                try:
+                    hf[b] = hf_llama(base.twin("vanilla"), b, args.prompt, args.new, device, dtype, args.repeats)
+                except Exception as e:
+                    print(f"HF batch {b}: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+                    continue
                 print(json.dumps({"hf_batch": b, **hf[b]}), flush=True)
     van = {r["batch"]: r.get("step_tok_s") for r in rows if r["variant"] == "vanilla"}
     lines = [f"# Decode tokens/s: {args.preset} twins, prompt {args.prompt}, {args.new} new tokens, greedy",
@@ -206,6 +217,9 @@ def main(argv=None) -> int:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     ratio = lambda a, b, spec=".2f": fmt(a / b if a and b else None, spec)  # noqa: E731
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['params']:,} | error: {r['error']} |")
+            continue
         s, bound, h = r.get("step_tok_s"), r.get("bound_tok_s"), hf.get(r["batch"], {})
         lines.append(f"| {r['variant']} | {r['batch']} | {r['params']:,} | {fmt(r.get('cache_bytes_per_token'))} "
                      f"| {fmt(r.get('prefill_tok_s'))} | {fmt(s)} | {fmt(r.get('step_ms'), '.3f')} "
