@@ -27,8 +27,8 @@ batch of B random prompts of --prompt tokens, then --new tokens greedy, bf16 wei
                   time of one forward of the prompt with its cache), its decode steps alone.
 
 Timing: torch.cuda.synchronize() around each timed span, wall clock, best of --repeats.
-Writes decode_table.md and decode_table.json under --out. Rows not reached within --budget-s
-are listed as skipped (never a number).
+Writes decode_table.md and decode_table.json under --out. n/a: not measured (a row not reached
+within --budget-s, a device whose bandwidth is not in the table) - never a made-up number.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def hf_llama(cfg, batch, prompt_len, new, device, dtype, repeats):
 
 
 def fmt(v, spec=",.0f"):
-    return "skipped" if v is None else format(v, spec)
+    return "n/a" if v is None else format(v, spec)
 
 
 def commit() -> str:
