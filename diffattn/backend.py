@@ -9,6 +9,13 @@ never reimplements the loop. Everything crossing it is numpy.
 Batches are int arrays of shape (B, L+1): inputs batch[:, :-1], targets batch[:, 1:].
 `train_step` also takes (n_micro, B, L+1) for gradient accumulation (gradients averaged over
 micro-batches, one optimizer update).
+
+Decoding: `prefill(tokens (B, T), max_len)` (re)allocates the model's key/value cache for B rows
+of max_len positions (diffattn/decode.py says what each variant caches), fills positions
+0..T-1 and returns their logits; `decode_step(tokens (B,))` appends one position to every row
+and returns its logits (B, V). The cache is the backend's own, static and preallocated; a
+train_step or load_state after a prefill invalidates it (prefill again). diffattn/generate.py
+samples over this pair.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from diffattn import optim, spec
+from diffattn import decode, optim, spec
 from diffattn.config import AdamWConfig, ModelConfig
 from diffattn.params import check_params
 
@@ -67,6 +74,13 @@ class Model(Protocol):
         the optimizer state laid out as optim.init_state."""
 
     def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None: ...
+
+    def prefill(self, tokens: np.ndarray, max_len: int | None = None) -> np.ndarray:
+        """(B, T) prompt -> (B, T, vocab) logits; allocates a cache of max_len positions
+        (default cfg.max_seq_len) and fills its first T."""
+
+    def decode_step(self, tokens: np.ndarray) -> np.ndarray:
+        """(B,) next tokens, one per row -> (B, vocab) logits at the next cached position."""
 
 
 @runtime_checkable
@@ -123,6 +137,7 @@ class NumpyModel:
         self.dtype = np.float64 if dtype == "float64" else np.float32
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
         self.opt_state = optim.init_state(self.params)
+        self.cache = None
 
     def logits(self, tokens):
         return spec.model_logits(self.cfg, self.params, tokens, self.dtype)
@@ -144,6 +159,7 @@ class NumpyModel:
         grads = {k: v / len(micro) for k, v in grads.items()}
         self.params, self.opt_state = optim.adamw_step(self.params, grads, self.opt_state, lr, self.optim_cfg)
         self.params = {k: v.astype(self.dtype) for k, v in self.params.items()}
+        self.cache = None
         return loss
 
     def state(self):
@@ -153,6 +169,26 @@ class NumpyModel:
         check_params(self.cfg, params)
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
         self.opt_state = optim.copy_state(opt_state)
+        self.cache = None
+
+    def prefill(self, tokens, max_len=None):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise BackendError(f"prefill tokens have shape {tokens.shape}, expected (B, T)")
+        try:
+            self.cache = decode.new_cache(self.cfg, tokens.shape[0], max_len, self.dtype)
+            return decode.forward(self.cfg, self.params, tokens, self.cache, self.dtype)
+        except ValueError as e:
+            raise BackendError(f"prefill: {e}") from None
+
+    def decode_step(self, tokens):
+        if self.cache is None:
+            raise BackendError("decode_step before prefill (or after a train_step / load_state): prefill first")
+        try:
+            return decode.forward(self.cfg, self.params, np.asarray(tokens).reshape(-1, 1), self.cache,
+                                  self.dtype)[:, 0]
+        except ValueError as e:
+            raise BackendError(f"decode_step: {e}") from None
 
 
 class NumpyBackend:

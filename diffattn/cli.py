@@ -9,6 +9,8 @@
     diffattn tokenize --data SRC --tokenizer bpe:N --out DIR   token shards for --data DIR
     diffattn conformance ...                          (diffattn.conformance)
     diffattn report ...                               (diffattn.report)
+    diffattn generate RUN_OR_CKPT --prompt TEXT ...   stream a continuation (diffattn.generate)
+    diffattn probe RUN_OR_PAIRED --task needle|mqar   long-context probes (diffattn.probes)
 
 Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input (one line on
 stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
@@ -161,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("report", help="asv results and run logs as tables and plots (see its --help)", add_help=False)
     sub.add_parser("corpus", help="build the offline English corpus from Debian packages (see its --help)",
+                   add_help=False)
+    sub.add_parser("generate", help="continue a prompt with a trained model, streamed (see its --help)",
+                   add_help=False)
+    sub.add_parser("probe", help="needle-in-a-haystack / associative-recall probes of trained LMs (see its --help)",
                    add_help=False)
     return ap
 
@@ -457,8 +463,8 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("conformance", "report", "corpus"):
-        return _delegate(f"diffattn.{argv[0]}", argv[1:])
+    if argv and argv[0] in ("conformance", "report", "corpus", "generate", "probe"):
+        return _delegate(f"diffattn.{'probes' if argv[0] == 'probe' else argv[0]}", argv[1:])
     args = build_parser().parse_args(argv)
     from diffattn.harness import Diverged
 

@@ -38,7 +38,7 @@ from pathlib import Path
 HIGHER_IS_BETTER_UNITS = frozenset({"TFLOP/s", "tokens/s", "MFU", "accuracy", "x vanilla"})
 LOWER_IS_BETTER_UNITS = frozenset({"seconds", "bytes", "nats", "relative error"})
 DEFAULT_RESULTS = "benchmarks/asv_results"
-PARAM_COLUMNS = ("backend", "impl", "variant", "shape", "preset")
+PARAM_COLUMNS = ("backend", "impl", "variant", "shape", "preset", "batch")
 
 
 class ReportError(ValueError):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("bench_kernels", "bench_training", "bench_agreement", "bench_paired")
+MODULES = ("bench_kernels", "bench_training", "bench_agreement", "bench_paired", "bench_decode")
 
 
 def _asv(tmp_path, *args, timeout=900):

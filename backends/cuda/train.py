@@ -101,6 +101,8 @@ class CudaModel:
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if graphs else 0.0
         self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda", lr=self.lr)
         self.step_graph = StepGraph(self._step) if graphs else None
+        self.kernels, self.compile, self.graphs = kernels, compile, graphs
+        self.decoder = None  # built at prefill from the current weights (decode.Decoder)
         if compile:  # each block (forward and its backward); all blocks share one compiled graph
             for block in self.module.layers:
                 block.compile(options=COMPILE_OPTIONS)
@@ -157,6 +159,7 @@ class CudaModel:
 
     def train_step(self, batch, lr: float) -> torch.Tensor:
         b = self._tokens(batch, (2, 3), "batch")
+        self.decoder = None  # its packed weights would go stale
         if self.step_graph is None:
             for group in self.optimizer.param_groups:
                 group["lr"] = float(lr)
@@ -192,6 +195,7 @@ class CudaModel:
     def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None:
         check_params(self.cfg, params)
         load_numpy(self.module, params)  # in place: a recorded step still reads these parameters
+        self.decoder = None
         self.optimizer.state.clear()
         if self.step_graph is not None:
             self.step_graph.reset()  # it would update the replaced moments
@@ -204,3 +208,31 @@ class CudaModel:
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=self.device if fused else "cpu"),
                 "exp_avg": as_p(opt_state["m"][n]), "exp_avg_sq": as_p(opt_state["v"][n])}
+
+    # ---- decoding (backends/cuda/decode.py) ------------------------------------------------------
+    def prefill(self, tokens, max_len: int | None = None) -> np.ndarray:
+        from diffattn import decode as spec_decode
+        from diffattn.backends.cuda.decode import Decoder
+
+        t = self._tokens(tokens, (2,), "tokens")
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        try:
+            spec_decode.check_lengths(self.cfg, t.shape[0], max_len)
+        except ValueError as e:
+            raise BackendError(f"prefill: {e}") from None
+        if t.shape[1] > max_len:
+            raise BackendError(f"prefill: a prompt of {t.shape[1]} tokens exceeds the cache's {max_len}")
+        if self.decoder is None:
+            cdt = torch.bfloat16 if self.dtype == "bfloat16" else self.param_dtype
+            self.decoder = Decoder(self.module, cdt, self.kernels, self.compile, self.graphs)
+        return self._numpy(self.decoder.prefill(t, max_len))
+
+    def decode_step(self, tokens) -> np.ndarray:
+        if self.decoder is None or self.decoder.pos == 0:
+            raise BackendError("decode_step before prefill (or after a train_step / load_state): prefill first")
+        t = self._tokens(np.asarray(tokens).reshape(-1, 1), (2,), "tokens")
+        if t.shape[0] != self.decoder.batch:
+            raise BackendError(f"decode_step: {t.shape[0]} tokens for a cache of {self.decoder.batch} rows")
+        if self.decoder.pos >= self.decoder.max_len:
+            raise BackendError(f"decode_step: the cache's {self.decoder.max_len} positions are full")
+        return self._numpy(self.decoder.step(t[:, 0]))

@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from diffattn.backend import BackendError
 from diffattn.backends.mlx.model import Attention, Transformer, mean_loss, token_losses
 from diffattn.backends.mlx.train import flat, init_opt, make_train_step
 from diffattn.config import AdamWConfig, ModelConfig
@@ -26,6 +27,7 @@ class MLXModel:
         self.cfg, self.optim_cfg = cfg, optim_cfg
         self.model = Transformer(cfg, kernels, MX_DTYPES[dtype])
         self.opt = None
+        self.decoder = None  # built at prefill from the current weights (decode.Decoder)
         self.load_state(params, None)
 
     # ---- evaluation -------------------------------------------------------------------
@@ -51,6 +53,7 @@ class MLXModel:
         """One AdamW update; returns the pre-update mean loss as an mx scalar (float() waits)."""
         batch = np.asarray(batch)
         micro = mx.array(batch if batch.ndim == 3 else batch[None], mx.int32)
+        self.decoder = None  # its cast weights would go stale
         loss = self._step(micro, mx.array(lr, mx.float32))
         mx.async_eval(loss, self.model.parameters(), self.opt)   # the step's evaluation boundary
         return loss
@@ -62,6 +65,7 @@ class MLXModel:
 
     def load_state(self, params, opt_state):
         check_params(self.cfg, params)
+        self.decoder = None
         self.model.update(tree_unflatten(list(to_mx(params).items())))
         self.opt = init_opt(flat(self.model.parameters()))
         if opt_state is not None:
@@ -71,6 +75,38 @@ class MLXModel:
                 self.opt[key].update(to_mx(opt_state[key]))
         mx.eval(self.model.parameters(), self.opt)
         self._step = make_train_step(self.model, self.opt, self.optim_cfg)
+
+
+    # ---- decoding (backends/mlx/decode.py) ---------------------------------------------------------
+    def prefill(self, tokens, max_len=None):
+        from diffattn import decode as spec_decode
+        from diffattn.backends.mlx.decode import Decoder
+
+        tokens = np.asarray(tokens)
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if tokens.ndim != 2:
+            raise BackendError(f"prefill tokens have shape {tokens.shape}, expected (B, T)")
+        try:
+            spec_decode.check_lengths(self.cfg, tokens.shape[0], max_len)
+            spec_decode.check_tokens(self.cfg, tokens, tokens.shape[0], 0, max_len)
+        except ValueError as e:
+            raise BackendError(f"prefill: {e}") from None
+        if self.decoder is None:
+            self.decoder = Decoder(self.model)
+        return np.array(self.decoder.prefill(mx.array(tokens, mx.int32), max_len))
+
+    def decode_step(self, tokens):
+        from diffattn import decode as spec_decode
+
+        d = self.decoder
+        if d is None or d.pos == 0:
+            raise BackendError("decode_step before prefill (or after a train_step / load_state): prefill first")
+        tokens = np.asarray(tokens).reshape(-1, 1)
+        try:
+            spec_decode.check_tokens(self.cfg, tokens, d.batch, d.pos, d.max_len)
+        except ValueError as e:
+            raise BackendError(f"decode_step: {e}") from None
+        return np.array(d.step(mx.array(tokens[:, 0], mx.int32)))
 
 
 class MLXBackend:
