@@ -113,15 +113,20 @@ class NumpyModel:
         self.dtype = np.float64 if dtype == "float64" else np.float32
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
         self.opt_state = optim.init_state(self.params)
+        self.lambda_mix = 1.0
+
+    def set_lambda_mix(self, mix: float) -> None:
+        """The negative map's weight of the DIFF variants (spec.py's lambda_mix), for what follows."""
+        self.lambda_mix = float(mix)
 
     def logits(self, tokens):
-        return spec.model_logits(self.cfg, self.params, tokens, self.dtype)
+        return spec.model_logits(self.cfg, self.params, tokens, self.dtype, self.lambda_mix)
 
     def loss_and_grads(self, batch):
-        return spec.model_loss_and_grads(self.cfg, self.params, batch, self.dtype)
+        return spec.model_loss_and_grads(self.cfg, self.params, batch, self.dtype, self.lambda_mix)
 
     def token_losses(self, batch):
-        return spec.token_losses(self.cfg, self.params, batch, self.dtype)
+        return spec.token_losses(self.cfg, self.params, batch, self.dtype, self.lambda_mix)
 
     def train_step(self, batch, lr):
         batch = np.asarray(batch)
