@@ -28,6 +28,10 @@ class MLXModel:
         self.opt = None
         self.load_state(params, None)
 
+    def set_lambda_mix(self, mix: float) -> None:
+        """The negative map's weight of the DIFF variants (spec.py's lambda_mix)."""
+        self.model.mix["lambda_mix"] = mx.array(float(mix), mx.float32)
+
     # ---- evaluation -------------------------------------------------------------------
     def logits(self, tokens):
         out = self.model(mx.array(np.asarray(tokens), mx.int32))
