@@ -453,8 +453,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
 
     def run_diag(step_done):
         resolve()
-        rec = {"kind": "diag", "step": step_done,
-               **diagnostics.diagnose(cfg, model.state()[0], probe, diag_at, mix)}
+        w = min(1.0, step_done / warmup) if warmup else 1.0  # the weight the next step trains with
+        rec = {"kind": "diag", "step": step_done, **diagnostics.diagnose(cfg, model.state()[0], probe, diag_at, w)}
         record(rec)
         sinks.write(rec)
 

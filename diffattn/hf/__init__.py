@@ -129,7 +129,7 @@ def model_config_of(hf: dict, max_seq_len: int | None = None) -> tuple[ModelConf
     notes = {"architecture": arch}
     limit = int(hf.get("max_position_embeddings") or 2048)
     window = hf.get("sliding_window")
-    if window is not None and (arch == "mistral" or hf.get("use_sliding_window")):
+    if window is not None and (ARCHITECTURES[arch] == "mistral" or hf.get("use_sliding_window")):
         if int(window) < limit:
             notes["max_seq_len_capped_at_sliding_window"] = int(window)
             limit = int(window)
