@@ -89,32 +89,45 @@ def scalars(rec: dict) -> dict[str, float]:
     return out
 
 
+SINKS = {"tensorboard": ("torch.utils.tensorboard", "torch and tensorboard: pip install tensorboard"),
+         "wandb": ("wandb", "wandb: pip install wandb")}
+
+
+def check_sinks(names) -> None:
+    """One-line ConfigError for an unknown sink or one whose package is not installed."""
+    import importlib
+
+    from diffattn.config import ConfigError
+
+    for name in names:
+        if name not in SINKS:
+            raise ConfigError(f"--diag-log {name!r}: expected one of {tuple(SINKS)}")
+        try:
+            importlib.import_module(SINKS[name][0])
+            if name == "tensorboard":
+                importlib.import_module("tensorboard")
+        except ImportError:
+            raise ConfigError(f"--diag-log {name} needs {SINKS[name][1]}") from None
+
+
 class Sinks:
     """Optional TensorBoard and wandb (offline) writers of diag records; `names` a subset of
     ("tensorboard", "wandb"). A requested one that is not installed is a one-line error at start."""
 
     def __init__(self, names, out_dir):
-        from diffattn.config import ConfigError
-
+        check_sinks(names)
         self.writers = []
         for name in names:
             if name == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ConfigError("--diag-log tensorboard needs torch and tensorboard: pip install tensorboard") \
-                        from None
+                from torch.utils.tensorboard import SummaryWriter
+
                 w = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
                 self.writers.append(lambda s, step, w=w: [w.add_scalar(k, v, step) for k, v in s.items()] and w.flush())
-            elif name == "wandb":
-                try:
-                    import wandb
-                except ImportError:
-                    raise ConfigError("--diag-log wandb needs wandb: pip install wandb") from None
+            else:
+                import wandb
+
                 run = wandb.init(mode="offline", dir=str(out_dir), project="diffattn")
                 self.writers.append(lambda s, step, run=run: run.log(s, step=step))
-            else:
-                raise ConfigError(f"--diag-log {name!r}: expected tensorboard or wandb")
 
     def write(self, rec: dict) -> None:
         for w in self.writers:

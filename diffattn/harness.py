@@ -364,6 +364,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         raise ConfigError(f"lambda_warmup_steps: backend {backend.name!r} has no lambda_mix (set_lambda_mix)")
     if diag_every is not None and diag_every <= 0:
         raise ConfigError(f"diag_every={diag_every} must be a positive integer")
+    if diag_log:
+        from diffattn import diagnostics
+
+        diagnostics.check_sinks(diag_log)
 
     tokens_per_step = tcfg.grad_accum * tcfg.batch_size * tcfg.seq_len
     total = tcfg.steps
@@ -436,6 +440,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         last_ckpt_step = step_done
 
     def run_eval(step_done):
+        set_mix(step_done)  # during a warmup, the weight the next step trains with
         ev = evaluate(model, data, tcfg)
         ev = {"kind": "eval", "step": step_done, **ev}
         evals.append(ev)

@@ -249,3 +249,19 @@ def test_lambda_warmup_refusals(tmp_path):
         harness.train(preset("tiny", attention="vanilla"), tcfg, load("builtin:pydoc"), backend.load("numpy"),
                       tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_diagnostics_sink_is_refused_before_writing(tmp_path):
+    import importlib.util
+
+    from diffattn import harness
+    from diffattn.config import TrainConfig
+    from diffattn.data import load
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: nothing to refuse")
+    tcfg = TrainConfig(batch_size=2, seq_len=16, steps=2, eval_every=2, eval_batches=1)
+    with pytest.raises(ConfigError, match="needs wandb"):
+        harness.train(preset("tiny"), tcfg, load("builtin:pydoc"), backend.load("numpy"), tmp_path / "r",
+                      progress=False, diag_every=1, diag_log=("wandb",))
+    assert not (tmp_path / "r").exists()
