@@ -59,6 +59,9 @@ class Model(Protocol):
 
     def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None: ...
 
+    # Every backend's model also has set_lambda_mix(w): the DIFF variants' negative-map weight
+    # (spec.py's lambda_mix) for what follows; the harness's lambda warmup calls it.
+
 
 @runtime_checkable
 class Backend(Protocol):
