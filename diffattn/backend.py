@@ -81,6 +81,8 @@ class Model(Protocol):
 
     def decode_step(self, tokens: np.ndarray) -> np.ndarray:
         """(B,) next tokens, one per row -> (B, vocab) logits at the next cached position."""
+    # Every backend's model also has set_lambda_mix(w): the DIFF variants' negative-map weight
+    # (spec.py's lambda_mix) for what follows; the harness's lambda warmup calls it.
 
 
 @runtime_checkable
@@ -138,15 +140,20 @@ class NumpyModel:
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
         self.opt_state = optim.init_state(self.params)
         self.cache = None
+        self.lambda_mix = 1.0
+
+    def set_lambda_mix(self, mix: float) -> None:
+        """The negative map's weight of the DIFF variants (spec.py's lambda_mix), for what follows."""
+        self.lambda_mix = float(mix)
 
     def logits(self, tokens):
-        return spec.model_logits(self.cfg, self.params, tokens, self.dtype)
+        return spec.model_logits(self.cfg, self.params, tokens, self.dtype, self.lambda_mix)
 
     def loss_and_grads(self, batch):
-        return spec.model_loss_and_grads(self.cfg, self.params, batch, self.dtype)
+        return spec.model_loss_and_grads(self.cfg, self.params, batch, self.dtype, self.lambda_mix)
 
     def token_losses(self, batch):
-        return spec.token_losses(self.cfg, self.params, batch, self.dtype)
+        return spec.token_losses(self.cfg, self.params, batch, self.dtype, self.lambda_mix)
 
     def train_step(self, batch, lr):
         batch = np.asarray(batch)

@@ -11,6 +11,8 @@
     diffattn report ...                               (diffattn.report)
     diffattn generate RUN_OR_CKPT --prompt TEXT ...   stream a continuation (diffattn.generate)
     diffattn probe RUN_OR_PAIRED --task needle|mqar   long-context probes (diffattn.probes)
+    diffattn import HF_DIR --out RUN | convert RUN --to diff --out RUN2 | export RUN --to hf DIR
+                                                      Hugging Face interop (diffattn/hf, docs/hf.md)
 
 Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input (one line on
 stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
@@ -46,9 +48,10 @@ def _bad_input_errors():
     from diffattn.config import ConfigError
     from diffattn.data import DataError
     from diffattn.harness import CheckpointError
+    from diffattn.hf import HFError
     from diffattn.params import ParamsError
 
-    return (UsageError, ConfigError, DataError, CheckpointError, ParamsError, BackendError)
+    return (UsageError, ConfigError, DataError, CheckpointError, ParamsError, BackendError, HFError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +106,17 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--json", action="store_true", help="end with one JSON summary line on stdout")
 
 
+def _diff_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DIFF warmup and diagnostics")
+    g.add_argument("--lambda-warmup", type=int, default=None, metavar="N",
+                   help="DIFF: the negative map's weight ramps 0 -> 1 over the first N steps")
+    g.add_argument("--diag-every", type=int, default=None, metavar="N",
+                   help="every N steps: lambda, map entropies, negative-map norm -> metrics.jsonl")
+    g.add_argument("--diag-layers", type=int, default=3, help="how many strided layers to diagnose (default 3)")
+    g.add_argument("--diag-log", default="", help="also write diagnostics to tensorboard and/or wandb (offline), "
+                   "comma separated")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffattn.config import RECIPES
 
@@ -115,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps (checkpointed), the schedule still spanning --steps: "
                         "--resume then continues exactly")
+    _diff_options(t)
     p = sub.add_parser("paired", help="DIFF vs its vanilla twin from paired init on the same batches")
     _run_options(p)
     p.add_argument("--seeds", default=None, help="seeds to pair, like 0-7 or 0,3,5 (default: --seed); each seed "
@@ -168,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("probe", help="needle-in-a-haystack / associative-recall probes of trained LMs (see its --help)",
                    add_help=False)
+    from diffattn.hf.commands import add_parsers
+
+    add_parsers(sub)
     return ap
 
 
@@ -211,6 +229,7 @@ def _train_config(args):
     rec = recipe(_pick(args, "preset"))
     t = {k: _pick(args, k) for k in RECIPE_FLAGS}
     t.update(seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
+    t.update(lambda_warmup_steps=getattr(args, "lambda_warmup", None) or 0)
     per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
     if args.minutes is not None:
         if not args.minutes > 0:
@@ -250,6 +269,9 @@ def _resume_args(args, source) -> None:
     ckpt = harness.find_checkpoint(source)
     try:
         run = json.loads((ckpt / "manifest.json").read_text())
+        if "origin" in run and "train_config" not in run:  # an import / convert: a new run starts from it
+            args.model_config, args.init_from = run["model_config"], ckpt
+            return
         mc, tc, data_name = run["model_config"], run["train_config"], run["data"]["name"]
     except OSError:
         raise harness.CheckpointError(f"{ckpt}: checkpoint has no readable manifest.json") from None
@@ -267,7 +289,7 @@ def _resume_args(args, source) -> None:
                 batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
                 min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
                 eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
-                schedule=tc.get("schedule", "cosine"))
+                schedule=tc.get("schedule", "cosine"), lambda_warmup=tc.get("lambda_warmup_steps", 0))
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -296,6 +318,8 @@ def _prepare(args, command):
         resume_from = args.resume_from
     if resume_from is not None:
         _resume_args(args, resume_from)
+        if getattr(args, "init_from", None) is not None:
+            resume_from = None  # the checkpoint initializes a new run (its step-0 weights)
     for name in ("batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "steps", "ckpt_every",
                  "stop_after"):
         v = getattr(args, name, None)
@@ -339,9 +363,13 @@ def cmd_train(args) -> int:
     if not args.no_progress:
         print(f"training {cfg.attention} ({_pick(args, 'preset')}, {cfg.num_params():,} params) on "
               f"{data.name} with {describe_short(backend)} -> {out}", file=sys.stderr)
-    s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget,
+    init = getattr(args, "init_from", None)
+    params = harness.load_checkpoint(init)[0] if init is not None else None
+    extra = {"preset": _pick(args, "preset")} if init is None else {"preset": None, "init_from": str(init)}
+    s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget, params=params,
                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
-                      extra_manifest={"preset": _pick(args, "preset")})
+                      extra_manifest=extra, diag_every=args.diag_every, diag_layers=args.diag_layers,
+                      diag_log=tuple(n.strip() for n in args.diag_log.split(",") if n.strip()))
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
             f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
@@ -470,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bad_input = _bad_input_errors()
     try:
+        from diffattn.hf.commands import COMMANDS
+
         commands = {"train": cmd_train, "paired": cmd_paired, "agree": cmd_agree, "eval": cmd_eval,
-                    "tokenize": cmd_tokenize}
+                    "tokenize": cmd_tokenize, **COMMANDS}
         return commands[args.command](args)
     except bad_input as e:
         print(f"diffattn {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",

@@ -11,6 +11,12 @@ twin with identical projection shapes):
 
 So vanilla(n_heads=2h) and diff(n_heads=h) have identical q/k/v/out shapes; diff_v2(n_heads=h)
 shares k/v/out with vanilla(n_heads=h) and doubles q.
+
+`diff_heads` picks DIFF V1's layout: "split" is the paper's (the table above); "double" gives each
+DIFF head two maps of width d_model/n_heads over a V of that same width (2*n_heads q heads,
+2*n_kv_heads k heads, n_kv_heads v heads of head_dim): the layout that converting vanilla(n_heads)
+by adding a negative map to every head produces (diffattn/hf.py). `diff_subln=False` drops DIFF
+V1's per-head RMSNorm and its (1 - lambda_init) scale: the output is A1 V - lambda A2 V itself.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 ATTENTIONS = ("vanilla", "diff", "diff_v2")
+DIFF_HEADS = ("split", "double")
 
 
 class ConfigError(ValueError):
@@ -39,6 +46,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 64
     init_std: float = 0.02
+    diff_heads: str = "split"  # DIFF V1 layout: "split" (the paper's) | "double" (see the module doc)
+    diff_subln: bool = True  # DIFF V1: subln(o) * (1 - lambda_init); False: o
 
     def __post_init__(self):
         self.validate()
@@ -52,7 +61,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Dimension of one query/key head (one softmax map)."""
         per_head = self.d_model // self.n_heads
-        return per_head // 2 if self.attention == "diff" else per_head
+        return per_head // 2 if self._split_diff else per_head
+
+    @property
+    def _split_diff(self) -> bool:
+        return self.attention == "diff" and self.diff_heads == "split"
 
     @property
     def q_heads(self) -> int:
@@ -66,7 +79,7 @@ class ModelConfig:
 
     @property
     def v_head_dim(self) -> int:
-        return 2 * self.head_dim if self.attention == "diff" else self.head_dim
+        return 2 * self.head_dim if self._split_diff else self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -95,10 +108,12 @@ class ModelConfig:
             need(isinstance(v, int) and v > 0, f"{name}={v!r} must be a positive integer")
         kv = self.kv_heads
         need(isinstance(kv, int) and kv > 0, f"n_kv_heads={self.n_kv_heads!r} must be a positive integer or None")
-        split = 2 * self.n_heads if self.attention == "diff" else self.n_heads
+        need(self.diff_heads in DIFF_HEADS, f"diff_heads={self.diff_heads!r}, expected one of {DIFF_HEADS}")
+        need(isinstance(self.diff_subln, bool), f"diff_subln={self.diff_subln!r} must be true or false")
+        split = 2 * self.n_heads if self._split_diff else self.n_heads
         need(self.d_model % split == 0,
              f"d_model={self.d_model} is not divisible by {split} "
-             f"({'2*' if self.attention == 'diff' else ''}n_heads for attention={self.attention!r})")
+             f"({'2*' if self._split_diff else ''}n_heads for attention={self.attention!r})")
         need(self.n_heads % kv == 0, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
         need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
         need(self.ffn_dim > 0, f"ffn_hidden={self.ffn_hidden!r} must be positive")
@@ -112,9 +127,9 @@ class ModelConfig:
             raise ConfigError(f"unknown attention {attention!r}, expected one of {ATTENTIONS}")
         # go through the vanilla layout: diff halves its heads, diff_v2 keeps them
         heads, kv = self.n_heads, self.kv_heads
-        if self.attention == "diff":
+        if self._split_diff:
             heads, kv = 2 * heads, 2 * kv
-        if attention == "diff":
+        if attention == "diff" and self.diff_heads == "split":
             if heads % 2 or kv % 2:
                 raise ConfigError(f"no DIFF twin: n_heads={heads}, n_kv_heads={kv} must both be even")
             heads, kv = heads // 2, kv // 2
@@ -146,6 +161,7 @@ class TrainConfig:
     warmup_steps: int = 20
     eval_every: int = 50
     eval_batches: int = 4
+    lambda_warmup_steps: int = 0  # the negative map's weight (lambda_mix) ramps 0 -> 1 over these steps
     seed: int = 0  # parameter init
     data_seed: int = 0  # batch order
     optim: AdamWConfig = field(default_factory=AdamWConfig)
@@ -156,6 +172,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
                 raise ConfigError(f"invalid TrainConfig: {name}={v!r} must be a positive integer")
+        if not (isinstance(self.lambda_warmup_steps, int) and self.lambda_warmup_steps >= 0):
+            raise ConfigError(f"invalid TrainConfig: lambda_warmup_steps={self.lambda_warmup_steps!r} must be an "
+                              "integer >= 0")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ConfigError("invalid TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
         if self.schedule not in SCHEDULES:

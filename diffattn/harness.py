@@ -196,8 +196,9 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
 def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info: dict, where) -> None:
     """The checkpoint must come from the same model, optimizer, batches and data."""
     theirs = manifest["model_config"]
+    defaults = config_dict(ModelConfig())
     for k, v in config_dict(cfg).items():
-        if theirs.get(k) != v:
+        if theirs.get(k, defaults[k]) != v:  # a field newer than the checkpoint has its default
             raise CheckpointError(f"{where}: checkpoint has model {k}={theirs.get(k)!r}, this run {k}={v!r}")
     theirs = manifest["train_config"]
     defaults = config_dict(TrainConfig())  # a field newer than the checkpoint: it ran the default
@@ -274,7 +275,8 @@ def prepare_out_dir(out_dir, resume: bool) -> None:
 def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
           params: dict | None = None, resume_from=None, budget_s: float | None = None,
           stop_after: int | None = None, ckpt_every: int | None = None, progress: bool = True,
-          extra_manifest: dict | None = None, log=None) -> dict:
+          extra_manifest: dict | None = None, log=None, diag_every: int | None = None, diag_layers: int = 3,
+          diag_log: tuple[str, ...] = ()) -> dict:
     """Train `cfg` on `data` with `backend` (a loaded Backend). Returns a summary dict.
 
     params       initial parameters (default init_params(cfg, tcfg.seed))
@@ -284,6 +286,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     stop_after   stop (with a checkpoint) after this many steps in total, schedule unchanged:
                  an interrupted run, for resume tests
     ckpt_every   steps between checkpoints (default: eval_every); a final one is always written
+    diag_every   every this many steps (and at the start), diffattn.diagnostics of `diag_layers`
+                 strided layers on a fixed probe batch -> {"kind": "diag"} records, and to the
+                 `diag_log` sinks ("tensorboard", "wandb")
+    tcfg.lambda_warmup_steps > 0 sets the backend model's lambda_mix to min(1, step / N) before
+    each step (spec.py's negative-map weight; a backend model without set_lambda_mix refuses)
     """
     t_start = time.time()
     # -- validate everything before writing anything --
@@ -314,6 +321,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     model = backend.build(cfg, params, optim=tcfg.optim)
     if opt_state is not None:
         model.load_state(params, opt_state)
+    warmup = tcfg.lambda_warmup_steps
+    if warmup and cfg.attention == "vanilla":
+        raise ConfigError("lambda_warmup_steps: a vanilla model has no negative map to warm up")
+    if warmup and not hasattr(model, "set_lambda_mix"):
+        raise ConfigError(f"lambda_warmup_steps: backend {backend.name!r} has no lambda_mix (set_lambda_mix)")
+    if diag_every is not None and diag_every <= 0:
+        raise ConfigError(f"diag_every={diag_every} must be a positive integer")
+    if diag_log:
+        from diffattn import diagnostics
+
+        diagnostics.check_sinks(diag_log)
 
     tokens_per_step = tcfg.grad_accum * tcfg.batch_size * tcfg.seq_len
     total = tcfg.steps
@@ -331,6 +349,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
             _write_json(out / "tokenizer.json", data.tokenizer.to_json())
         metrics_path = out / "metrics.jsonl"
         _truncate_metrics(metrics_path, start_step)
+    probe, sinks, mix = None, None, 1.0
+    if diag_every:
+        from diffattn import diagnostics
+
+        probe = diagnostics.probe_batch(data, tcfg.seq_len, tcfg.data_seed)
+        diag_at = diagnostics.strided_layers(cfg.n_layers, diag_layers)
+        sinks = diagnostics.Sinks(diag_log, out if out is not None else Path("."))
 
     def record(obj):
         if log is not None:
@@ -379,6 +404,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         last_ckpt_step = step_done
 
     def run_eval(step_done):
+        set_mix(step_done)  # during a warmup, the weight the next step trains with
         ev = evaluate(model, data, tcfg)
         ev = {"kind": "eval", "step": step_done, **ev}
         evals.append(ev)
@@ -387,8 +413,25 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         acc = f" accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else ""
         bar.message(f"eval step {step_done}: val loss {ev['val_loss']:.4f}{bpb}{acc}")
 
+    def set_mix(step_next):
+        nonlocal mix
+        w = min(1.0, step_next / warmup) if warmup else 1.0
+        if w != mix:
+            model.set_lambda_mix(w)
+            mix = w
+
+    def run_diag(step_done):
+        resolve()
+        w = min(1.0, step_done / warmup) if warmup else 1.0  # the weight the next step trains with
+        rec = {"kind": "diag", "step": step_done, **diagnostics.diagnose(cfg, model.state()[0], probe, diag_at, w)}
+        record(rec)
+        sinks.write(rec)
+
     step = start_step
     t_loop = time.time()
+    set_mix(step)
+    if diag_every and resumed is None:  # a resumed run has its start's record already
+        run_diag(step)
     try:
         while step < total:
             if budget_s is not None and elapsed_train >= budget_s:
@@ -400,6 +443,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
             batch = data.train_batch(step, tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum, tcfg.data_seed)
             batch = batch[0] if tcfg.grad_accum == 1 else batch
             lr = optim.lr_at(step, tcfg, elapsed_train / budget_s if budget_s else None)
+            set_mix(step)
             t0 = time.time()
             handle = model.train_step(batch, lr)
             resolve()
@@ -420,6 +464,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                     run_eval(step)
                 if step % ckpt_every == 0 and step < total:
                     checkpoint(step)
+            if diag_every and step % diag_every == 0:
+                run_diag(step)
             if losses:
                 now = time.time()
                 tok_s = window_tokens / max(now - window_t, 1e-9)
@@ -460,7 +506,7 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
             except ValueError:
                 continue  # a torn last line
             if rec.get("kind") == "train" and rec["step"] < start_step or \
-                    rec.get("kind") == "eval" and rec["step"] <= start_step:
+                    rec.get("kind") in ("eval", "diag") and rec["step"] <= start_step:
                 keep.append(line)
     text = "".join(line + "\n" for line in keep)
 

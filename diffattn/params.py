@@ -10,7 +10,7 @@ Microsoft's reference modules so its fixtures map without a table):
     layers.{i}.attn.v_proj.weight              (kv_heads*v_head_dim, d)
     layers.{i}.attn.out_proj.weight            (d, n_heads*v_head_dim)
     layers.{i}.attn.lambda_q1 / k1 / q2 / k2   (head_dim,)          diff only
-    layers.{i}.attn.subln.weight               (2*head_dim,)        diff only
+    layers.{i}.attn.subln.weight               (v_head_dim,)        diff with diff_subln only
     layers.{i}.attn.lambda_proj.weight         (n_heads, d)         diff_v2 only
     layers.{i}.mlp_norm.weight                 (d,)
     layers.{i}.mlp.w1.weight / w3.weight       (ffn, d)   gate / up (SwiGLU)
@@ -53,7 +53,8 @@ def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if cfg.attention == "diff":
         shapes.update({n: (hd,) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")})
-        shapes["subln.weight"] = (2 * hd,)
+        if cfg.diff_subln:
+            shapes["subln.weight"] = (cfg.v_head_dim,)
     elif cfg.attention == "diff_v2":
         shapes["lambda_proj.weight"] = (cfg.n_heads, d)
     return shapes

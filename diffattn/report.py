@@ -329,6 +329,12 @@ def plot_runs(run_dirs, out_dir) -> list[Path]:
     written = []
     for run in map(Path, run_dirs):
         written.append(plot_run(run, out_dir / f"{'paired' if _arms(run)[1:] else 'run'}_{_safe(run.name)}.png"))
+        arms = _arms(run)
+        for label, arm in arms:
+            diag = read_diagnostics(arm)
+            if diag:
+                written.append(plot_diagnostics(diag, f"{run} {label}" if len(arms) > 1 else str(run),
+                                                out_dir / f"diag_{_safe(run.name)}_{_safe(label)}.png"))
     return written
 
 
@@ -391,6 +397,47 @@ def plot_run(run, path) -> Path:
     ax.set_title(f"{'paired run' if len(arms) > 1 else 'run'} {run}", fontsize=9)
     ax.legend(fontsize=8)
     return _save(plt, fig, Path(path))
+
+
+def read_diagnostics(run_dir) -> list[dict]:
+    """The {"kind": "diag"} records of a run's metrics.jsonl (diffattn.diagnostics), by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if '"diag"' in line] if path.is_file() else []
+    return sorted((r for r in rows if r.get("kind") == "diag"), key=lambda r: r["step"])
+
+
+DIAG_PANELS = (("lambda", "lambda (V1) / mean lambda_t (V2)"), ("entropy", "map entropy (nats)"),
+               ("neg_ratio", "||lambda_mix lambda A2 V|| / ||A1 V||"))
+
+
+def plot_diagnostics(diag: list[dict], title: str, path: Path) -> Path:
+    """Three panels against step, one line per diagnosed layer: lambda (V2: mean lambda_t, its
+    spread shaded), the entropies of both maps and of their difference, the negative map's share."""
+    steps = [r["step"] for r in diag]
+    layers = list(diag[0]["layers"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for layer in layers:
+        col = lambda k: [r["layers"][layer].get(k, float("nan")) for r in diag]  # noqa: E731
+        if "lambda" in diag[0]["layers"][layer]:
+            axes[0].plot(steps, col("lambda"), label=f"layer {layer}")
+        elif "lambda_mean" in diag[0]["layers"][layer]:
+            mean, std = col("lambda_mean"), col("lambda_std")
+            line, = axes[0].plot(steps, mean, label=f"layer {layer}")
+            axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                 color=line.get_color(), alpha=0.2)
+        line, = axes[1].plot(steps, col("entropy_pos"), label=f"layer {layer} A1")
+        if "entropy_neg" in diag[0]["layers"][layer]:
+            axes[1].plot(steps, col("entropy_neg"), ":", color=line.get_color(), label=f"layer {layer} A2")
+            axes[1].plot(steps, col("entropy_diff"), "--", color=line.get_color(), label=f"layer {layer} A1-lA2")
+            axes[2].plot(steps, col("neg_ratio"), color=line.get_color(), label=f"layer {layer}")
+    if any(r["lambda_mix"] != 1.0 for r in diag):
+        axes[2].plot(steps, [r["lambda_mix"] for r in diag], "k:", lw=1, label="lambda_mix")
+    for ax, (_, ylabel) in zip(axes, DIAG_PANELS):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"DIFF diagnostics {title}", fontsize=9)
+    return _save(plt, fig, path)
 
 
 # ---- the command -----------------------------------------------------------------------------

@@ -8,6 +8,11 @@ attention functions take one layer's tensors under their short names (q_proj.wei
 Each op comes as a forward `f(...)` and, where the model needs it, `f_backward(...)` taking the
 forward's inputs (or cache) and the upstream gradient. The attention backward is the oracle the
 fused kernels' backward is tested against.
+
+`lambda_mix` (default 1) scales the negative map's weight of both DIFF variants: V1 combines
+A1 V - mix * lambda * A2 V, V2 a_even - mix * lambda_t * a_odd. Training ramps it 0 -> 1 for a
+converted model (TrainConfig.lambda_warmup_steps); it is a number the caller passes, not a
+parameter, and at 1 the model is the paper's.
 """
 from __future__ import annotations
 
@@ -124,7 +129,7 @@ def diff_lambda(cfg: ModelConfig, layer: int, p):
     return e1 - e2 + cfg.lambda_init(layer), e1, e2
 
 
-def _attention_forward(cfg: ModelConfig, layer: int, p, x):
+def _attention_forward(cfg: ModelConfig, layer: int, p, x, mix=1.0):
     """Returns (out, cache). See diffattn/config.py for the head layout of each variant."""
     B, L, D = x.shape
     hd, att = cfg.head_dim, cfg.attention
@@ -133,7 +138,7 @@ def _attention_forward(cfg: ModelConfig, layer: int, p, x):
     q = apply_rope(_heads(x @ p["q_proj.weight"].T, cfg.q_heads), cos, sin)
     k = apply_rope(_heads(x @ p["k_proj.weight"].T, cfg.k_heads), cos, sin)
     v = _heads(x @ p["v_proj.weight"].T, cfg.kv_heads)
-    c = dict(x=x, q=q, k=k, v=v, cos=cos, sin=sin, scale=scale)
+    c = dict(x=x, q=q, k=k, v=v, cos=cos, sin=sin, scale=scale, mix=mix)
     if att == "vanilla":
         group = cfg.n_heads // cfg.kv_heads
         c["kr"], c["vr"] = repeat_kv(k, group), repeat_kv(v, group)
@@ -146,22 +151,25 @@ def _attention_forward(cfg: ModelConfig, layer: int, p, x):
         o1, c["p1"] = causal_attention(q[:, 0::2], c["k1r"], c["vr"], scale)
         o2, c["p2"] = causal_attention(q[:, 1::2], c["k2r"], c["vr"], scale)
         lam, c["e1"], c["e2"] = diff_lambda(cfg, layer, p)
-        o = o1 - lam * o2
-        c.update(o=o, o2=o2, lam=lam)
-        y = rmsnorm(o, p["subln.weight"], cfg.norm_eps) * (1.0 - cfg.lambda_init(layer))
+        o = o1 - mix * lam * o2
+        c.update(o=o, o1=o1, o2=o2, lam=lam)
+        y = rmsnorm(o, p["subln.weight"], cfg.norm_eps) * (1.0 - cfg.lambda_init(layer)) if cfg.diff_subln else o
     else:  # diff_v2
         group = cfg.q_heads // cfg.kv_heads
         c["kr"], c["vr"] = repeat_kv(k, group), repeat_kv(v, group)
         a, c["p"] = causal_attention(q, c["kr"], c["vr"], scale)
         lam = sigmoid(x @ p["lambda_proj.weight"].T).transpose(0, 2, 1)[..., None]  # (B, H, L, 1)
         c.update(a=a, lam=lam)
-        y = a[:, 0::2] - lam * a[:, 1::2]
+        y = a[:, 0::2] - mix * lam * a[:, 1::2]
     c["y"] = _merge(y)
     return c["y"] @ p["out_proj.weight"].T, c
 
 
 def _diff_combine_backward(cfg: ModelConfig, layer: int, p, c, dy):
-    """DIFF V1, back through y = subln(o) * (1 - lambda_init): (dL/do, dL/d subln.weight)."""
+    """DIFF V1, back through y = subln(o) * (1 - lambda_init): (dL/do, dL/d subln.weight); y = o
+    without subln: (dy, None)."""
+    if not cfg.diff_subln:
+        return dy, None
     return rmsnorm_backward(c["o"], p["subln.weight"], cfg.norm_eps, dy * (1.0 - cfg.lambda_init(layer)))
 
 
@@ -177,11 +185,14 @@ def _attention_backward(cfg: ModelConfig, layer: int, p, c, grad_out):
         dk, dv = repeat_kv_backward(dkr, group), repeat_kv_backward(dvr, group)
     elif att == "diff":
         group = cfg.n_heads // cfg.kv_heads
-        do, grads["subln.weight"] = _diff_combine_backward(cfg, layer, p, c, dy)
-        dlam = -np.sum(do * c["o2"])
+        do, dsubln = _diff_combine_backward(cfg, layer, p, c, dy)
+        if dsubln is not None:
+            grads["subln.weight"] = dsubln
+        mix = c["mix"]
+        dlam = -mix * np.sum(do * c["o2"])
         q, k = c["q"], c["k"]
         dq1, dk1r, dv1 = causal_attention_backward(q[:, 0::2], c["k1r"], c["vr"], c["p1"], do, c["scale"])
-        dq2, dk2r, dv2 = causal_attention_backward(q[:, 1::2], c["k2r"], c["vr"], c["p2"], -c["lam"] * do, c["scale"])
+        dq2, dk2r, dv2 = causal_attention_backward(q[:, 1::2], c["k2r"], c["vr"], c["p2"], -mix * c["lam"] * do, c["scale"])
         dq, dk = np.empty_like(q), np.empty_like(k)
         dq[:, 0::2], dq[:, 1::2] = dq1, dq2
         dk[:, 0::2], dk[:, 1::2] = repeat_kv_backward(dk1r, group), repeat_kv_backward(dk2r, group)
@@ -193,10 +204,10 @@ def _attention_backward(cfg: ModelConfig, layer: int, p, c, grad_out):
         grads["lambda_k2"] = -dlam * e2 * p["lambda_q2"]
     else:  # diff_v2
         group = cfg.q_heads // cfg.kv_heads
-        a, lam = c["a"], c["lam"]
+        a, lam, mix = c["a"], c["lam"], c["mix"]
         da = np.empty_like(a)
-        da[:, 0::2], da[:, 1::2] = dy, -lam * dy
-        dlam = -np.sum(dy * a[:, 1::2], -1, keepdims=True)  # (B, H, L, 1)
+        da[:, 0::2], da[:, 1::2] = dy, -mix * lam * dy
+        dlam = -mix * np.sum(dy * a[:, 1::2], -1, keepdims=True)  # (B, H, L, 1)
         dlogit = (dlam * lam * (1.0 - lam))[..., 0].transpose(0, 2, 1)  # (B, L, H)
         grads["lambda_proj.weight"] = np.einsum("blh,bli->hi", dlogit, x)
         dx += dlogit @ p["lambda_proj.weight"]
@@ -250,7 +261,7 @@ def _layer(params, i):
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
-def _forward(cfg: ModelConfig, params, tokens):
+def _forward(cfg: ModelConfig, params, tokens, lambda_mix=1.0):
     """Logits (B, L, V) for int tokens (B, L), and the cache the backward needs."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
@@ -265,7 +276,7 @@ def _forward(cfg: ModelConfig, params, tokens):
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
         a_in = rmsnorm(x, params[pre + "attn_norm.weight"], eps)
-        a_out, a_cache = _attention_forward(cfg, i, _layer(params, i), a_in)
+        a_out, a_cache = _attention_forward(cfg, i, _layer(params, i), a_in, lambda_mix)
         x1 = x + a_out
         m_in = rmsnorm(x1, params[pre + "mlp_norm.weight"], eps)
         gate, up = m_in @ params[pre + "mlp.w1.weight"].T, m_in @ params[pre + "mlp.w3.weight"].T
@@ -286,23 +297,31 @@ def cross_entropy(logits, targets):
     return nll, np.exp(logp)
 
 
-def model_logits(cfg: ModelConfig, params, tokens, dtype=np.float64):
-    return _forward(cfg, _cast(params, dtype), tokens)[0]
+def model_logits(cfg: ModelConfig, params, tokens, dtype=np.float64, lambda_mix=1.0):
+    return _forward(cfg, _cast(params, dtype), tokens, lambda_mix)[0]
 
 
-def token_losses(cfg: ModelConfig, params, batch, dtype=np.float64):
+def attention_caches(cfg: ModelConfig, params, tokens, dtype=np.float64, lambda_mix=1.0) -> list[dict]:
+    """Per layer, the attention forward's intermediates for tokens (B, L): q, k, v after RoPE,
+    the softmax maps (vanilla and V2: "p" over every q head; V1: "p1", "p2"), V1's "lam", "o1",
+    "o2" (A1 V, A2 V), V2's token-wise "lam" (B, H, L, 1) and "a" (every q head's A V), and "mix".
+    What diffattn.diagnostics reads."""
+    return [lc["a_cache"] for lc in _forward(cfg, _cast(params, dtype), tokens, lambda_mix)[1]["layers"]]
+
+
+def token_losses(cfg: ModelConfig, params, batch, dtype=np.float64, lambda_mix=1.0):
     """(B, L) cross-entropy in nats of batch[:, 1:] given batch[:, :-1]."""
     batch = np.asarray(batch)
-    logits, _ = _forward(cfg, _cast(params, dtype), batch[:, :-1])
+    logits, _ = _forward(cfg, _cast(params, dtype), batch[:, :-1], lambda_mix)
     return cross_entropy(logits, batch[:, 1:])[0]
 
 
-def model_loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64):
+def model_loss_and_grads(cfg: ModelConfig, params, batch, dtype=np.float64, lambda_mix=1.0):
     """Mean cross-entropy of the batch (B, L+1) and its gradient for every parameter."""
     params = _cast(params, dtype)
     batch = np.asarray(batch)
     targets = batch[:, 1:]
-    logits, c = _forward(cfg, params, batch[:, :-1])
+    logits, c = _forward(cfg, params, batch[:, :-1], lambda_mix)
     nll, probs = cross_entropy(logits, targets)
     eps, n = cfg.norm_eps, nll.size
     dlogits = probs

@@ -178,7 +178,7 @@ def test_unknown_impl_is_a_one_line_error(impl):
 
 
 def test_bad_shapes_are_one_line_errors():
-    q, k, v = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 1, 8)  # v should be 2d wide
+    q, k, v = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 1, 12)  # v must be d or 2d wide
     with pytest.raises(ValueError, match="DIFF V1 attention wants"):
         diff_v1_attention(q, k, v, torch.tensor(0.5), "naive")
     with pytest.raises(ValueError, match="DIFF V2 lambda must have shape"):

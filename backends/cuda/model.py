@@ -73,10 +73,17 @@ class Attention(nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             out_f, in_f = shapes[name + ".weight"]
             setattr(self, name, nn.Linear(in_f, out_f, bias=False))
+        if cfg.attention == "diff" and cfg.diff_heads == "double" and kernels == "fused":
+            raise ValueError("kernels='fused' implements DIFF V1's split (paper) layout; a diff_heads='double' "
+                             "model runs with kernels='composed' or 'naive'")
+        # the negative map's weight (spec.py's lambda_mix), set by CudaModel.set_lambda_mix: a buffer,
+        # so a compiled or graph-replayed step reads the current value
+        self.register_buffer("lambda_mix", torch.ones((), dtype=torch.float64), persistent=False)
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, nn.Parameter(torch.zeros(shapes[name])))
-            self.subln = RMSNorm(2 * cfg.head_dim, SUBLN_EPS)
+            if cfg.diff_subln:
+                self.subln = RMSNorm(cfg.v_head_dim, SUBLN_EPS)
             # a buffer, not a Python float: torch.compile then reuses one graph for every layer
             self.register_buffer("lambda_init", torch.tensor(cfg.lambda_init(layer), dtype=torch.float64),
                                  persistent=False)
@@ -107,10 +114,14 @@ class Attention(nn.Module):
         elif cfg.attention == "diff":
             # subln(o) * (1 - lambda_init), the scale folded into the norm's weight, done by the op
             # (the fused kernels normalize in their epilogue)
-            weight = (self.subln.weight * (1.0 - self.lambda_init)).to(self.subln.weight.dtype)
-            o = ops.diff_v1_attention(q, k, v, self.lam(), self.kernels, norm=(weight, self.subln.eps))
+            norm = None
+            if cfg.diff_subln:
+                norm = ((self.subln.weight * (1.0 - self.lambda_init)).to(self.subln.weight.dtype), self.subln.eps)
+            lam = self.lam()
+            o = ops.diff_v1_attention(q, k, v, lam * self.lambda_mix.to(lam.dtype), self.kernels, norm=norm)
         else:
             lam = torch.sigmoid(self.lambda_proj(x))  # (B, L, H), token-wise
+            lam = lam * self.lambda_mix.to(lam.dtype)
             o = ops.diff_v2_attention(q, k, v, lam, self.kernels)
         return self.out_proj(o.reshape(B, L, cfg.n_heads * cfg.v_head_dim))
 

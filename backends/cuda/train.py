@@ -22,7 +22,7 @@ from diffattn import optim as optim_spec
 from diffattn.backend import BackendError
 from diffattn.config import AdamWConfig, ModelConfig
 from diffattn.params import check_params
-from diffattn.backends.cuda.model import build_transformer, load_numpy
+from diffattn.backends.cuda.model import Attention, build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
 # Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and
@@ -137,6 +137,13 @@ class CudaModel:
     def _numpy(self, t: torch.Tensor) -> np.ndarray:
         out = t.detach().to("cpu", torch.float64 if self.dtype == "float64" else torch.float32)
         return out.numpy().copy()
+
+    @torch.no_grad()
+    def set_lambda_mix(self, mix: float) -> None:
+        """The negative map's weight of the DIFF variants (spec.py's lambda_mix), in place."""
+        for m in self.module.modules():
+            if isinstance(m, Attention):
+                m.lambda_mix.fill_(float(mix))
 
     # ---- the Model protocol --------------------------------------------------------------------
     @torch.no_grad()

@@ -30,6 +30,10 @@ class MLXModel:
         self.decoder = None  # built at prefill from the current weights (decode.Decoder)
         self.load_state(params, None)
 
+    def set_lambda_mix(self, mix: float) -> None:
+        """The negative map's weight of the DIFF variants (spec.py's lambda_mix)."""
+        self.model.mix["lambda_mix"] = mx.array(float(mix), mx.float32)
+
     # ---- evaluation -------------------------------------------------------------------
     def logits(self, tokens):
         out = self.model(mx.array(np.asarray(tokens), mx.int32))

@@ -40,8 +40,15 @@ def rope(x, theta: float):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, impl: str):
+    def __init__(self, cfg: ModelConfig, layer: int, impl: str, mix: dict | None = None):
         super().__init__()
+        if cfg.attention == "diff" and cfg.diff_heads == "double" and impl == "fused":
+            raise ValueError("kernels='fused' implements DIFF V1's split (paper) layout; a diff_heads='double' "
+                             "model runs with kernels='composed' or 'naive'")
+        # the negative map's weight (spec.py's lambda_mix): {"lambda_mix": array} shared by the model's
+        # layers and handed to mx.compile as state, so the compiled step reads the current value; kept
+        # out of the parameter tree (object.__setattr__) so it is neither trained nor saved
+        object.__setattr__(self, "mix", mix if mix is not None else {"lambda_mix": mx.array(1.0)})
         d, hd = cfg.d_model, cfg.head_dim
         self.q_proj = Linear(d, cfg.q_heads * hd)
         self.k_proj = Linear(d, cfg.k_heads * hd)
@@ -50,7 +57,8 @@ class Attention(nn.Module):
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, mx.zeros((hd,)))
-            self.subln = RMSNorm(2 * hd, 1e-5)
+            if cfg.diff_subln:
+                self.subln = RMSNorm(cfg.v_head_dim, 1e-5)
         elif cfg.attention == "diff_v2":
             self.lambda_proj = Linear(d, cfg.n_heads)
         self.cfg, self.lambda_init, self.op = cfg, cfg.lambda_init(layer), IMPLS[cfg.attention][impl]
@@ -65,12 +73,16 @@ class Attention(nn.Module):
         q = rope(self.q_proj(x).reshape(B, L, cfg.q_heads, cfg.head_dim), cfg.rope_theta)
         k = rope(self.k_proj(x).reshape(B, L, cfg.k_heads, cfg.head_dim), cfg.rope_theta)
         v = self.v_proj(x).reshape(B, L, cfg.kv_heads, cfg.v_head_dim)
+        mix = self.mix["lambda_mix"]
         if cfg.attention == "vanilla":
             o = self.op(q, k, v)
         elif cfg.attention == "diff":
-            o = self.subln(self.op(q, k, v, self.lam())) * (1.0 - self.lambda_init)
+            o = self.op(q, k, v, self.lam() * mix)
+            if cfg.diff_subln:
+                o = self.subln(o) * (1.0 - self.lambda_init)
         else:
-            o = self.op(q, k, v, mx.sigmoid(self.lambda_proj(x)))
+            lam = mx.sigmoid(self.lambda_proj(x))
+            o = self.op(q, k, v, lam * mix.astype(lam.dtype))
         return self.out_proj(o.reshape(B, L, -1))
 
 
@@ -84,10 +96,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, impl: str):
+    def __init__(self, cfg: ModelConfig, layer: int, impl: str, mix: dict | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer, impl)
+        self.attn = Attention(cfg, layer, impl, mix)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.ffn_dim)
 
@@ -106,7 +118,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, impl: str, dtype=mx.float32):
         super().__init__()
         self.embed = Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = [Block(cfg, i, impl) for i in range(cfg.n_layers)]
+        object.__setattr__(self, "mix", {"lambda_mix": mx.array(1.0)})
+        self.layers = [Block(cfg, i, impl, self.mix) for i in range(cfg.n_layers)]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size)

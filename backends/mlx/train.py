@@ -72,5 +72,5 @@ def make_train_step(model, opt: dict, cfg: AdamWConfig, compile: bool = True):
 
     if not compile:
         return step
-    state = [model.state, opt]
+    state = [model.state, opt, model.mix]  # model.mix: the DIFF lambda_mix (model.py), read per call
     return partial(mx.compile, inputs=state, outputs=state)(step)

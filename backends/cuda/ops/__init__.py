@@ -36,6 +36,9 @@ def diff_v1_attention(q, k, v, lam, impl="composed", norm=None):
     if norm is not None:
         check_norm(norm, v)
     if impl == "fused":
+        if v.shape[-1] != 2 * q.shape[-1]:
+            raise ValueError("impl 'fused' implements DIFF V1's split layout (v of twice q's head dim); "
+                             f"got q head dim {q.shape[-1]}, v {v.shape[-1]}: use 'composed' or 'naive'")
         from .diff_v1 import fused
         return fused.attention(q, k, v, lam, norm)
     out = (_v1_naive if impl == "naive" else _v1_composed).attention(q, k, v, lam)

@@ -28,10 +28,11 @@ def vanilla_heads(q, k, v):
 
 
 def diff_v1_heads(q, k, v, lam):
-    """Returns (B, L, H, G, d) after checking q (B,L,2H,d), k (B,L,2G,d), v (B,L,G,2d), lam 0-dim."""
+    """Returns (B, L, H, G, d) after checking q (B,L,2H,d), k (B,L,2G,d), v (B,L,G,2d) (or (B,L,G,d):
+    diff_heads="double"), lam 0-dim."""
     ok = q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]
     ok = ok and q.shape[2] % 2 == 0 and k.shape[2] == 2 * v.shape[2] and q.shape[3] == k.shape[3]
-    ok = ok and v.shape[3] == 2 * q.shape[3]
+    ok = ok and v.shape[3] in (q.shape[3], 2 * q.shape[3])  # split (paper) layout, or diff_heads="double"
     if not ok:
         raise _shape_error("DIFF V1 attention wants q (B,L,2H,d), k (B,L,2G,d), v (B,L,G,2d)", q=q.shape, k=k.shape, v=v.shape)
     if lam.dim() != 0:
