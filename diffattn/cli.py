@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=None, help="context (default: the run's)")
     e.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     e.add_argument("--position-bins", type=int, default=8, help="equal bins of target position (8)")
-    e.add_argument("--task", default="lm", help="lm (default); long-context probes where diffattn.probes exists")
+    e.add_argument("--task", default="lm", help="lm (default); long-context probes are `diffattn probe`")
     e.add_argument("--out", default=None, help="also write the JSON result to this file")
     e.add_argument("--json", action="store_true", help="end with the JSON result on stdout")
     k = sub.add_parser("tokenize", help="write a corpus as token shards (train.bin, val.bin, tokenizer.json)")

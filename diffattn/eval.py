@@ -17,8 +17,6 @@ where that module exists: it provides TASKS (names) and
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
 
 import numpy as np
@@ -65,10 +63,10 @@ def evaluate(model, data, tcfg: TrainConfig, n_bins: int = POSITION_BINS) -> dic
 
 
 def probe_tasks() -> tuple[str, ...]:
-    """Tasks `diffattn eval --task` takes: "lm", and diffattn.probes' where it exists."""
-    if importlib.util.find_spec("diffattn.probes") is None:
-        return ("lm",)
-    return ("lm", *importlib.import_module("diffattn.probes").TASKS)
+    """Tasks `diffattn eval --task` takes: "lm". The long-context probes (needle, mqar) score
+    planted facts over a grid of lengths rather than a held-out loss, so they have their own
+    command, `diffattn probe` (diffattn.probes)."""
+    return ("lm",)
 
 
 def evaluate_checkpoint(path, backend, data, *, tokens: float | None = None, seq_len: int | None = None,
@@ -79,7 +77,7 @@ def evaluate_checkpoint(path, backend, data, *, tokens: float | None = None, seq
     from diffattn import harness
 
     if task not in probe_tasks():
-        hint = "" if len(probe_tasks()) > 1 else " (long-context probes come with diffattn.probes, absent here)"
+        hint = " (long-context probes: diffattn probe RUN --task needle|mqar)"
         raise ConfigError(f"--task {task!r}: expected one of {probe_tasks()}{hint}")
     params, _, manifest, ckpt = harness.load_checkpoint(path)
     cfg = harness.model_config_from(manifest["model_config"])
@@ -99,11 +97,7 @@ def evaluate_checkpoint(path, backend, data, *, tokens: float | None = None, seq
     data.check(L)
     t = dataclasses.replace(run, seq_len=L, batch_size=B, eval_batches=n_batches)
     model = backend.build(cfg, params, optim=run.optim)
-    if task == "lm":
-        result = evaluate(model, data, t, n_bins)
-    else:
-        probes = importlib.import_module("diffattn.probes")
-        result = probes.evaluate(task, model, cfg, seq_len=L, tokens=tokens, seed=run.data_seed)
+    result = evaluate(model, data, t, n_bins)
     return {"task": task, "checkpoint": str(ckpt), "step": int(manifest["step"]), "attention": cfg.attention,
             "params": cfg.num_params(), "data": data.describe()["name"], "trained_on": manifest["data"]["name"],
             "seq_len": L, "batch_size": B, "eval_batches": n_batches, "tokens": n_batches * B * L,
