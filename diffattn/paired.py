@@ -77,7 +77,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     result = {"attention": cfg.attention, "diff": _brief(d), "vanilla": _brief(v), "delta": delta,
               "position_bins": d["position_bins"], "shared": shared, "steps": d["steps"],
               "backend": backend.name, "data": d["data"]}
-    if out_dir is not None:
+    if out_dir is not None and getattr(backend, "is_writer", True):
         harness._write_json(Path(out_dir) / "paired.json", {
             **result, "model_config": harness.config_dict(cfg), "twin_config": harness.config_dict(twin),
             "train_config": harness.config_dict(tcfg), "env": harness.environment(backend),
