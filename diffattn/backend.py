@@ -104,11 +104,17 @@ class Backend(Protocol):
 
 
 def load(name: str, device: str | None = None, dtype: str | None = None, kernels: str = "auto",
-         compile: bool = False, graphs: bool = False) -> Backend:
+         compile: bool = False, graphs: bool = False, parallel: str | None = None) -> Backend:
     """Load a backend by name; a missing framework is a one-line BackendError naming the extra.
     dtype None means the backend's default (numpy: float64, mlx and cuda: float32). compile and
     graphs are the cuda backend's (torch.compile'd blocks; the training step replayed as a CUDA
-    graph); they change speed, not the math."""
+    graph); they change speed, not the math.
+
+    parallel: training over several processes on the framework's own engine ("ddp": data
+    parallel, mlx and cuda; "fsdp": sharded, cuda), each backend's parallel.py. None: "ddp" when
+    a launcher (torchrun, mlx.launch) started several processes, else "none". A parallel backend
+    has rank, world_size and is_writer (rank 0: the one process that writes run folders); its
+    models take the global batch in train_step and keep their rank's rows."""
     name = ALIASES.get(name, name)
     if name not in REGISTRY:
         raise BackendError(f"unknown backend {name!r}, expected one of {tuple(REGISTRY) + tuple(ALIASES)}")
@@ -119,6 +125,11 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
     options = {k: True for k, v in (("compile", compile), ("graphs", graphs)) if v}
     if options and name != "cuda":
         raise BackendError(f"backend {name!r} has no {' / '.join(options)} option (the cuda backend's)")
+    if parallel not in (None, "none"):
+        if name == "numpy":
+            raise BackendError(f"backend 'numpy' runs in one process: no parallel={parallel!r} (mlx and cuda have ddp)")
+    if name != "numpy":
+        options["parallel"] = parallel
     module, extra, framework = REGISTRY[name]
     try:
         importlib.import_module(framework)
@@ -126,6 +137,18 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
         raise BackendError(f"backend {name!r} needs {framework.split('.')[0]}, which is not installed: "
                            f"pip install 'diffattn[{extra}]'") from None
     return importlib.import_module(module).create(device=device, dtype=dtype, kernels=kernels, **options)
+
+
+def rank_rows(batch, rank: int, world: int):
+    """Rank `rank`'s contiguous slice of the rows of a global (B, L+1) or (n_micro, B, L+1)
+    batch (numpy or torch): the data-parallel split, so that `world` processes together see
+    exactly the batch one process would."""
+    rows = batch.shape[-2]
+    if rows % world:
+        raise BackendError(f"a batch of {rows} rows does not split over {world} processes: "
+                           f"give a batch size that is a multiple of {world}")
+    n = rows // world
+    return batch[..., rank * n:(rank + 1) * n, :]
 
 
 # ---- the numpy reference backend ------------------------------------------------------------

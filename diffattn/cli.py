@@ -69,6 +69,9 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--kernels", default="auto", help="auto | fused | composed | naive")
     g.add_argument("--compile", action="store_true", help="cuda: torch.compile each block")
     g.add_argument("--cuda-graphs", action="store_true", help="cuda: replay each training step as one CUDA graph")
+    g.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp"),
+                   help="over the processes torchrun / mlx.launch started: ddp (data parallel; default there) | "
+                        "fsdp (cuda: sharded) | none")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, help="tiny | small | stage0 | stage1 | stage1-short: a model and "
                    f"its training recipe (default {DEFAULTS['preset']})")
@@ -326,13 +329,18 @@ def _prepare(args, command):
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
     backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels,
-                   compile=getattr(args, "compile", False), graphs=getattr(args, "cuda_graphs", False))
+                   compile=getattr(args, "compile", False), graphs=getattr(args, "cuda_graphs", False),
+                   parallel=args.parallel)
     data = _load_data(args, args.vocab_size, getattr(args, "tokenizer_file", None))
     if getattr(args, "model_config", None):
         cfg = model_config_from(args.model_config)
     else:
         cfg = _model_config(args, data)
     tcfg = _train_config(args)
+    world = getattr(backend, "world_size", 1)
+    if tcfg.batch_size % world:
+        raise UsageError(f"--batch-size {tcfg.batch_size} does not split over {world} processes: "
+                         f"give a multiple of {world}")
     out = Path(args.out) if args.out else _default_out(command, cfg.attention)
     budget = args.minutes * 60 if args.minutes is not None else None
     return backend, data, cfg, tcfg, out, budget, resume_from
@@ -360,7 +368,8 @@ def cmd_train(args) -> int:
     from diffattn.backend import describe_short
 
     backend, data, cfg, tcfg, out, budget, resume_from = _prepare(args, "train")
-    if not args.no_progress:
+    writer = getattr(backend, "is_writer", True)  # under --parallel, rank 0 reports
+    if not args.no_progress and writer:
         print(f"training {cfg.attention} ({_pick(args, 'preset')}, {cfg.num_params():,} params) on "
               f"{data.name} with {describe_short(backend)} -> {out}", file=sys.stderr)
     init = getattr(args, "init_from", None)
@@ -370,6 +379,8 @@ def cmd_train(args) -> int:
                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
                       extra_manifest=extra, diag_every=args.diag_every, diag_layers=args.diag_layers,
                       diag_log=tuple(n.strip() for n in args.diag_log.split(",") if n.strip()))
+    if not writer:
+        return 0
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
             f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
@@ -393,6 +404,8 @@ def cmd_paired(args) -> int:
     backend, data, cfg, tcfg, out, budget, _ = _prepare(args, "paired")
     r = paired.run_paired(cfg, tcfg, data, backend, out, seeds=seeds, data_seed=args.data_seed,
                           resume=args.continue_paired, budget_s=budget, progress=not args.no_progress)
+    if not getattr(backend, "is_writer", True):  # under --parallel, rank 0 reports
+        return 0
     print(paired.format_paired(r))
     print(f"run folder: {out}")
     _plot_losses(out)

@@ -18,6 +18,11 @@ A run directory holds:
 A checkpoint is complete before latest.json names it, and the previous one is deleted only
 after, so a crash at any moment leaves a loadable checkpoint. Resume is exact: the state,
 the step and therefore the batches and learning rate continue where they stopped.
+
+Under a parallel backend (torchrun, mlx.launch: each backend's parallel.py) every process runs
+this loop on the same global batches, its model's train_step keeping the process's rows and
+returning the global loss; `model.state()` is called on every process (a sharded model gathers
+collectively) and only the writer (`backend.is_writer`, rank 0) writes the run folder.
 """
 from __future__ import annotations
 
@@ -333,6 +338,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
 
         diagnostics.check_sinks(diag_log)
 
+    writer = getattr(backend, "is_writer", True)  # one process writes (rank 0 under --parallel)
     tokens_per_step = tcfg.grad_accum * tcfg.batch_size * tcfg.seq_len
     total = tcfg.steps
     ckpt_every = ckpt_every or tcfg.eval_every
@@ -341,7 +347,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                 "budget_s": budget_s, "tokens_per_step": tokens_per_step, **(extra_manifest or {})}
     out = Path(out_dir) if out_dir is not None else None
     metrics_path = None
-    if out is not None:
+    if out is not None and writer:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", {**run_info, "resumed": resumed, "argv": sys.argv,
                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -364,7 +370,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(obj) + "\n")
 
-    bar = Progress(total if not budget_s else None, budget_s, enabled=progress)
+    bar = Progress(total if not budget_s else None, budget_s, enabled=progress and writer)
     losses: dict[int, float] = {}
     evals: list[dict] = []
     last_ckpt = resumed["from"] if resumed else None
@@ -392,11 +398,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         nonlocal last_ckpt, last_ckpt_step
         if out is None or last_ckpt_step == step_done:
             return
-        p, o = model.state()
+        p, o = model.state()  # on every process: a sharded model gathers its state collectively
         if not _finite_state(p):
             record({"kind": "stop", "step": step_done, "reason": "diverged", "loss": "non-finite parameters"})
             raise Diverged(f"parameters hold NaN/Inf after step {step_done - 1}: training stopped; last good "
                            f"checkpoint: {last_ckpt or 'none'}")
+        if not writer:
+            last_ckpt_step = step_done
+            return
         manifest = {**run_info, "elapsed_train_s": elapsed_train, "tokens_seen": step_done * tokens_per_step,
                     "data_position": {"step": step_done, "note": "batches are a function of (data_seed, step)"},
                     "resumed": resumed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -136,13 +136,19 @@ def _run_arm(label, cfg, tcfg, data, backend, arm_dir, budget_s, progress, share
         resume_from = arm_dir
     else:
         resume_from = None
-        if arm_dir.exists():  # killed before its first checkpoint: no state to continue from
+        if arm_dir.exists() and _writes(backend):  # killed before its first checkpoint: nothing to continue
             shutil.rmtree(arm_dir)
     s = harness.train(cfg, tcfg, data, backend, arm_dir, resume_from=resume_from, budget_s=budget_s,
                       progress=progress, extra_manifest=extra)
-    record = {**want, "summary": _brief(s), "evals": _read_evals(arm_dir)}
-    harness._write_json(record_path, record)
+    record = {**want, "summary": _brief(s), "evals": _read_evals(arm_dir) if _writes(backend) else []}
+    if _writes(backend):
+        harness._write_json(record_path, record)
     return record
+
+
+def _writes(backend) -> bool:
+    """Under --parallel only rank 0 writes (backends/*/parallel.py); a single process always does."""
+    return getattr(backend, "is_writer", True)
 
 
 def _delta(a, b):
@@ -220,7 +226,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
         else:
             shared = check_shared_init(cfg, twin, t, backend)
             gc.collect()  # the two probe models, before training allocates
-            if shared_path is not None:
+            if shared_path is not None and _writes(backend):
                 seed_dir.mkdir(parents=True, exist_ok=True)
                 harness._write_json(shared_path, shared)
         arms = {}
@@ -235,7 +241,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
         result = {**head, "seeds": seeds, "complete": len(per_seed) == len(seeds),
                   "position_bins": per_seed[0]["diff"]["position_bins"], "per_seed": per_seed,
                   "summary": summarize_seeds(per_seed)}
-        if out is not None:
+        if out is not None and _writes(backend):
             harness._write_json(out / "paired.json", {
                 **result, "env": harness.environment(backend),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -1,6 +1,6 @@
 """The PyTorch backend (`diffattn.backend.load("cuda", ...)`): model, training step, Triton kernels.
 
-    create(device=None, dtype=None, kernels="auto", compile=False, graphs=False)
+    create(device=None, dtype=None, kernels="auto", compile=False, graphs=False, parallel=None)
 
 device  None: "cuda" if a GPU is visible, else "cpu" ("gpu" is read as "cuda").
 dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
@@ -10,6 +10,7 @@ kernels "auto": "fused" on CUDA, "composed" on the CPU; "naive" is the materiali
         (the paper's form); "fused" needs Triton (on the CPU only under TRITON_INTERPRET=1).
 compile torch.compile the model's forward and backward (the harness's load() leaves it off).
 graphs  record the whole training step as a CUDA graph and replay it (CUDA only; train.StepGraph).
+parallel "ddp" | "fsdp" under torchrun (parallel.py); None: ddp when launched as several processes.
 
 Submodules import torch; this file imports it only inside create(), so the package is cheap to
 import and `ops` can be imported without loading the model.
@@ -30,14 +31,22 @@ DTYPES = ("float32", "bfloat16", "float64")
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, device, dtype: str, kernels: str, compile: bool, graphs: bool):
+    def __init__(self, device, dtype: str, kernels: str, compile: bool, graphs: bool,
+                 parallel: str = "none", rank: int = 0, world_size: int = 1):
         self.torch_device, self.device, self.dtype, self.kernels, self.compile, self.graphs = \
             device, device.type, dtype, kernels, compile, graphs
+        self.parallel, self.rank, self.world_size = parallel, rank, world_size
+        self.is_writer = rank == 0  # the one process that writes run folders
 
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
         from diffattn.backends.cuda.train import CudaModel
 
-        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs)
+        model = CudaModel
+        if self.parallel != "none":
+            from diffattn.backends.cuda.parallel import MODELS
+
+            model = MODELS[self.parallel]
+        return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray):
@@ -62,7 +71,8 @@ class CudaBackend:
         import torch
 
         info = {"backend": "cuda", "torch": torch.__version__, "device": self.device, "dtype": self.dtype,
-                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs}
+                "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs,
+                "parallel": self.parallel, "world_size": self.world_size}
         if self.device == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.torch_device)
             info["cuda"] = torch.version.cuda
@@ -73,9 +83,12 @@ class CudaBackend:
         return info
 
 
-def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False) -> CudaBackend:
+def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False, parallel=None) -> CudaBackend:
     import torch
 
+    from diffattn.backends.cuda import parallel as par
+
+    parallel = par.resolve(parallel)
     if device == "gpu":
         device = "cuda"
     if device is None:
@@ -89,6 +102,9 @@ def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"backend 'cuda': device {device!r} requested but PyTorch {torch.__version__} "
                            f"sees no CUDA GPU (use --device cpu)")
+    if graphs and parallel != "none":
+        raise BackendError(f"backend 'cuda': graphs=True records one process's step; it does not capture "
+                           f"{parallel}'s collectives: drop --cuda-graphs or --parallel")
     if graphs and dev.type != "cuda":
         raise BackendError(f"backend 'cuda': graphs=True records CUDA graphs, which need device='cuda', not {device!r}")
     dtype = dtype or "float32"
@@ -111,4 +127,11 @@ def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False)
     if dtype in ("float32", "float64"):  # IEEE float32 matmuls: no TF32, so float32 parity holds
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return CudaBackend(dev, dtype, kernels, bool(compile), bool(graphs))
+    rank, world = 0, 1
+    if parallel != "none":
+        if dev.index is not None:
+            raise BackendError(f"backend 'cuda': with --parallel each rank takes cuda:LOCAL_RANK; give --device "
+                               f"{dev.type}, not {device!r}")
+        rank, world, rank_device = par.init(dev.type)
+        dev = rank_device or dev
+    return CudaBackend(dev, dtype, kernels, bool(compile), bool(graphs), parallel, rank, world)

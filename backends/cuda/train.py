@@ -98,6 +98,9 @@ class CudaModel:
         self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
+        # the module the training step runs: self.module itself, or its DDP wrapper, sharded in
+        # place by FSDP (backends/cuda/parallel.py); before the optimizer, which holds its parameters
+        self.step_module = self._parallelize()
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if graphs else 0.0
         self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda", lr=self.lr)
         self.step_graph = StepGraph(self._step) if graphs else None
@@ -108,6 +111,14 @@ class CudaModel:
                 block.compile(options=COMPILE_OPTIONS)
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _parallelize(self) -> torch.nn.Module:
+        return self.module
+
+    def _micro_batch(self, last: bool):
+        """The context of one micro-batch's forward and backward; parallel models reduce
+        gradients at the last one only."""
+        return contextlib.nullcontext()
+
     def autocast(self):
         if self.dtype == "bfloat16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -130,9 +141,9 @@ class CudaModel:
             raise BackendError(f"{what} holds tokens outside [0, {self.cfg.vocab_size})")
         return torch.from_numpy(a.astype(np.int64)).to(self.device)
 
-    def _loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor, reduction: str = "mean", module=None) -> torch.Tensor:
         with self.autocast():
-            return self.module(batch[:, :-1], batch[:, 1:], reduction=reduction)
+            return (module or self.module)(batch[:, :-1], batch[:, 1:], reduction=reduction)
 
     def _numpy(self, t: torch.Tensor) -> np.ndarray:
         out = t.detach().to("cpu", torch.float64 if self.dtype == "float64" else torch.float32)
@@ -179,9 +190,10 @@ class CudaModel:
         micro = b if b.ndim == 3 else b[None]
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device, dtype=torch.float64 if self.dtype == "float64" else torch.float32)
-        for mb in micro:
-            loss = self._loss(mb)
-            (loss / len(micro)).backward()
+        for i, mb in enumerate(micro):
+            with self._micro_batch(last=i == len(micro) - 1):
+                loss = self._loss(mb, module=self.step_module)
+                (loss / len(micro)).backward()
             total += loss.detach()
         if self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip, foreach=True)

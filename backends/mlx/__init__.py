@@ -1,13 +1,14 @@
 """The MLX backend: diffattn's spec in MLX (Apple GPUs through Metal; MLX's CUDA build; CPU).
 
     backend = diffattn.backend.load("mlx", device=None|"cpu"|"gpu", dtype="float32"|"bfloat16"|"float16",
-                                    kernels="auto"|"fused"|"composed"|"naive")
+                                    kernels="auto"|"fused"|"composed"|"naive", parallel=None|"none"|"ddp")
 
 kernels: "composed" runs attention through mx.fast.scaled_dot_product_attention, "naive"
 materialises the softmax, "fused" uses the DIFF V1 kernel of ops/diff_v1 (GPU only), "auto"
 is fused on a GPU and composed on the CPU. Parameters and optimizer state are float32 whatever
 the compute dtype (mixed precision with float32 master weights). No float64: MLX's fast
-ops (SDPA, RoPE, RMSNorm) compute in float32 whatever the input.
+ops (SDPA, RoPE, RMSNorm) compute in float32 whatever the input. parallel: data parallel over
+the processes mlx.launch started (parallel.py); None: "ddp" when it started several.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from diffattn.backend import BackendError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def create(device=None, dtype=None, kernels="auto"):
+def create(device=None, dtype=None, kernels="auto", parallel=None):
     # MLX's CUDA build runs float32 matmuls as TF32 (10-bit mantissa, ~5e-4 relative) unless told
     # otherwise; the spec wants float32. Read once per process, at MLX's first float32 GEMM.
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
@@ -46,5 +47,6 @@ def create(device=None, dtype=None, kernels="auto"):
     if kernels not in ("fused", "composed", "naive"):
         raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
     from diffattn.backends.mlx.backend import MLXBackend
+    from diffattn.backends.mlx.parallel import init
 
-    return MLXBackend(dtype=dtype, kernels=kernels)
+    return MLXBackend(dtype=dtype, kernels=kernels, group=init(parallel))

@@ -23,6 +23,8 @@ def to_np(tensors: dict) -> dict:
 
 
 class MLXModel:
+    reduce = None  # a data-parallel model's gradient average (make_train_step's reduce)
+
     def __init__(self, cfg: ModelConfig, params, optim_cfg: AdamWConfig, dtype: str, kernels: str):
         self.cfg, self.optim_cfg = cfg, optim_cfg
         self.model = Transformer(cfg, kernels, MX_DTYPES[dtype])
@@ -78,7 +80,7 @@ class MLXModel:
                 check_params(self.cfg, opt_state[key], what=f"optimizer state {key!r}")
                 self.opt[key].update(to_mx(opt_state[key]))
         mx.eval(self.model.parameters(), self.opt)
-        self._step = make_train_step(self.model, self.opt, self.optim_cfg)
+        self._step = make_train_step(self.model, self.opt, self.optim_cfg, reduce=self.reduce)
 
 
     # ---- decoding (backends/mlx/decode.py) ---------------------------------------------------------
@@ -116,11 +118,19 @@ class MLXModel:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, dtype: str, kernels: str):
+    def __init__(self, dtype: str, kernels: str, group=None):
         self.dtype, self.kernels = dtype, kernels
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+        self.group = group  # an mx.distributed group under --parallel ddp (parallel.py), else None
+        self.parallel = "none" if group is None else "ddp"
+        self.rank, self.world_size = (0, 1) if group is None else (group.rank(), group.size())
+        self.is_writer = self.rank == 0  # the one process that writes run folders
 
     def build(self, cfg, params, optim: AdamWConfig = AdamWConfig()):
+        if self.group is not None:
+            from diffattn.backends.mlx.parallel import DataParallelModel
+
+            return DataParallelModel(self.group, cfg, params, optim, self.dtype, self.kernels)
         return MLXModel(cfg, params, optim, self.dtype, self.kernels)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
@@ -148,4 +158,5 @@ class MLXBackend:
         from diffattn.backends.mlx.ops import gpu_dialect
 
         return {"backend": "mlx", "mlx": mx.__version__, "device": self.device, "dialect": gpu_dialect(),
-                "dtype": self.dtype, "kernels": self.kernels, "machine": platform.machine()}
+                "dtype": self.dtype, "kernels": self.kernels, "machine": platform.machine(),
+                "parallel": self.parallel, "world_size": self.world_size}

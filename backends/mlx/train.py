@@ -51,10 +51,12 @@ def init_opt(params: dict) -> dict:
             "v": {k: mx.zeros_like(v) for k, v in params.items()}}
 
 
-def make_train_step(model, opt: dict, cfg: AdamWConfig, compile: bool = True):
+def make_train_step(model, opt: dict, cfg: AdamWConfig, compile: bool = True, reduce=None):
     """step(batch (n_micro, B, L+1) int32, lr float32 scalar) -> pre-update mean loss.
     Gradients are averaged over micro-batches, then one AdamW update. The model's parameters
-    and `opt` are the compiled function's state (read and written in place)."""
+    and `opt` are the compiled function's state (read and written in place). reduce: None, or
+    (loss, grads) -> (loss, grads) applied before the update (data parallel: averaged over the
+    processes, backends/mlx/parallel.py)."""
     loss_and_grad = nn.value_and_grad(model, mean_loss)
 
     def step(batch, lr):
@@ -66,6 +68,8 @@ def make_train_step(model, opt: dict, cfg: AdamWConfig, compile: bool = True):
             loss = loss + l / n
             grads = g if grads is None else {k: grads[k] + g[k] for k in g}
         grads = {k: g / n for k, g in grads.items()}
+        if reduce is not None:
+            loss, grads = reduce(loss, grads)
         new = adamw_update(flat(model.trainable_parameters()), grads, opt, lr, cfg)
         model.update(tree_unflatten(list(new.items())))
         return loss
