@@ -233,8 +233,17 @@ def held_out(manifest: dict, run_dir) -> list[np.ndarray]:
 
 
 def twins(path) -> dict[str, Path]:
-    """{label: run folder}: a paired run's two twins (DIFF first), or the one run given."""
+    """{label: run folder}: a paired run's two twins (DIFF first; of a multi-seed run, the first
+    seed's; give PAIRED/seed_S for another), or the one run given."""
     path = Path(path)
+    seeds = sorted(path.glob("seed_*"), key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)
+    if seeds and not (path / "diff").is_dir():  # a multi-seed paired run: the first seed's twins
+        att = "diff"
+        try:
+            att = json.loads((path / "paired.json").read_text()).get("attention", "diff")
+        except (OSError, ValueError):
+            pass
+        return {att: seeds[0] / "diff", "vanilla": seeds[0] / "vanilla"}
     if (path / "paired.json").is_file() or ((path / "diff").is_dir() and (path / "vanilla").is_dir()):
         att = "diff"
         try:

@@ -413,6 +413,7 @@ DIAG_PANELS = (("lambda", "lambda (V1) / mean lambda_t (V2)"), ("entropy", "map 
 def plot_diagnostics(diag: list[dict], title: str, path: Path) -> Path:
     """Three panels against step, one line per diagnosed layer: lambda (V2: mean lambda_t, its
     spread shaded), the entropies of both maps and of their difference, the negative map's share."""
+    plt = _pyplot()
     steps = [r["step"] for r in diag]
     layers = list(diag[0]["layers"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

@@ -37,6 +37,7 @@ def contradictions(df, threshold: float):
 
     out = []
     d = df[df["value"].notna()]
+    d = d.assign(**{c: (d[c] if c in d else None) for c in PARAM_COLUMNS})  # frames of older suites lack some
     d = d.assign(**{c: d[c].map(lambda v: "-" if v is None or v != v else str(v)) for c in PARAM_COLUMNS})
     for rate_name, time_name, versus in CONSISTENT:
         keys = ["machine", "commit", *PARAM_COLUMNS]
