@@ -8,8 +8,9 @@
     diffattn conformance ...                          (diffattn.conformance)
     diffattn report ...                               (diffattn.report)
 
-Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input (one line on
-stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
+Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input or an OS error a
+user can cause (permissions, a full disk, a folder in use: one line on stderr, nothing written
+or the last good checkpoint kept); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
 """
 from __future__ import annotations
 
@@ -169,12 +170,12 @@ def _train_config(args, backend_name):
              eval_batches=_pick(args, "eval_batches"), seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
     per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
     if args.minutes is not None:
-        if not args.minutes > 0:
-            raise UsageError(f"--minutes {args.minutes} must be positive")
+        if not (math.isfinite(args.minutes) and args.minutes > 0):
+            raise UsageError(f"--minutes {args.minutes} must be a positive number")
         steps = BUDGET_MAX_STEPS
     elif args.tokens is not None:
-        if not args.tokens > 0:
-            raise UsageError(f"--tokens {args.tokens:g} must be positive")
+        if not (math.isfinite(args.tokens) and args.tokens > 0):
+            raise UsageError(f"--tokens {args.tokens:g} must be a positive number")
         steps = math.ceil(args.tokens / per_step)
     else:
         steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(backend_name, 1000)
@@ -273,6 +274,9 @@ def cmd_train(args) -> int:
     s = harness.train(cfg, tcfg, data, backend, out, resume_from=resume_from, budget_s=budget,
                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
                       extra_manifest={"preset": _pick(args, "preset")})
+    if s["stopped"] == "finished":
+        print(f"{out}: the run finished at step {s['steps']}; nothing to do (give a larger --steps to extend it)",
+              file=sys.stderr)
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
             f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
@@ -371,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"diffattn {args.command}: diverged: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # permissions, a full disk, a file where a folder should be, ...
+        from diffattn.runfolder import describe_os_error
+
+        print(f"diffattn {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"diffattn {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn import harness, optim
+from diffattn import harness, optim, runfolder
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
@@ -46,10 +46,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     are DIFF minus vanilla (negative: DIFF is better)."""
     twin = _twin(cfg)
     if out_dir is not None:
-        for sub in ("diff", "vanilla"):
-            harness.prepare_out_dir(Path(out_dir) / sub, resume=False)
-        if (Path(out_dir) / "paired.json").exists():
-            raise ConfigError(f"--out {out_dir}: already holds a paired run; choose another folder")
+        _check_paired_out(Path(out_dir))
     p_diff, p_van = init_params(cfg, tcfg.seed), init_params(twin, tcfg.seed)
     names = shared_names(p_diff, p_van)
     drawn_diff = byte_identical(p_diff, p_van, names)
@@ -65,10 +62,17 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     if drawn_diff or held:
         raise RuntimeError(f"paired init broken: shared tensors differ at step 0: {shared['differing'][:3]}")
     runs = {}
-    for label, c, p in (("diff", cfg, p_diff), ("vanilla", twin, p_van)):
-        sub = Path(out_dir) / label if out_dir is not None else None
-        runs[label] = harness.train(c, tcfg, data, backend, sub, params=p, budget_s=budget_s, progress=progress,
-                                    extra_manifest={"paired": {"role": label, "shared_tensors": len(names)}})
+    folder_lock = runfolder.lock(out_dir) if out_dir is not None else None
+    try:
+        if out_dir is not None:
+            _check_paired_out(Path(out_dir))  # again, under the lock
+        for label, c, p in (("diff", cfg, p_diff), ("vanilla", twin, p_van)):
+            sub = Path(out_dir) / label if out_dir is not None else None
+            runs[label] = harness.train(c, tcfg, data, backend, sub, params=p, budget_s=budget_s, progress=progress,
+                                        extra_manifest={"paired": {"role": label, "shared_tensors": len(names)}})
+    finally:
+        if folder_lock is not None:
+            folder_lock.release()
     d, v = runs["diff"], runs["vanilla"]
     delta = {"val_loss": d["val_loss"] - v["val_loss"],
              "val_bpb": (d["val_bpb"] - v["val_bpb"]) if d["val_bpb"] is not None else None,
@@ -83,6 +87,15 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
             "train_config": harness.config_dict(tcfg), "env": harness.environment(backend),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return result
+
+
+def _check_paired_out(out: Path) -> None:
+    """A paired run owns its folder: not inside a train run, not over another paired run."""
+    if (out / "run.json").exists() or (out / "checkpoints").exists():
+        raise ConfigError(f"--out {out}: holds a train run; choose another folder for the paired run")
+    runfolder.check_out_dir(out, resume=False)  # its lock is taken by run_paired
+    for sub in ("diff", "vanilla"):
+        harness.prepare_out_dir(out / sub, resume=False)
 
 
 def _brief(summary: dict) -> dict:
