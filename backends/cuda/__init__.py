@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from diffattn.backend import BackendError
-from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 
 DTYPES = ("float32", "bfloat16", "float64")
 
@@ -34,10 +34,12 @@ class CudaBackend:
         self.torch_device, self.device, self.dtype, self.kernels, self.compile, self.graphs = \
             device, device.type, dtype, kernels, compile, graphs
 
-    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
+    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
+              muon: MuonConfig | None = None):
         from diffattn.backends.cuda.train import CudaModel
 
-        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs)
+        return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
+                         muon)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray):
