@@ -29,7 +29,7 @@ import numpy as np
 # printed val bpb is comparable across them.
 DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte",
                 batch_size=16, seq_len=64, grad_accum=1, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50,
-                eval_every=100, eval_batches=8, seed=0, data_seed=0)
+                eval_every=100, eval_batches=8, seed=0, data_seed=0, optimizer="adamw", packing="random")
 DEFAULT_STEPS = {"numpy": 600, "mlx": 600, "cuda": 600}
 BUDGET_MAX_STEPS = 10 ** 9
 
@@ -89,11 +89,22 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     g.add_argument("--eval-batches", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="parameter init seed")
     g.add_argument("--data-seed", type=int, default=None, help="batch order seed")
+    _recipe_options(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/<command>-<attention>-<time>)")
     g.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default eval-every)")
     g.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     g.add_argument("--json", action="store_true", help="end with one JSON summary line on stdout")
+
+
+def _recipe_options(g) -> None:
+    from diffattn.config import OPTIMIZERS, PACKINGS
+
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="adamw (default) | muon: Muon for hidden matrices, AdamW for the rest (diffattn/optim.py)")
+    g.add_argument("--packing", default=None, choices=PACKINGS,
+                   help="random windows of the token stream (default) | bos-best-fit: whole documents packed "
+                        "BOS-aligned, the crop fraction printed (diffattn/packing.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--warmup-steps", type=int, default=10)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-seed", type=int, default=0)
+    _recipe_options(a)
     a.add_argument("--json", action="store_true")
     k = sub.add_parser("tokenize", help="write a corpus as token shards (train.bin, val.bin, tokenizer.json)")
     k.add_argument("--data", default="builtin:pydoc", help="any text source of `train --data`")
@@ -166,7 +178,8 @@ def _train_config(args, backend_name):
     t = dict(batch_size=_pick(args, "batch_size"), seq_len=_pick(args, "seq_len"),
              grad_accum=_pick(args, "grad_accum"), lr=_pick(args, "lr"), min_lr_ratio=_pick(args, "min_lr_ratio"),
              warmup_steps=_pick(args, "warmup_steps"), eval_every=_pick(args, "eval_every"),
-             eval_batches=_pick(args, "eval_batches"), seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"))
+             eval_batches=_pick(args, "eval_batches"), seed=_pick(args, "seed"), data_seed=_pick(args, "data_seed"),
+             optimizer=_pick(args, "optimizer"), packing=_pick(args, "packing"))
     per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
     if args.minutes is not None:
         if not args.minutes > 0:
@@ -212,7 +225,8 @@ def _resume_args(args, source) -> None:
     fill = dict(data=data_name, tokenizer=run["data"].get("tokenizer") or "byte", preset=run.get("preset"),
                 batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
                 min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
-                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"])
+                eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
+                optimizer=tc.get("optimizer", "adamw"), packing=tc.get("packing", "random"))
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -274,8 +288,10 @@ def cmd_train(args) -> int:
                       ckpt_every=args.ckpt_every, stop_after=args.stop_after, progress=not args.no_progress,
                       extra_manifest={"preset": _pick(args, "preset")})
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
+    mfu = f"MFU {s['mfu']:.2%} of {s['mfu_peak_flops'] / 1e12:.3g} TFLOP/s ({s['mfu_peak_source']})" if s["mfu"] \
+        else "MFU n/a (fewer than two steps timed)"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
-            f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
+            f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps} | {mfu}")
     if s["accuracy"] is not None:
         line += f" | accuracy {s['accuracy']:.4f}"
     print(line)
@@ -313,7 +329,8 @@ def cmd_agree(args) -> int:
     cfg = preset(args.preset, attention=args.attention, vocab_size=max(256, data.vocab_size),
                  max_seq_len=max(args.seq_len, 1))
     tcfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
-                       warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed, data_seed=args.data_seed)
+                       warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed, data_seed=args.data_seed,
+                       optimizer=_pick(args, "optimizer"), packing=_pick(args, "packing"))
     r = paired.run_agree(cfg, tcfg, data, names)
     print(paired.format_agree(r))
     if args.json:

@@ -76,7 +76,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
              "accuracy": (d["accuracy"] - v["accuracy"]) if d["accuracy"] is not None else None}
     result = {"attention": cfg.attention, "diff": _brief(d), "vanilla": _brief(v), "delta": delta,
               "position_bins": d["position_bins"], "shared": shared, "steps": d["steps"],
-              "backend": backend.name, "data": d["data"]}
+              "backend": backend.name, "data": d["data"], "optimizer": tcfg.optimizer, "packing": tcfg.packing}
     if out_dir is not None:
         harness._write_json(Path(out_dir) / "paired.json", {
             **result, "model_config": harness.config_dict(cfg), "twin_config": harness.config_dict(twin),
@@ -93,8 +93,8 @@ def _brief(summary: dict) -> dict:
 
 def format_paired(r: dict) -> str:
     d, v, delta = r["diff"], r["vanilla"], r["delta"]
-    lines = [f"paired run: {r['attention']} vs vanilla twin, {r['steps']} steps on {r['data']} "
-             f"({r['backend']}); {r['shared']['count']} shared tensors byte-identical at step 0",
+    lines = [f"paired run: {r['attention']} vs vanilla twin, {r['steps']} {r['optimizer']} steps on {r['data']} "
+             f"({r['packing']} batches, {r['backend']}); {r['shared']['count']} shared tensors byte-identical at step 0",
              f"{'':22s}{r['attention']:>12s}{'vanilla':>12s}{'delta':>12s}",
              f"{'val loss (nats/token)':22s}{d['val_loss']:12.4f}{v['val_loss']:12.4f}{delta['val_loss']:+12.4f}"]
     if delta["val_bpb"] is not None:
@@ -138,6 +138,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
         params_rel[n] = rel_err(finals[0][n], finals[1][n]) if np.linalg.norm(finals[1][n]) else 0.0
     return {"backends": [b.name for b in loaded], "devices": [b.device for b in loaded],
             "dtypes": [b.dtype for b in loaded], "steps": tcfg.steps, "attention": cfg.attention,
+            "optimizer": tcfg.optimizer, "packing": tcfg.packing,
             "logits_rel_err": logits_rel, "max_abs_loss_diff": max_diff,
             "max_params_rel_err": max(params_rel.values()),
             "logits_tol": AGREE_LOGITS_REL, "loss_tol": AGREE_LOSS_ABS,
@@ -147,7 +148,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
 def format_agree(r: dict) -> str:
     a, b = r["backends"]
     lines = [f"agreement {a} vs {b} ({r['dtypes'][0]}/{r['dtypes'][1]} on {r['devices'][0]}/{r['devices'][1]}), "
-             f"{r['attention']}, {r['steps']} steps",
+             f"{r['attention']}, {r['steps']} {r['optimizer']} steps, {r['packing']} batches",
              f"{'step':>6s}{'loss ' + a:>16s}{'loss ' + b:>16s}{'|diff|':>12s}"]
     rows = r["per_step"]
     show = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
