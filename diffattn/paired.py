@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn import harness, optim
+from diffattn import harness, optim, packing
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
@@ -45,6 +45,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     Returns {"diff": summary, "vanilla": summary, "delta": {...}, "shared": {...}}; the deltas
     are DIFF minus vanilla (negative: DIFF is better)."""
     twin = _twin(cfg)
+    data = packing.for_run(data, tcfg)  # packed once for both
     if out_dir is not None:
         for sub in ("diff", "vanilla"):
             harness.prepare_out_dir(Path(out_dir) / sub, resume=False)
@@ -115,6 +116,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     `backends` are names (loaded on the CPU in float32) or loaded Backend objects."""
     from diffattn.backend import load
 
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     loaded = [load(b, device="cpu", dtype="float32") if isinstance(b, str) else b for b in backends]
     params = init_params(cfg, tcfg.seed)
