@@ -88,7 +88,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
 
 def _brief(summary: dict) -> dict:
     keep = ("val_loss", "val_bpb", "accuracy", "answer_loss", "loss_by_position", "train_loss", "tokens_per_s",
-            "train_seconds", "params", "out_dir")
+            "mfu", "train_seconds", "params", "out_dir")
     return {k: summary[k] for k in keep}
 
 
