@@ -341,3 +341,22 @@ def train_flops_per_token(cfg, seqlen: int) -> float:
     layer (vanilla: 12 L H d T, nanoGPT's 12 L H Q T)."""
     attention = cfg.n_layers * cfg.q_heads * 2.0 * seqlen * (cfg.head_dim + cfg.v_head_dim)
     return 6.0 * cfg.num_params() + 3.0 * attention
+
+
+def kernel_option_args(ap):
+    """The fused kernels' --kernel-options and --tiles of the benchmark scripts (an A/B in one call)."""
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
+                    "(KernelOptions, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
+    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
+                    "tuned ones (KernelOptions.tiles), e.g. dkdv:64:128=32,128,8,3 for an A/B")
+
+
+def kernel_options(options_text="", tiles_text=""):
+    """--kernel-options and --tiles as one KernelOptions (the defaults where both are empty); a bad
+    option or tile stops the script with a one-line message."""
+    from diffattn.backends.cuda.ops.paired import tuning
+
+    try:
+        return tuning.parse_tiles(tiles_text, tuning.parse_options(options_text))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from None

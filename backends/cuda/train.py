@@ -91,11 +91,12 @@ class CudaModel:
     """A Transformer with its optimizer, speaking numpy at the Backend protocol's edge."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
-                 device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False):
+                 device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False,
+                 kernel_options=None):
         check_params(cfg, params)
         self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
         self.param_dtype = TORCH_DTYPES[dtype]
-        self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
+        self.module = build_transformer(cfg, kernels, kernel_options).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if graphs else 0.0
