@@ -52,7 +52,7 @@ class CudaBackend:
         self.compile, self.graphs = options.compile, options.graphs
 
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
-        from diffattn.backends.cuda.train import CudaModel
+        from backends.cuda.train import CudaModel
 
         return CudaModel(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
                          kernel_options=self.options.kernel)
@@ -61,8 +61,8 @@ class CudaBackend:
                       x: np.ndarray, grad_out: np.ndarray):
         import torch
 
-        from diffattn.backends.cuda.model import build_attention, load_numpy
-        from diffattn.backends.cuda.train import TORCH_DTYPES
+        from backends.cuda.model import build_attention, load_numpy
+        from backends.cuda.train import TORCH_DTYPES
 
         dt = TORCH_DTYPES[self.dtype]
         attn = build_attention(cfg, layer, self.kernels, self.options.kernel).to(self.torch_device, dt)

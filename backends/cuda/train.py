@@ -22,7 +22,7 @@ from diffattn import optim as optim_spec
 from diffattn.backend import BackendError
 from diffattn.config import AdamWConfig, ModelConfig
 from diffattn.params import check_params
-from diffattn.backends.cuda.model import build_transformer, load_numpy
+from backends.cuda.model import build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
 # Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and

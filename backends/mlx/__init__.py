@@ -24,7 +24,7 @@ def create(device=None, dtype=None, kernels="auto"):
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import gpu_dialect
+    from backends.mlx.ops import gpu_dialect
 
     if device in ("gpu", "cuda", "metal"):
         if gpu_dialect() is None:
@@ -45,6 +45,6 @@ def create(device=None, dtype=None, kernels="auto"):
                            "use kernels='composed' on the CPU")
     if kernels not in ("fused", "composed", "naive"):
         raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
-    from diffattn.backends.mlx.backend import MLXBackend
+    from backends.mlx.backend import MLXBackend
 
     return MLXBackend(dtype=dtype, kernels=kernels)

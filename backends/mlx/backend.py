@@ -5,8 +5,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from diffattn.backends.mlx.model import Attention, Transformer, mean_loss, token_losses
-from diffattn.backends.mlx.train import flat, init_opt, make_train_step
+from backends.mlx.model import Attention, Transformer, mean_loss, token_losses
+from backends.mlx.train import flat, init_opt, make_train_step
 from diffattn.config import AdamWConfig, ModelConfig
 from diffattn.params import ParamsError, attention_shapes, check_params
 
@@ -105,7 +105,7 @@ class MLXBackend:
     def describe(self):
         import platform
 
-        from diffattn.backends.mlx.ops import gpu_dialect
+        from backends.mlx.ops import gpu_dialect
 
         return {"backend": "mlx", "mlx": mx.__version__, "device": self.device, "dialect": gpu_dialect(),
                 "dtype": self.dtype, "kernels": self.kernels, "machine": platform.machine()}
