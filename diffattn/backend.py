@@ -108,7 +108,8 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
     if options is None and not given:
         return backend.create(device=device, dtype=dtype, kernels=kernels)
     if not hasattr(backend, "Options"):
-        raise BackendError(f"backend {name!r} takes no options, got {options or sorted(given)}")
+        what = " / ".join(sorted(given)) if given else type(options).__name__
+        raise BackendError(f"backend {name!r} has no {what} option (it takes no options)")
     if options is not None and not isinstance(options, backend.Options):
         raise BackendError(f"backend {name!r} options must be its {backend.Options.__name__}, got {type(options).__name__}")
     return backend.create(device=device, dtype=dtype, kernels=kernels, options=options, **given)

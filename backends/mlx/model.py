@@ -50,7 +50,7 @@ class Attention(nn.Module):
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, mx.zeros((hd,)))
-            self.subln = RMSNorm(2 * hd, 1e-5)
+            self.subln = RMSNorm(2 * hd, cfg.norm_eps)  # eps as the spec's subln: the config's
         elif cfg.attention == "diff_v2":
             self.lambda_proj = Linear(d, cfg.n_heads)
         self.cfg, self.lambda_init, self.op = cfg, cfg.lambda_init(layer), IMPLS[cfg.attention][impl]
