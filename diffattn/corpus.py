@@ -46,6 +46,7 @@ import numpy as np
 
 from diffattn import data
 from diffattn.data import BPETokenizer, DataError, write_shard
+from diffattn.params import file_sha256
 
 DOC_BYTES = 64 << 10  # single-file dictionaries are cut into documents of at most this size
 VAL_MODULUS = 100  # 1% of documents held out
@@ -294,14 +295,6 @@ def fetch(src: Path) -> list[Path]:
     return [debs / deb_name(s) for s in SOURCES]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def unpack(src: Path, sources: tuple[Source, ...] = SOURCES) -> dict[str, dict]:
     """dpkg -x every pinned .deb into src/x/PACKAGE; returns {package: {deb, sha256}}."""
     src = Path(src)
@@ -310,7 +303,7 @@ def unpack(src: Path, sources: tuple[Source, ...] = SOURCES) -> dict[str, dict]:
         deb = src / "debs" / deb_name(s)
         if not deb.is_file():
             raise DataError(f"{deb}: missing; run `diffattn corpus fetch --src {src}` first")
-        digest = _sha256(deb)
+        digest = file_sha256(deb)
         if s.sha256 and digest != s.sha256:
             raise DataError(f"{deb}: sha256 {digest[:16]}... differs from the pinned {s.sha256[:16]}...")
         root = src / "x" / s.package
@@ -512,7 +505,7 @@ def _write_shards(out: Path, docs: list[tuple[str, str]], fast: "FastBPE", manif
                         "bytes_per_token": n_bytes / max(n_tok - len(part), 1)}
         log(f"{split}: {len(part):,} documents, {n_tok / 1e6:.1f}M tokens, {n_bytes / 1e6:.1f} MB")
     manifest = {**manifest, "tokenizer": f"bpe:{vocab_size}", "splits": stats, "shards": shards,
-                "tokenizer_sha256": _sha256(out / "tokenizer.json")}
+                "tokenizer_sha256": file_sha256(out / "tokenizer.json")}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -542,7 +535,7 @@ def _flush(out: Path, split: str, index: int, buf: list, vocab_size: int) -> dic
     path = out / f"{split}_{index:03d}.bin"
     tokens = np.concatenate(buf)
     write_shard(path, tokens, vocab_size)
-    return {"file": path.name, "tokens": int(tokens.size), "sha256": _sha256(path)}
+    return {"file": path.name, "tokens": int(tokens.size), "sha256": file_sha256(path)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ collectively) and only the writer (`backend.is_writer`, rank 0) writes the run f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import platform
@@ -43,8 +42,8 @@ import diffattn
 from diffattn import optim
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
-from diffattn.params import (ParamsError, atomic_write, check_params, init_params, load_tensors, param_shapes,
-                             save_tensors)
+from diffattn.params import (ParamsError, atomic_write, check_params, file_sha256, init_params, load_tensors,
+                             param_shapes, save_tensors)
 
 CHECKPOINT_FORMAT = "diffattn-checkpoint/1"
 KEEP_CHECKPOINTS = 2
@@ -105,14 +104,6 @@ def git_commit() -> str | None:
 
 # ---- checkpoints --------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
@@ -138,7 +129,7 @@ def save_checkpoint(out_dir, step: int, params: dict, opt_state: dict, manifest:
     save_tensors(ckpt / "params.safetensors", params)
     opt = {f"m.{k}": v for k, v in opt_state["m"].items()} | {f"v.{k}": v for k, v in opt_state["v"].items()}
     save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"]))})
-    files = {f: _sha256(ckpt / f) for f in ("params.safetensors", "optim.safetensors")}
+    files = {f: file_sha256(ckpt / f) for f in ("params.safetensors", "optim.safetensors")}
     _write_json(ckpt / "manifest.json", {**manifest, "format": CHECKPOINT_FORMAT, "step": step,
                                          "optimizer_step": int(opt_state["step"]), "files": files})
     _write_json(root / "latest.json", {"step": step, "dir": name})
@@ -177,7 +168,7 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
     for f, digest in manifest.get("files", {}).items():
         if not (ckpt / f).is_file():
             raise CheckpointError(f"{ckpt}: missing {f}")
-        if verify and _sha256(ckpt / f) != digest:
+        if verify and file_sha256(ckpt / f) != digest:
             raise CheckpointError(f"{ckpt / f}: corrupt (sha256 differs from the manifest)")
     try:
         cfg = model_config_from(manifest["model_config"])

@@ -25,6 +25,7 @@ lambda_proj) are drawn from a separate stream tag so they can never alias a shar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -178,3 +179,12 @@ def load_params(path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     params, _ = load_tensors(path)
     check_params(cfg, params, what=str(path))
     return params
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks (checkpoint manifests, the corpus manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
