@@ -14,8 +14,9 @@
     diffattn import HF_DIR --out RUN | convert RUN --to diff --out RUN2 | export RUN --to hf DIR
                                                       Hugging Face interop (diffattn/hf, docs/hf.md)
 
-Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input (one line on
-stderr, nothing written); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
+Exit codes: 0 done; 1 a check failed (agree out of tolerance); 2 bad input or an OS error a
+user can cause (permissions, a full disk, a folder in use: one line on stderr, nothing written
+or the last good checkpoint kept); 3 training diverged (NaN/Inf; the last good checkpoint is kept).
 """
 from __future__ import annotations
 
@@ -235,12 +236,12 @@ def _train_config(args):
     t.update(lambda_warmup_steps=getattr(args, "lambda_warmup", None) or 0)
     per_step = t["batch_size"] * t["seq_len"] * t["grad_accum"]
     if args.minutes is not None:
-        if not args.minutes > 0:
-            raise UsageError(f"--minutes {args.minutes} must be positive")
+        if not (math.isfinite(args.minutes) and args.minutes > 0):
+            raise UsageError(f"--minutes {args.minutes} must be a positive number")
         steps = BUDGET_MAX_STEPS
     elif args.tokens is not None:
-        if not args.tokens > 0:
-            raise UsageError(f"--tokens {args.tokens:g} must be positive")
+        if not (math.isfinite(args.tokens) and args.tokens > 0):
+            raise UsageError(f"--tokens {args.tokens:g} must be a positive number")
         steps = math.ceil(args.tokens / per_step)
     elif args.steps is not None:
         steps = args.steps
@@ -381,6 +382,9 @@ def cmd_train(args) -> int:
                       diag_log=tuple(n.strip() for n in args.diag_log.split(",") if n.strip()))
     if not writer:
         return 0
+    if s["stopped"] == "finished":
+        print(f"{out}: the run finished at step {s['steps']}; nothing to do (give a larger --steps to extend it)",
+              file=sys.stderr)
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
             f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
@@ -523,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"diffattn {args.command}: diverged: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # permissions, a full disk, a file where a folder should be, ...
+        from diffattn.runfolder import describe_os_error
+
+        print(f"diffattn {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"diffattn {args.command}: interrupted", file=sys.stderr)
         return 130

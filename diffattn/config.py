@@ -92,9 +92,17 @@ class ModelConfig:
         return 0.8 - 0.6 * math.exp(-0.3 * layer)
 
     def num_params(self) -> int:
+        """Counted from the shapes of a 1- and a 2-layer model (every layer has the same shapes),
+        so a config with a million layers is sized without listing its tensors."""
         from diffattn.params import param_shapes
 
-        return sum(math.prod(s) for s in param_shapes(self).values())
+        def count(cfg):
+            return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+        if self.n_layers <= 2:
+            return count(self)
+        one, two = count(dataclasses.replace(self, n_layers=1)), count(dataclasses.replace(self, n_layers=2))
+        return one + (self.n_layers - 1) * (two - one)
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
@@ -175,8 +183,9 @@ class TrainConfig:
         if not (isinstance(self.lambda_warmup_steps, int) and self.lambda_warmup_steps >= 0):
             raise ConfigError(f"invalid TrainConfig: lambda_warmup_steps={self.lambda_warmup_steps!r} must be an "
                               "integer >= 0")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ConfigError("invalid TrainConfig: need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError(f"invalid TrainConfig: need a finite lr > 0 (got {self.lr!r}), 0 <= min_lr_ratio <= 1, "
+                              "warmup_steps >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"invalid TrainConfig: schedule={self.schedule!r}, expected one of {SCHEDULES}")
 

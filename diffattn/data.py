@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import os
 import re
 import sysconfig
 from collections import Counter, defaultdict
@@ -46,6 +47,7 @@ SHARD_FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic ->
 VAL_FRACTION = 0.1
 STDLIB_BYTES = 8 << 20
 HF_MAX_BYTES = 16 << 20
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class DataError(ValueError):
@@ -231,25 +233,40 @@ def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
     return b"\n\n".join(parts)[:limit]
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_text_path(path: Path) -> bytes:
     if path.is_file():
-        return path.read_bytes()
-    files = [f for f in sorted(path.rglob("*")) if f.is_file()
-             and not any(p.startswith(".") for p in f.relative_to(path).parts)]
+        return _read_bytes(path)
+    try:
+        files = [f for f in sorted(path.rglob("*")) if f.is_file()
+                 and not any(p.startswith(".") for p in f.relative_to(path).parts)]
+    except OSError as e:
+        raise DataError(f"{e.filename or path}: cannot list ({e.strerror or e})") from None
     if not files:
         raise DataError(f"{path}: folder holds no files")
-    return b"\n\n".join(f.read_bytes() for f in files)
+    return b"\n\n".join(_read_bytes(f) for f in files)
 
 
 def hf_text(name: str, config: str | None = None, split: str = "train", column: str = "text",
             max_bytes: int = HF_MAX_BYTES) -> bytes:
     """Stream documents of a Hugging Face dataset (or a local folder of data files) until
     max_bytes; documents joined by a blank line."""
+    if not Path(name).exists():
+        _check_hub_reachable(name)
     try:
         import datasets
     except ImportError:
         raise DataError("hf: data needs the `datasets` package, which is not installed: "
                         "pip install 'diffattn[hf]'") from None
+    if int(datasets.__version__.split(".")[0]) < 4:  # before 4.0 a hub repo's loading script could run
+        raise DataError(f"hf: data needs datasets>=4.0, which never runs a dataset's own code; this is "
+                        f"{datasets.__version__}: pip install 'diffattn[hf]'")
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         parts, size = [], 0
@@ -269,6 +286,25 @@ def hf_text(name: str, config: str | None = None, split: str = "train", column: 
     if not parts:
         raise DataError(f"hf:{name}: split {split!r} holds no documents")
     return b"\n\n".join(parts)[:max_bytes]
+
+
+def _check_hub_reachable(name: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """One short request to the Hub before `datasets` is asked: offline, its retries take half a
+    minute. In offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) the cache is used instead."""
+    import urllib.error
+    import urllib.request
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the Hub answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(f"hf:{name}: the Hugging Face Hub ({endpoint}) is unreachable ({reason}); "
+                        "set HF_HUB_OFFLINE=1 to read a cached copy") from None
 
 
 # ---- token shards -------------------------------------------------------------------------
@@ -309,7 +345,10 @@ def read_shard(path) -> tuple[np.ndarray, int]:
     held = (path.stat().st_size - 4 * SHARD_HEADER_INTS) // np.dtype(dtype).itemsize
     if n < 0 or held != n:
         raise DataError(f"{path}: header says {n} tokens but the file holds {held}")
-    tokens = np.memmap(path, dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+    try:
+        tokens = np.memmap(path, dtype, mode="r", offset=4 * SHARD_HEADER_INTS, shape=(n,))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     return tokens, int(header[3])
 
 

@@ -27,10 +27,9 @@ collectively) and only the writer (`backend.is_writer`, rank 0) writes the run f
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -39,18 +38,18 @@ from pathlib import Path
 import numpy as np
 
 import diffattn
-from diffattn import optim
+from diffattn import optim, runfolder
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
-from diffattn.params import (ParamsError, atomic_write, check_params, file_sha256, init_params, load_tensors,
-                             param_shapes, save_tensors)
+from diffattn.params import check_params, init_params
+from diffattn.runfolder import (CHECKPOINT_FORMAT, KEEP_CHECKPOINTS, CheckpointError,  # noqa: F401 (re-exported)
+                                RunFolderError, find_checkpoint, load_checkpoint, prepare_out_dir,
+                                save_checkpoint, write_json)
 
-CHECKPOINT_FORMAT = "diffattn-checkpoint/1"
-KEEP_CHECKPOINTS = 2
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or does not match the run (message is one line)."""
+# Training holds at least the parameters, their gradients and AdamW's two moments, float32:
+# 16 bytes a parameter. A model needing more than the machine's memory is refused up front
+# instead of allocating until the OOM killer ends the process.
+TRAIN_BYTES_PER_PARAM = 16
 
 
 class Diverged(RuntimeError):
@@ -102,91 +101,9 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
-# ---- checkpoints --------------------------------------------------------------------------
+# ---- checkpoints (diffattn.runfolder; the names stay importable from here) --------------
 
-def _write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def save_checkpoint(out_dir, step: int, params: dict, opt_state: dict, manifest: dict,
-                    keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Write checkpoints/step_XXXXXX/ completely, then point latest.json at it, then drop all
-    but the newest `keep` checkpoints."""
-    root = Path(out_dir) / "checkpoints"
-    name = f"step_{step:06d}"
-    ckpt = root / name
-    if ckpt.exists():  # a leftover of a run killed mid-write; never the one latest.json names
-        if (root / "latest.json").is_file() and find_checkpoint(out_dir) == ckpt:
-            raise CheckpointError(f"{ckpt}: refusing to overwrite the latest checkpoint")
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True)
-    save_tensors(ckpt / "params.safetensors", params)
-    opt = {f"m.{k}": v for k, v in opt_state["m"].items()} | {f"v.{k}": v for k, v in opt_state["v"].items()}
-    save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"]))})
-    files = {f: file_sha256(ckpt / f) for f in ("params.safetensors", "optim.safetensors")}
-    _write_json(ckpt / "manifest.json", {**manifest, "format": CHECKPOINT_FORMAT, "step": step,
-                                         "optimizer_step": int(opt_state["step"]), "files": files})
-    _write_json(root / "latest.json", {"step": step, "dir": name})
-    done = sorted((p for p in root.glob("step_*") if p.is_dir() and p != ckpt), key=lambda p: p.name)
-    for old in done[:max(0, len(done) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-    return ckpt
-
-
-def find_checkpoint(path) -> Path:
-    """A run directory (its latest checkpoint), a checkpoints/ folder, or a step_XXXXXX folder."""
-    path = Path(path)
-    for root in (path / "checkpoints", path):
-        latest = root / "latest.json"
-        if latest.is_file():
-            try:
-                return root / json.loads(latest.read_text())["dir"]
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError(f"{latest}: corrupt checkpoint pointer") from None
-    if (path / "manifest.json").is_file():
-        return path
-    raise CheckpointError(f"{path}: no checkpoint found (expected checkpoints/latest.json or a manifest.json)")
-
-
-def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
-    """(params, opt_state, manifest, checkpoint dir); any damage is a one-line CheckpointError."""
-    ckpt = find_checkpoint(path)
-    try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-    except OSError:
-        raise CheckpointError(f"{ckpt}: checkpoint has no readable manifest.json") from None
-    except ValueError:
-        raise CheckpointError(f"{ckpt}/manifest.json: corrupt JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{ckpt}: not a {CHECKPOINT_FORMAT} checkpoint")
-    for f, digest in manifest.get("files", {}).items():
-        if not (ckpt / f).is_file():
-            raise CheckpointError(f"{ckpt}: missing {f}")
-        if verify and file_sha256(ckpt / f) != digest:
-            raise CheckpointError(f"{ckpt / f}: corrupt (sha256 differs from the manifest)")
-    try:
-        cfg = model_config_from(manifest["model_config"])
-        params, _ = load_tensors(ckpt / "params.safetensors")
-        check_params(cfg, params, what=str(ckpt / "params.safetensors"))
-        opt, meta = load_tensors(ckpt / "optim.safetensors")
-        m = {k[2:]: v for k, v in opt.items() if k.startswith("m.")}
-        v = {k[2:]: v for k, v in opt.items() if k.startswith("v.")}
-        check_params(cfg, m, what=str(ckpt / "optim.safetensors") + " (m)")
-        check_params(cfg, v, what=str(ckpt / "optim.safetensors") + " (v)")
-        # canonical name order, as init_params gives: safetensors files list names sorted, and
-        # a float sum over tensors (the global grad norm) depends on the order it runs in
-        order = list(param_shapes(cfg))
-        params = {k: params[k] for k in order}
-        opt_state = {"step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
-    except (ParamsError, ConfigError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: unusable checkpoint ({str(e).splitlines()[0]})") from None
-    return params, opt_state, manifest, ckpt
+_write_json = write_json
 
 
 def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info: dict, where) -> None:
@@ -257,15 +174,21 @@ def _finite_state(params: dict) -> bool:
     return all(np.all(np.isfinite(v)) for v in params.values())
 
 
-def prepare_out_dir(out_dir, resume: bool) -> None:
-    """Refuse to write over an existing run unless resuming it (checked before anything is written)."""
-    if out_dir is None:
+def check_fits_memory(cfg: ModelConfig) -> None:
+    """Refuse a model whose training state cannot fit this machine's memory (one line)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: nothing to check against
         return
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if not resume and out.is_dir() and ((out / "run.json").exists() or (out / "checkpoints").exists()):
-        raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another folder")
+    need = TRAIN_BYTES_PER_PARAM * cfg.num_params()
+    if need > total:
+        raise ConfigError(f"the model has {cfg.num_params():,} parameters: training needs at least "
+                          f"{need / 2 ** 30:,.1f} GiB ({TRAIN_BYTES_PER_PARAM} bytes a parameter), more than "
+                          f"this machine's {total / 2 ** 30:,.1f} GiB")
+
+
+def _finished(step: int, elapsed_train: float, tcfg: TrainConfig, budget_s: float | None) -> bool:
+    return step >= tcfg.steps or (budget_s is not None and elapsed_train >= budget_s)
 
 
 def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
@@ -276,17 +199,24 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     """Train `cfg` on `data` with `backend` (a loaded Backend). Returns a summary dict.
 
     params       initial parameters (default init_params(cfg, tcfg.seed))
-    resume_from  a run dir or checkpoint to continue from (its configs must match)
+    resume_from  a run dir or checkpoint to continue from (its configs must match); resuming
+                 a finished run (its checkpoint at the last step) trains nothing, writes
+                 nothing and returns stopped="finished"
     budget_s     wall-clock budget for training steps (excluding eval and checkpoints); the
                  schedule then follows elapsed / budget and tcfg.steps is only an upper bound
     stop_after   stop (with a checkpoint) after this many steps in total, schedule unchanged:
                  an interrupted run, for resume tests
-    ckpt_every   steps between checkpoints (default: eval_every); a final one is always written
+    ckpt_every   steps between checkpoints (default: eval_every); one at the start and a final
+                 one are always written
     diag_every   every this many steps (and at the start), diffattn.diagnostics of `diag_layers`
                  strided layers on a fixed probe batch -> {"kind": "diag"} records, and to the
                  `diag_log` sinks ("tensorboard", "wandb")
     tcfg.lambda_warmup_steps > 0 sets the backend model's lambda_mix to min(1, step / N) before
     each step (spec.py's negative-map weight; a backend model without set_lambda_mix refuses)
+
+    With out_dir, the run (its writer, under --parallel) holds the folder's lock
+    (diffattn.runfolder) from its first write to its return; an OSError while writing it is a
+    one-line RunFolderError naming the last good checkpoint, which stays intact.
     """
     t_start = time.time()
     # -- validate everything before writing anything --
@@ -296,20 +226,23 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                           f"vocab_size={cfg.vocab_size}")
     if tcfg.seq_len > cfg.max_seq_len:
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-    prepare_out_dir(out_dir, resume_from is not None)
+    check_fits_memory(cfg)
+    writer = getattr(backend, "is_writer", True)  # one process writes (rank 0 under --parallel)
+    if writer:
+        prepare_out_dir(out_dir, resume_from is not None)
+    elif out_dir is not None:
+        runfolder.check_out_dir(out_dir, resume_from is not None)  # the writer's lock is not "in use" here
     data_info = data.describe()
     env = environment(backend)
     start_step, opt_state, elapsed_train, prior_tokens = 0, None, 0.0, 0
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = manifest = None
     if resume_from is not None:
         params, opt_state, manifest, ckpt = load_checkpoint(resume_from)
         check_resume(manifest, cfg, tcfg, data_info, ckpt)
         start_step = int(manifest["step"])
         elapsed_train = float(manifest.get("elapsed_train_s", 0.0))
         resumed = {"from": str(ckpt), "step": start_step, "backend": manifest.get("env", {}).get("backend")}
-        if out_dir is not None and (Path(out_dir) / "checkpoints" / "latest.json").is_file() \
-                and find_checkpoint(out_dir).resolve() != ckpt.resolve():
-            raise CheckpointError(f"--out {out_dir}: holds a newer checkpoint than {ckpt}; resuming an older one "
-                                  "there would overwrite it: choose another --out")
     else:
         params = init_params(cfg, tcfg.seed) if params is None else params
         check_params(cfg, params)
@@ -329,23 +262,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
 
         diagnostics.check_sinks(diag_log)
 
-    writer = getattr(backend, "is_writer", True)  # one process writes (rank 0 under --parallel)
     tokens_per_step = tcfg.grad_accum * tcfg.batch_size * tcfg.seq_len
     total = tcfg.steps
     ckpt_every = ckpt_every or tcfg.eval_every
     run_info = {"model_config": config_dict(cfg), "train_config": config_dict(tcfg),
                 "seed": tcfg.seed, "data_seed": tcfg.data_seed, "data": data_info, "env": env,
                 "budget_s": budget_s, "tokens_per_step": tokens_per_step, **(extra_manifest or {})}
-    out = Path(out_dir) if out_dir is not None else None
-    metrics_path = None
-    if out is not None and writer:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "run.json", {**run_info, "resumed": resumed, "argv": sys.argv,
-                                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        if getattr(data, "tokenizer", None) is not None:
-            _write_json(out / "tokenizer.json", data.tokenizer.to_json())
-        metrics_path = out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, start_step)
+    metrics_path = out / "metrics.jsonl" if out is not None and writer else None
     probe, sinks, mix = None, None, 1.0
     if diag_every:
         from diffattn import diagnostics
@@ -358,14 +281,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         if log is not None:
             log(obj)
         if metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(obj) + "\n")
+            runfolder.append_record(metrics_path, obj)
 
     bar = Progress(total if not budget_s else None, budget_s, enabled=progress and writer)
     losses: dict[int, float] = {}
     evals: list[dict] = []
     last_ckpt = resumed["from"] if resumed else None
-    last_ckpt_step = start_step if resumed else None
+    last_ckpt_step = None  # the step of the checkpoint this run's folder holds
     stopped = "steps"
     pending = None  # (step, handle, lr)
     window_t, window_tokens, timed_s, timed_tokens = time.time(), 0, 0.0, 0
@@ -400,6 +322,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         manifest = {**run_info, "elapsed_train_s": elapsed_train, "tokens_seen": step_done * tokens_per_step,
                     "data_position": {"step": step_done, "note": "batches are a function of (data_seed, step)"},
                     "resumed": resumed, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if evals and evals[-1]["step"] == step_done:
+            manifest["eval"] = evals[-1]  # what a no-op resume of a finished run reports
         last_ckpt = str(save_checkpoint(out, step_done, p, o, manifest))
         last_ckpt_step = step_done
 
@@ -427,12 +351,51 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         record(rec)
         sinks.write(rec)
 
+    def summarize(step, stopped, final):
+        return {"steps": step, "tokens": step * tokens_per_step, "stopped": stopped,
+                "train_loss": losses[max(losses)] if losses else None,
+                "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+                "loss_by_position": final["loss_by_position"], "position_bins": final["position_bins"],
+                "accuracy": final.get("accuracy"), "answer_loss": final.get("answer_loss"),
+                "tokens_per_s": timed_tokens / timed_s if timed_s else None,
+                "train_seconds": elapsed_train, "wall_seconds": time.time() - t_start,
+                "backend": backend.name, "device": env["backend"].get("device"), "dtype": backend.dtype,
+                "attention": cfg.attention, "params": cfg.num_params(), "data": data_info["name"],
+                "out_dir": str(out) if out else None, "checkpoint": last_ckpt, "losses": losses,
+                "resumed_from": resumed["from"] if resumed else None}
+
     step = start_step
-    t_loop = time.time()
-    set_mix(step)
-    if diag_every and resumed is None:  # a resumed run has its start's record already
-        run_diag(step)
+    folder_lock = runfolder.lock(out) if out is not None and writer else None
     try:
+        if out is not None:
+            # Checked again now that no other run can change the folder. Every process decides
+            # alike: the writer writes nothing before the step-0 checkpoint below, which each
+            # process enters only after this check (model.state() may be collective).
+            if writer:
+                runfolder.check_out_dir(out, resume_from is not None)
+            if ckpt is not None and (out / "checkpoints" / "latest.json").is_file():
+                if find_checkpoint(out).resolve() != ckpt.resolve():
+                    raise CheckpointError(f"--out {out}: holds a newer checkpoint than {ckpt}; resuming an older "
+                                          "one there would overwrite it: choose another --out")
+                last_ckpt_step = start_step  # resuming this folder's own latest checkpoint
+                if _finished(start_step, elapsed_train, tcfg, budget_s):
+                    set_mix(start_step)
+                    final = manifest.get("eval") or {"step": start_step, **evaluate(model, data, tcfg)}
+                    return summarize(start_step, "finished", final)
+            if writer:
+                runfolder.clear_leftovers(out)
+            checkpoint(start_step)  # first, so a folder holding anything else is resumable
+            if writer:
+                write_json(out / "run.json", {**run_info, "resumed": resumed, "argv": sys.argv,
+                                              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                if getattr(data, "tokenizer", None) is not None:
+                    write_json(out / "tokenizer.json", data.tokenizer.to_json())
+                runfolder.truncate_metrics(metrics_path, start_step)
+
+        t_loop = time.time()
+        set_mix(step)
+        if diag_every and resumed is None:  # a resumed run has its start's record already
+            run_diag(step)
         while step < total:
             if budget_s is not None and elapsed_train >= budget_s:
                 stopped = "budget"
@@ -477,41 +440,16 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         if not evals or evals[-1]["step"] != step:
             run_eval(step)
         checkpoint(step)
+        summary = summarize(step, stopped, evals[-1])
+        record({"kind": "stop", "step": step, "reason": stopped,
+                **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "train_seconds")}})
+    except RunFolderError:
+        raise
+    except OSError as e:  # permissions, a full disk, ...: one line; the last good checkpoint is intact
+        raise RunFolderError(f"{runfolder.describe_os_error(e)}: training stopped; last good checkpoint: "
+                             f"{last_ckpt or 'none'}") from None
     finally:
         bar.close()
-    final = evals[-1]
-    summary = {"steps": step, "tokens": step * tokens_per_step, "stopped": stopped,
-               "train_loss": losses[max(losses)] if losses else None,
-               "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-               "loss_by_position": final["loss_by_position"], "position_bins": final["position_bins"],
-               "accuracy": final.get("accuracy"), "answer_loss": final.get("answer_loss"),
-               "tokens_per_s": timed_tokens / timed_s if timed_s else None,
-               "train_seconds": elapsed_train, "wall_seconds": time.time() - t_start,
-               "backend": backend.name, "device": env["backend"].get("device"), "dtype": backend.dtype,
-               "attention": cfg.attention, "params": cfg.num_params(), "data": data_info["name"],
-               "out_dir": str(out) if out else None, "checkpoint": last_ckpt, "losses": losses,
-               "resumed_from": resumed["from"] if resumed else None}
-    record({"kind": "stop", "step": step, "reason": stopped,
-            **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "train_seconds")}})
+        if folder_lock is not None:
+            folder_lock.release()
     return summary
-
-
-def _truncate_metrics(path: Path, start_step: int) -> None:
-    """On resume, drop records past the checkpoint (work lost in the interruption); fresh: empty."""
-    keep = []
-    if start_step > 0 and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            if rec.get("kind") == "train" and rec["step"] < start_step or \
-                    rec.get("kind") in ("eval", "diag") and rec["step"] <= start_step:
-                keep.append(line)
-    text = "".join(line + "\n" for line in keep)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn import harness, optim, stats
+from diffattn import harness, optim, runfolder, stats
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
@@ -108,6 +108,8 @@ def _read_evals(run_dir: Path) -> list[dict]:
         except ValueError:
             continue  # a torn last line
     return _evals(records)
+
+
 
 
 def _brief(summary: dict) -> dict:
@@ -188,8 +190,14 @@ def summarize_seeds(per_seed: list[dict]) -> dict:
             "evals": evals}
 
 
-def _refuse_existing(out: Path) -> None:
-    if (out / "paired.json").exists() or any(out.glob("seed_*")):
+def _check_paired_out(out: Path, resume: bool) -> None:
+    """A paired run owns its folder: never inside a train run, and over another paired run only
+    when resuming it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if (out / "run.json").exists() or (out / "checkpoints").exists():
+        raise ConfigError(f"--out {out}: holds a train run; choose another folder for the paired run")
+    if not resume and ((out / "paired.json").exists() or any(out.glob("seed_*"))):
         raise ConfigError(f"--out {out}: already holds a paired run; pass --resume to continue it or choose "
                           "another folder")
 
@@ -207,11 +215,20 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
         raise ConfigError("a paired run needs at least one seed")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if not resume:
-            _refuse_existing(out)
+        _check_paired_out(out, resume)
     data.check(tcfg.seq_len)
+    folder_lock = None
+    if out is not None and _writes(backend):
+        folder_lock = runfolder.lock(out)  # a second paired run on this folder is refused while this one lives
+        _check_paired_out(out, resume)  # again, under the lock
+    try:
+        return _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, progress)
+    finally:
+        if folder_lock is not None:
+            folder_lock.release()
+
+
+def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, progress) -> dict:
     head = {"attention": cfg.attention, "backend": backend.name, "dtype": backend.dtype,
             "data": data.describe()["name"], "data_seed": "seed" if data_seed is None else data_seed,
             "model_config": harness.config_dict(cfg), "twin_config": harness.config_dict(twin),

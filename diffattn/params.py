@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import zlib
 from pathlib import Path
 
@@ -129,22 +129,33 @@ def check_params(cfg: ModelConfig, params: dict[str, np.ndarray], what: str = "p
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write a file through a temporary sibling and rename it into place, so a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
+    moment leaves either the old file or the new one, never a torn one. The file is fsynced
+    before the rename and its folder after it (the rename itself is then durable); it gets
+    the mode any new file gets (0666 less the umask), not a temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = path.parent / f"{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that recreates the file (safetensors does) leaves 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary; the file gets what open() would give
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_tensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
