@@ -257,8 +257,6 @@ def hf_text(name: str, config: str | None = None, split: str = "train", column: 
             max_bytes: int = HF_MAX_BYTES) -> bytes:
     """Stream documents of a Hugging Face dataset (or a local folder of data files) until
     max_bytes; documents joined by a blank line."""
-    if not Path(name).exists():
-        _check_hub_reachable(name)
     try:
         import datasets
     except ImportError:
@@ -267,6 +265,8 @@ def hf_text(name: str, config: str | None = None, split: str = "train", column: 
     if int(datasets.__version__.split(".")[0]) < 4:  # before 4.0 a hub repo's loading script could run
         raise DataError(f"hf: data needs datasets>=4.0, which never runs a dataset's own code; this is "
                         f"{datasets.__version__}: pip install 'diffattn[hf]'")
+    if not Path(name).exists():
+        _check_hub_reachable(name)
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         parts, size = [], 0
