@@ -9,15 +9,18 @@ step s is read after step s+1 is issued, so asynchronous backends keep one step 
 
 A run directory holds:
 
+    run.lock                       the flock a run holds on its folder, and its pid
     run.json                       configs, seeds, backend, device, versions, git commit, data
     metrics.jsonl                  one JSON object per line: {"kind": "train" | "eval" | "stop", ...}
     tokenizer.json                 the tokenizer (a BPE is trained once and reused on resume)
     checkpoints/latest.json        {"step": s, "dir": "step_000s"}: replaced atomically, last
     checkpoints/step_XXXXXX/       params.safetensors, optim.safetensors, manifest.json
 
-A checkpoint is complete before latest.json names it, and the previous one is deleted only
-after, so a crash at any moment leaves a loadable checkpoint. Resume is exact: the state,
-the step and therefore the batches and learning rate continue where they stopped.
+A run writes its step-0 checkpoint first; a checkpoint is complete before latest.json names
+it, and the previous one is deleted only after, so a crash at any moment leaves a loadable
+checkpoint or an empty folder (diffattn.runfolder: the lock, the states, the checkpoint files).
+Resume is exact: the state, the step and therefore the batches and learning rate continue
+where they stopped.
 
 Under a parallel backend (torchrun, mlx.launch: each backend's parallel.py) every process runs
 this loop on the same global batches, its model's train_step keeping the process's rows and

@@ -1,6 +1,7 @@
 """Data: tokenizers with exact byte counts, deterministic batches, shards, retrieval tasks."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -276,3 +277,15 @@ def test_hf_without_datasets_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match="pip install 'diffattn\\[hf\\]'"):
         data.load("hf:anything")
+
+
+def test_hf_data_offline_fails_fast_with_one_line(monkeypatch):
+    pytest.importorskip("datasets", reason="the hf extra is not installed (the check runs after its import)")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.time()
+    with pytest.raises(data.DataError, match="unreachable") as e:
+        data.load("hf:someone/some-dataset")
+    # the failure guarded against is `datasets` retrying for ~30 s; 5 s is the issue's bound
+    assert time.time() - t0 < 5 and "\n" not in str(e.value)

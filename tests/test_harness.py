@@ -1,5 +1,6 @@
-"""The training harness: schedule, eval metrics, checkpoints that survive SIGKILL, exact resume on
-every backend, cross-backend resume, the NaN guard, paired runs.
+"""The training harness: schedule, eval metrics, checkpoints, exact resume on every backend,
+cross-backend resume, the NaN guard, paired runs. (Kills, full disks, locks and the other faults
+a run folder survives: tests/test_faults.py.)
 
 Tolerances: runs on one backend are compared for exact equality (same code, same batches, a
 deterministic CPU). Across backends (both float32) the losses of a few tiny steps agree to
@@ -13,7 +14,7 @@ import pytest
 
 from diffattn import backend as backend_mod
 from diffattn import data, harness, optim, paired
-from diffattn.config import ModelConfig, TrainConfig, preset
+from diffattn.config import ConfigError, ModelConfig, TrainConfig, preset
 from diffattn.params import init_params
 
 BACKENDS = ("numpy", "mlx", "cuda")
@@ -129,6 +130,13 @@ def test_an_existing_run_is_not_overwritten_without_resume(tmp_path, pydoc):
     with pytest.raises(harness.ConfigError, match="already holds a run"):
         run(b, tmp_path, pydoc, t=tcfg(steps=2, eval_every=2))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path, pydoc):
+    cfg = preset("tiny", d_model=32, max_seq_len=16, n_layers=10 ** 8)  # ~1.6e12 parameters
+    with pytest.raises(ConfigError, match="more than this machine's"):
+        run(load_backend("numpy"), tmp_path / "run", pydoc, cfg=cfg)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the NaN guard ----------------------------------------------------------------------------
@@ -291,6 +299,14 @@ def test_paired_run_checks_shared_tensors_and_reports_deltas(attention, tmp_path
     manifest = json.loads((tmp_path / "paired.json").read_text())
     assert manifest["summary"]["val_loss"]["mean"] == r["delta"]["val_loss"]
     assert "val loss" in paired.format_paired(manifest)
+
+
+def test_paired_refuses_a_folder_holding_a_train_run(tmp_path, pydoc):
+    run(load_backend("numpy"), tmp_path, pydoc, t=tcfg(steps=2, eval_every=2))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds a train run"):
+        paired.run_paired(tiny(), tcfg(steps=2, eval_every=2), pydoc, load_backend("numpy"), tmp_path, progress=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_paired_run_on_a_retrieval_task_reports_the_accuracy_delta(tmp_path):
