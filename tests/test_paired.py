@@ -118,14 +118,15 @@ def test_a_killed_multi_seed_run_resumes_to_the_uninterrupted_result(tmp_path, p
     assert r["summary"] == straight["summary"]
 
 
-def test_an_arm_killed_before_its_first_checkpoint_starts_again(tmp_path, pydoc):
+def test_an_arm_killed_before_its_first_interval_checkpoint_resumes_from_step_0(tmp_path, pydoc):
     straight = paired.run_paired(cfg(), tcfg(), pydoc, numpy_backend(), None, seeds=[0], progress=False)
     with pytest.raises(Killed):  # diff arm of seed 0, step 1: before the step-2 checkpoint
         paired.run_paired(cfg(), tcfg(), KillingData(pydoc, 0, 1, nth=1), numpy_backend(), tmp_path, seeds=[0],
                           progress=False)
     assert (tmp_path / "seed_0" / "diff" / "run.json").is_file()
-    assert not (tmp_path / "seed_0" / "diff" / "checkpoints" / "latest.json").exists()
+    assert json.loads((tmp_path / "seed_0" / "diff" / "checkpoints" / "latest.json").read_text())["step"] == 0
     r = paired.run_paired(cfg(), tcfg(), pydoc, numpy_backend(), tmp_path, seeds=[0], resume=True, progress=False)
+    assert r["per_seed"][0]["diff"]["resumed_from"].endswith("step_000000")
     assert r["per_seed"][0]["delta"] == straight["per_seed"][0]["delta"]
 
 
