@@ -40,7 +40,7 @@ import numpy as np
 
 import diffattn
 from diffattn import optim
-from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
+from diffattn.config import AdamWConfig, ConfigError, ModelConfig, MuonConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import (ParamsError, atomic_write, check_params, file_sha256, init_params, load_tensors,
                              param_shapes, save_tensors)
@@ -70,6 +70,7 @@ def model_config_from(d: dict) -> ModelConfig:
 def train_config_from(d: dict) -> TrainConfig:
     d = dict(d)
     d["optim"] = AdamWConfig(**d.get("optim", {}))
+    d["muon"] = MuonConfig(**d.get("muon", {}))
     return TrainConfig(**d)
 
 
@@ -128,7 +129,8 @@ def save_checkpoint(out_dir, step: int, params: dict, opt_state: dict, manifest:
     ckpt.mkdir(parents=True)
     save_tensors(ckpt / "params.safetensors", params)
     opt = {f"m.{k}": v for k, v in opt_state["m"].items()} | {f"v.{k}": v for k, v in opt_state["v"].items()}
-    save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"]))})
+    save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"])),
+                                                   "optimizer": opt_state.get("optimizer", "adamw")})
     files = {f: file_sha256(ckpt / f) for f in ("params.safetensors", "optim.safetensors")}
     _write_json(ckpt / "manifest.json", {**manifest, "format": CHECKPOINT_FORMAT, "step": step,
                                          "optimizer_step": int(opt_state["step"]), "files": files})
@@ -183,7 +185,8 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
         # a float sum over tensors (the global grad norm) depends on the order it runs in
         order = list(param_shapes(cfg))
         params = {k: params[k] for k in order}
-        opt_state = {"step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
+        opt_state = {"optimizer": meta.get("optimizer", "adamw"), "step": int(meta["step"]),
+                     "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
     except (ParamsError, ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: unusable checkpoint ({str(e).splitlines()[0]})") from None
     return params, opt_state, manifest, ckpt
@@ -197,8 +200,9 @@ def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info:
         if theirs.get(k, defaults[k]) != v:  # a field newer than the checkpoint has its default
             raise CheckpointError(f"{where}: checkpoint has model {k}={theirs.get(k)!r}, this run {k}={v!r}")
     theirs = manifest["train_config"]
-    defaults = config_dict(TrainConfig())  # a field newer than the checkpoint: it ran the default
-    for k, v in config_dict(tcfg).items():
+    # as JSON holds them (tuples are lists); a field newer than the checkpoint: it ran the default
+    ours, defaults = (json.loads(json.dumps(config_dict(c))) for c in (tcfg, TrainConfig()))
+    for k, v in ours.items():
         if k not in RESUMABLE_CHANGES and theirs.get(k, defaults[k]) != v:
             raise CheckpointError(f"{where}: checkpoint has {k}={theirs.get(k)!r}, this run {k}={v!r}")
     for k in ("name", "fingerprint", "vocab_size"):
@@ -314,7 +318,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         params = init_params(cfg, tcfg.seed) if params is None else params
         check_params(cfg, params)
         resumed = None
-    model = backend.build(cfg, params, optim=tcfg.optim)
+    model = backend.build(cfg, params, **optim.build_options(tcfg))
     if opt_state is not None:
         model.load_state(params, opt_state)
     warmup = tcfg.lambda_warmup_steps

@@ -80,8 +80,9 @@ def check_shared_init(cfg: ModelConfig, twin: ModelConfig, tcfg: TrainConfig, ba
     p_diff, p_van = init_params(cfg, tcfg.seed), init_params(twin, tcfg.seed)
     names = shared_names(p_diff, p_van)
     drawn_diff = byte_identical(p_diff, p_van, names)
-    held_diff = backend.build(cfg, p_diff, optim=tcfg.optim).state()[0]
-    held_van = backend.build(twin, p_van, optim=tcfg.optim).state()[0]
+    # the same check on what each backend holds at step 0 (after its dtype conversion)
+    held_diff = backend.build(cfg, p_diff, **optim.build_options(tcfg)).state()[0]
+    held_van = backend.build(twin, p_van, **optim.build_options(tcfg)).state()[0]
     held = byte_identical(held_diff, held_van, names)
     shared = {"seed": tcfg.seed, "names": names, "count": len(names),
               "bytes": int(sum(p_diff[n].nbytes for n in names)),
@@ -281,7 +282,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     data.check(tcfg.seq_len)
     loaded = [load(b, device="cpu", dtype="float32") if isinstance(b, str) else b for b in backends]
     params = init_params(cfg, tcfg.seed)
-    models = [b.build(cfg, params, optim=tcfg.optim) for b in loaded]
+    models = [b.build(cfg, params, **optim.build_options(tcfg)) for b in loaded]
     probe = data.val_batches(tcfg.batch_size, tcfg.seq_len, 1, tcfg.data_seed)[0][0][:, :-1]
     logits = [np.asarray(m.logits(probe)) for m in models]
     logits_rel = rel_err(logits[0], logits[1])
