@@ -237,7 +237,9 @@ class Recipe:
     step)); exactly one is set. Eval reads `eval_tokens` of the validation split every
     `eval_every` steps (as batches of the training shape: eval_batches = ceil(eval_tokens /
     (batch_size * seq_len))). lr is the peak, reached after `warmup_steps` of linear warmup,
-    then `schedule` decays it to lr * min_lr_ratio at the last step (diffattn.optim.lr_at)."""
+    then `schedule` decays it to lr * min_lr_ratio at the last step (diffattn.optim.lr_at).
+    `optimizer` and `packing` are TrainConfig's (OPTIMIZERS, PACKINGS): every preset's recipe is
+    AdamW over random windows, and `--optimizer` / `--packing` make the other recipe of a preset."""
     seq_len: int
     batch_size: int
     lr: float
@@ -249,6 +251,8 @@ class Recipe:
     grad_accum: int = 1
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
+    optimizer: str = "adamw"
+    packing: str = "random"
 
     def __post_init__(self):
         if (self.steps is None) == (self.tokens is None):
@@ -259,6 +263,9 @@ class Recipe:
                 raise ConfigError(f"invalid Recipe: {name}={v!r} must be a positive integer")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"invalid Recipe: schedule={self.schedule!r}, expected one of {SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS or self.packing not in PACKINGS:
+            raise ConfigError(f"invalid Recipe: optimizer={self.optimizer!r}, packing={self.packing!r}, expected "
+                              f"one of {OPTIMIZERS} and one of {PACKINGS}")
 
     @property
     def tokens_per_step(self) -> int:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import diffattn
-from diffattn import optim
+from diffattn import flops, optim
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, MuonConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import (ParamsError, atomic_write, check_params, file_sha256, init_params, load_tensors,
@@ -484,19 +484,28 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     finally:
         bar.close()
     final = evals[-1]
+    tokens_per_s = timed_tokens / timed_s if timed_s else None
+    peak, peak_source = flops.backend_peak(backend) if tokens_per_s else (None, None)
+    world = getattr(backend, "world_size", 1)  # tokens_per_s is the global batch's: every rank's device
+    if peak is not None and world > 1:
+        peak, peak_source = peak * world, f"{world} x {peak_source}"
     summary = {"steps": step, "tokens": step * tokens_per_step, "stopped": stopped,
                "train_loss": losses[max(losses)] if losses else None,
                "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
                "loss_by_position": final["loss_by_position"], "position_bins": final["position_bins"],
                "accuracy": final.get("accuracy"), "answer_loss": final.get("answer_loss"),
-               "tokens_per_s": timed_tokens / timed_s if timed_s else None,
+               "tokens_per_s": tokens_per_s,
+               "flops_per_token": flops.train_flops_per_token(cfg, tcfg.seq_len),
+               "mfu": flops.mfu(cfg, tcfg.seq_len, tokens_per_s, peak) if tokens_per_s else None,
+               "mfu_peak_flops": peak, "mfu_peak_source": peak_source, "optimizer": tcfg.optimizer,
                "train_seconds": elapsed_train, "wall_seconds": time.time() - t_start,
                "backend": backend.name, "device": env["backend"].get("device"), "dtype": backend.dtype,
                "attention": cfg.attention, "params": cfg.num_params(), "data": data_info["name"],
                "out_dir": str(out) if out else None, "checkpoint": last_ckpt, "losses": losses,
                "resumed_from": resumed["from"] if resumed else None}
     record({"kind": "stop", "step": step, "reason": stopped,
-            **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "train_seconds")}})
+            **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "mfu", "mfu_peak_source",
+                                       "train_seconds")}})
     return summary
 
 

@@ -16,6 +16,8 @@ A run folder holds seed_S/{diff,vanilla}/ (ordinary run folders, plus arm.json o
 finished: its summary and evals), seed_S/shared.json, and paired.json: per seed the deltas DIFF
 minus vanilla (val loss in nats, bpb, per position bin, per eval) and over seeds their mean,
 sample std and 95% intervals (diffattn.stats). paired.json is rewritten after every seed.
+Both arms of every seed train under one recipe, tcfg's optimizer (adamw | muon) and packing
+(random | bos-best-fit); both files record them, and a resumed seed refuses another recipe.
 
 Resume (resume=True): a finished arm is read back from its arm.json, an arm with a checkpoint
 continues from it through the harness's exact resume, and an arm killed before its first
@@ -84,7 +86,8 @@ def check_shared_init(cfg: ModelConfig, twin: ModelConfig, tcfg: TrainConfig, ba
     held_diff = backend.build(cfg, p_diff, **optim.build_options(tcfg)).state()[0]
     held_van = backend.build(twin, p_van, **optim.build_options(tcfg)).state()[0]
     held = byte_identical(held_diff, held_van, names)
-    shared = {"seed": tcfg.seed, "names": names, "count": len(names),
+    shared = {"seed": tcfg.seed, "optimizer": tcfg.optimizer, "packing": tcfg.packing,
+              "names": names, "count": len(names),
               "bytes": int(sum(p_diff[n].nbytes for n in names)),
               "byte_identical_at_init": not drawn_diff, "byte_identical_in_backend_at_step0": not held,
               "differing": sorted(set(drawn_diff) | set(held)),
@@ -214,7 +217,8 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
             _refuse_existing(out)
     data.check(tcfg.seq_len)
     head = {"attention": cfg.attention, "backend": backend.name, "dtype": backend.dtype,
-            "data": data.describe()["name"], "data_seed": "seed" if data_seed is None else data_seed,
+            "optimizer": tcfg.optimizer, "packing": tcfg.packing, "data": data.describe()["name"],
+            "data_seed": "seed" if data_seed is None else data_seed,
             "model_config": harness.config_dict(cfg), "twin_config": harness.config_dict(twin),
             "train_config": harness.config_dict(tcfg)}
     per_seed = []
@@ -224,6 +228,11 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
         shared_path = seed_dir / "shared.json" if seed_dir is not None else None
         if shared_path is not None and shared_path.is_file():
             shared = json.loads(shared_path.read_text())  # checked when this seed started
+            for k in ("optimizer", "packing"):  # the recipe's axes: a seed resumes under its own
+                theirs = shared.get(k, getattr(TrainConfig(), k))  # written before the axes: the default
+                if theirs != getattr(t, k):
+                    raise ConfigError(f"--out {out}: seed {seed} ran with --{k} {theirs}, this run --{k} "
+                                      f"{getattr(t, k)}; resume with the same recipe or choose another folder")
         else:
             shared = check_shared_init(cfg, twin, t, backend)
             gc.collect()  # the two probe models, before training allocates
@@ -252,9 +261,9 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
 def format_paired(r: dict) -> str:
     s = r["summary"]
     first = r["per_seed"][0]
-    lines = [f"paired run: {r['attention']} vs vanilla twin, {first['diff']['steps']} steps on {r['data']} "
-             f"({r['backend']}, {r['dtype']}), seeds {','.join(map(str, s['seeds']))} (data seed: "
-             f"{r['data_seed']}); shared tensors byte-identical at step 0 in every seed "
+    lines = [f"paired run: {r['attention']} vs vanilla twin, {first['diff']['steps']} {r.get('optimizer', 'adamw')} "
+             f"steps on {r['data']} ({r.get('packing', 'random')} batches, {r['backend']}, {r['dtype']}), "
+             f"seeds {','.join(map(str, s['seeds']))} (data seed: {r['data_seed']}); shared tensors byte-identical at step 0 in every seed "
              f"({first['shared']['count']} tensors)",
              f"{'seed':>6s}{r['attention'] + ' loss':>14s}{'vanilla loss':>14s}{'delta nats':>12s}{'delta bpb':>12s}"]
     for p in r["per_seed"]:
@@ -302,6 +311,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
         params_rel[n] = rel_err(finals[0][n], finals[1][n]) if np.linalg.norm(finals[1][n]) else 0.0
     return {"backends": [b.name for b in loaded], "devices": [b.device for b in loaded],
             "dtypes": [b.dtype for b in loaded], "steps": tcfg.steps, "attention": cfg.attention,
+            "optimizer": tcfg.optimizer, "packing": tcfg.packing,
             "logits_rel_err": logits_rel, "max_abs_loss_diff": max_diff,
             "max_params_rel_err": max(params_rel.values()),
             "logits_tol": AGREE_LOGITS_REL, "loss_tol": AGREE_LOSS_ABS,
@@ -311,7 +321,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
 def format_agree(r: dict) -> str:
     a, b = r["backends"]
     lines = [f"agreement {a} vs {b} ({r['dtypes'][0]}/{r['dtypes'][1]} on {r['devices'][0]}/{r['devices'][1]}), "
-             f"{r['attention']}, {r['steps']} steps",
+             f"{r['attention']}, {r['steps']} {r['optimizer']} steps, {r['packing']} batches",
              f"{'step':>6s}{'loss ' + a:>16s}{'loss ' + b:>16s}{'|diff|':>12s}"]
     rows = r["per_step"]
     show = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
