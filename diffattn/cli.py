@@ -402,6 +402,8 @@ def cmd_train(args) -> int:
             f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps} | {mfu}")
     if s["accuracy"] is not None:
         line += f" | accuracy {s['accuracy']:.4f}"
+    if s["crop_fraction"] is not None:
+        line += f" | {s['packing']} packing cropped {s['crop_fraction']:.1%} of the training tokens"
     print(line)
     print(f"run folder: {out}")
     _plot_losses(out)

@@ -210,13 +210,20 @@ def parse_tokenizer(spec: str) -> tuple[str, int]:
 
 # ---- raw corpora --------------------------------------------------------------------------
 
-def pydoc_text() -> bytes:
+# Each text corpus is a list of documents (what --packing bos-best-fit packs) joined by a blank line.
+def pydoc_documents() -> list[bytes]:
+    """One document per help topic, in sorted topic order."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    return [topics[k].encode("utf-8") for k in sorted(topics)]
 
 
-def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
+def pydoc_text() -> bytes:
+    return b"\n\n".join(pydoc_documents())
+
+
+def stdlib_documents(limit: int = STDLIB_BYTES) -> list[bytes]:
+    """One document per .py file, in sorted path order, until `limit` bytes (joined) are read."""
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, size = [], 0
     for f in sorted(root.rglob("*.py")):
@@ -228,17 +235,26 @@ def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
         size += len(b) + 2
         if size >= limit:
             break
-    return b"\n\n".join(parts)[:limit]
+    return parts
 
 
-def read_text_path(path: Path) -> bytes:
+def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
+    return b"\n\n".join(stdlib_documents(limit))[:limit]
+
+
+def text_documents(path: Path) -> list[bytes]:
+    """A text file is one document; a folder, one per file (recursive, sorted, no dot-files)."""
     if path.is_file():
-        return path.read_bytes()
+        return [path.read_bytes()]
     files = [f for f in sorted(path.rglob("*")) if f.is_file()
              and not any(p.startswith(".") for p in f.relative_to(path).parts)]
     if not files:
         raise DataError(f"{path}: folder holds no files")
-    return b"\n\n".join(f.read_bytes() for f in files)
+    return [f.read_bytes() for f in files]
+
+
+def read_text_path(path: Path) -> bytes:
+    return b"\n\n".join(text_documents(path))
 
 
 def hf_text(name: str, config: str | None = None, split: str = "train", column: str = "text",

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import diffattn
-from diffattn import flops, optim
+from diffattn import flops, optim, packing
 from diffattn.config import AdamWConfig, ConfigError, ModelConfig, MuonConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import (ParamsError, atomic_write, check_params, file_sha256, init_params, load_tensors,
@@ -294,6 +294,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     """
     t_start = time.time()
     # -- validate everything before writing anything --
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     if data.vocab_size > cfg.vocab_size:
         raise ConfigError(f"data {data.name!r} has token ids up to {data.vocab_size - 1}, beyond the model's "
@@ -366,6 +367,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                 f.write(json.dumps(obj) + "\n")
 
     bar = Progress(total if not budget_s else None, budget_s, enabled=progress and writer)
+    if "crop_fraction" in data_info:
+        bar.message(f"packing {data_info['packing']}: {data_info['documents']['train']:,} training documents in "
+                    f"{data_info['rows_per_epoch']:,} rows of {tcfg.seq_len + 1} tokens per epoch, "
+                    f"{data_info['crop_fraction']:.1%} of their tokens cropped")
     losses: dict[int, float] = {}
     evals: list[dict] = []
     last_ckpt = resumed["from"] if resumed else None
@@ -498,6 +503,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                "flops_per_token": flops.train_flops_per_token(cfg, tcfg.seq_len),
                "mfu": flops.mfu(cfg, tcfg.seq_len, tokens_per_s, peak) if tokens_per_s else None,
                "mfu_peak_flops": peak, "mfu_peak_source": peak_source, "optimizer": tcfg.optimizer,
+               "packing": tcfg.packing, "crop_fraction": data_info.get("crop_fraction"),
                "train_seconds": elapsed_train, "wall_seconds": time.time() - t_start,
                "backend": backend.name, "device": env["backend"].get("device"), "dtype": backend.dtype,
                "attention": cfg.attention, "params": cfg.num_params(), "data": data_info["name"],
@@ -505,7 +511,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
                "resumed_from": resumed["from"] if resumed else None}
     record({"kind": "stop", "step": step, "reason": stopped,
             **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "mfu", "mfu_peak_source",
-                                       "train_seconds")}})
+                                       "crop_fraction", "train_seconds")}})
     return summary
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn import harness, optim, stats
+from diffattn import harness, optim, packing, stats
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
@@ -215,6 +215,9 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
             raise ConfigError(f"--out {out}: exists and is not a folder")
         if not resume:
             _refuse_existing(out)
+    # packed documents are tokenised once, and validated before anything is written; every seed
+    # repacks them in the order of its own data_seed (packing.for_run)
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     head = {"attention": cfg.attention, "backend": backend.name, "dtype": backend.dtype,
             "optimizer": tcfg.optimizer, "packing": tcfg.packing, "data": data.describe()["name"],
@@ -224,6 +227,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     per_seed = []
     for i, seed in enumerate(seeds):
         t = dataclasses.replace(tcfg, seed=seed, data_seed=seed if data_seed is None else data_seed)
+        seed_data = packing.for_run(data, t)  # both arms read these batches
         seed_dir = out / f"seed_{seed}" if out is not None else None
         shared_path = seed_dir / "shared.json" if seed_dir is not None else None
         if shared_path is not None and shared_path.is_file():
@@ -244,7 +248,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
             if progress:
                 print(f"seed {seed} ({i + 1}/{len(seeds)}): {label if label == 'vanilla' else cfg.attention}",
                       file=sys.stderr)
-            arms[label] = _run_arm(label, c, t, data, backend, seed_dir / label if seed_dir else None,
+            arms[label] = _run_arm(label, c, t, seed_data, backend, seed_dir / label if seed_dir else None,
                                    budget_s, progress, shared["count"])
             gc.collect()  # the arm's model (and its CUDA graph, if any) is released before the next is built
         per_seed.append(_seed_result(seed, t, arms, shared))
@@ -288,6 +292,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     `backends` are names (loaded on the CPU in float32) or loaded Backend objects."""
     from diffattn.backend import load
 
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     loaded = [load(b, device="cpu", dtype="float32") if isinstance(b, str) else b for b in backends]
     params = init_params(cfg, tcfg.seed)
