@@ -116,8 +116,8 @@ def _read_evals(run_dir: Path) -> list[dict]:
 
 def _brief(summary: dict) -> dict:
     keep = ("steps", "tokens", "stopped", "val_loss", "val_bpb", "accuracy", "answer_loss", "loss_by_position",
-            "position_bins", "train_loss", "tokens_per_s", "train_seconds", "wall_seconds", "params", "out_dir",
-            "resumed_from")
+            "position_bins", "train_loss", "tokens_per_s", "mfu", "train_seconds", "wall_seconds", "params",
+            "out_dir", "resumed_from")
     return {k: summary[k] for k in keep}
 
 

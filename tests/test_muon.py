@@ -157,3 +157,26 @@ def test_muon_run_resumes_bitwise_and_refuses_adamw(name, tmp_path):
     # and a model refuses the other optimizer's state handed to it directly
     with pytest.raises(BackendError, match="optimizer state of 'muon' cannot resume a 'adamw' model"):
         b.build(cfg, pa).load_state(pa, oa)
+
+
+def test_agree_compares_the_backends_under_muon():
+    from diffattn import paired
+
+    load("mlx"), load("cuda")
+    cfg = preset("tiny", attention="diff", d_model=32, max_seq_len=16)
+    t = TrainConfig(batch_size=2, seq_len=16, steps=5, warmup_steps=1, optimizer="muon")
+    r = paired.run_agree(cfg, t, data.load("builtin:pydoc"), ("mlx", "cuda"))
+    assert r["ok"] and r["optimizer"] == "muon" and r["max_params_rel_err"] < BACKEND_TOL
+
+
+@pytest.mark.slow
+def test_recipe_paired_script_smoke(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "benchmarks/scripts/recipe_paired.py", "--out", str(tmp_path), "--smoke"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": "."})
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "recipe_paired.md").read_text()
+    assert "| adamw | 0 |" in table and "| muon | 0 |" in table
