@@ -80,7 +80,10 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault(tuple(p.shape), []).append(p)
             for shape, ps in by_shape.items():
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+                for p in ps:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
                 grads = [p.grad for p in ps]
                 torch._foreach_lerp_(bufs, grads, 1.0 - mu)  # m <- mu m + (1 - mu) g
                 u = torch.stack([g.lerp(m, mu) for g, m in zip(grads, bufs)] if cfg.nesterov else bufs)
