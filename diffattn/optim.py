@@ -84,8 +84,9 @@ def is_muon(name: str, p) -> bool:
 
 
 def build_options(tcfg: TrainConfig) -> dict:
-    """Backend.build's optimizer arguments for a run: optim=AdamWConfig, muon=MuonConfig or None."""
-    return {"optim": tcfg.optim, "muon": tcfg.muon if tcfg.optimizer == "muon" else None}
+    """Backend.build's optimizer arguments for a run: optim=AdamWConfig, and muon=MuonConfig for
+    a Muon run only (an AdamW run calls build as before Muon existed)."""
+    return {"optim": tcfg.optim, **({"muon": tcfg.muon} if tcfg.optimizer == "muon" else {})}
 
 
 def _clip(grads, cfg: AdamWConfig):

@@ -163,7 +163,7 @@ def test_quick_run_measures_what_a_cpu_can_and_skips_the_rest(tmp_path):
     if have["torch"]:
         assert {"time_forward", "time_forward_backward", "peakmem_forward", "track_tflops_forward",
                 "time_train_step", "track_tokens_per_second", "track_tokens_per_second_vs_vanilla",
-                "track_val_loss_delta"} <= seen
+                "track_val_loss_delta", "track_mfu"} <= seen  # MFU on a CPU: against its measured matmul rate
 
 
 def test_vs_vanilla_divides_by_the_twin_of_the_same_backend_and_preset():
