@@ -227,7 +227,7 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     per_seed = []
     for i, seed in enumerate(seeds):
         t = dataclasses.replace(tcfg, seed=seed, data_seed=seed if data_seed is None else data_seed)
-        seed_data = packing.for_run(data, t)  # both arms read these batches
+        seed_data = packing.for_run(data, t)  # packed once for both arms, in this seed's data_seed order
         seed_dir = out / f"seed_{seed}" if out is not None else None
         shared_path = seed_dir / "shared.json" if seed_dir is not None else None
         if shared_path is not None and shared_path.is_file():

@@ -118,3 +118,20 @@ def test_shards_split_before_every_bos():
     stream = np.array([5, 5, 9, 1, 2, 9, 3, 9, 4, 4, 4])
     docs = packing.documents_from_stream(stream, bos=9)
     assert [d.tolist() for d in docs] == [[9, 5, 5], [9, 1, 2], [9, 3], [9, 4, 4, 4]]
+
+
+def test_a_packed_corpus_is_repacked_for_another_data_seed_from_the_same_documents():
+    """A paired run's next seed (data_seed = seed) packs its own order without tokenising again.
+    600 documents: more than WINDOW, so the order reaches the rows (with fewer, every row is
+    chosen from all documents and the shuffle only breaks ties between equal lengths)."""
+    rng = np.random.default_rng(0)
+    docs = packing.Documents([doc(int(n), 1 + i % 200) for i, n in enumerate(rng.integers(20, 300, 600))],
+                             [doc(100, 7)] * 4, BOS)
+    base = data.load("builtin:pydoc")
+    packed = packing.PackedData(base, 127, 3, docs)
+    other = packing.for_run(packed, TrainConfig(seq_len=127, packing="bos-best-fit", data_seed=4))
+    assert isinstance(other, packing.PackedData) and other.seed == 4 and other.docs is docs
+    assert packing.for_run(packed, TrainConfig(seq_len=127, packing="bos-best-fit", data_seed=3)) is packed
+    fresh = packing.PackedData(base, 127, 4, docs)
+    np.testing.assert_array_equal(other.train_batch(0, 4, 127, 1, seed=4), fresh.train_batch(0, 4, 127, 1, seed=4))
+    assert not np.array_equal(other.train_batch(0, 4, 127, 1, seed=4), packed.train_batch(0, 4, 127, 1, seed=3))
