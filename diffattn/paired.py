@@ -267,8 +267,8 @@ def format_paired(r: dict) -> str:
     first = r["per_seed"][0]
     lines = [f"paired run: {r['attention']} vs vanilla twin, {first['diff']['steps']} {r.get('optimizer', 'adamw')} "
              f"steps on {r['data']} ({r.get('packing', 'random')} batches, {r['backend']}, {r['dtype']}), "
-             f"seeds {','.join(map(str, s['seeds']))} (data seed: {r['data_seed']}); shared tensors byte-identical at step 0 in every seed "
-             f"({first['shared']['count']} tensors)",
+             f"seeds {','.join(map(str, s['seeds']))} (data seed: {r['data_seed']}); shared tensors "
+             f"byte-identical at step 0 in every seed ({first['shared']['count']} tensors)",
              f"{'seed':>6s}{r['attention'] + ' loss':>14s}{'vanilla loss':>14s}{'delta nats':>12s}{'delta bpb':>12s}"]
     for p in r["per_seed"]:
         bpb = p["delta"]["val_bpb"]
