@@ -442,6 +442,7 @@ def cmd_eval(args) -> int:
     from diffattn import harness
     from diffattn.backend import load
     from diffattn.eval import evaluate_checkpoint
+    from diffattn.runfolder import write_json
 
     ckpt = harness.find_checkpoint(args.run)
     try:
@@ -468,7 +469,7 @@ def cmd_eval(args) -> int:
         for (lo, hi), v in zip(r["position_bins"], r["loss_by_position"]):
             print(f"  loss @ pos {lo}-{hi - 1}: {v:.4f}")
     if args.out:
-        harness._write_json(Path(args.out), r)
+        write_json(Path(args.out), r)
     if args.json:
         print(json.dumps({"command": "eval", **r}, sort_keys=True))
     return 0
@@ -476,7 +477,7 @@ def cmd_eval(args) -> int:
 
 def cmd_tokenize(args) -> int:
     from diffattn import data
-    from diffattn.harness import _write_json
+    from diffattn.runfolder import write_json
 
     out = Path(args.out)
     if out.exists() and any(out.glob("*.bin")):
@@ -485,7 +486,7 @@ def cmd_tokenize(args) -> int:
     if d.task != "lm":
         raise UsageError(f"{args.data} is a synthetic task, generated per step: nothing to tokenize")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "tokenizer.json", d.tokenizer.to_json())
+    write_json(out / "tokenizer.json", d.tokenizer.to_json())
     for split, streams in (("train", d.train), ("val", d.val)):
         data.write_shard(out / f"{split}.bin", np.concatenate(streams), vocab_size=d.vocab_size)
     info = {"command": "tokenize", "out": str(out), "tokenizer": d.tokenizer.name, "vocab_size": d.vocab_size,

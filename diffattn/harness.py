@@ -106,9 +106,6 @@ def git_commit() -> str | None:
 
 # ---- checkpoints (diffattn.runfolder; the names stay importable from here) --------------
 
-_write_json = write_json
-
-
 def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info: dict, where) -> None:
     """The checkpoint must come from the same model, optimizer, batches and data."""
     theirs = manifest["model_config"]

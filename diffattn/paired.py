@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -110,8 +109,6 @@ def _read_evals(run_dir: Path) -> list[dict]:
     return _evals(records)
 
 
-
-
 def _brief(summary: dict) -> dict:
     keep = ("steps", "tokens", "stopped", "val_loss", "val_bpb", "accuracy", "answer_loss", "loss_by_position",
             "position_bins", "train_loss", "tokens_per_s", "train_seconds", "wall_seconds", "params", "out_dir",
@@ -134,17 +131,13 @@ def _run_arm(label, cfg, tcfg, data, backend, arm_dir, budget_s, progress, share
         record = json.loads(record_path.read_text())
         if all(record.get(k) == v for k, v in want.items()):
             return record
-    if (arm_dir / "checkpoints" / "latest.json").is_file():
-        resume_from = arm_dir
-    else:
-        resume_from = None
-        if arm_dir.exists() and _writes(backend):  # killed before its first checkpoint: nothing to continue
-            shutil.rmtree(arm_dir)
+    # an arm killed while writing its step-0 checkpoint left only leftovers: harness.train clears them
+    resume_from = arm_dir if (arm_dir / "checkpoints" / "latest.json").is_file() else None
     s = harness.train(cfg, tcfg, data, backend, arm_dir, resume_from=resume_from, budget_s=budget_s,
                       progress=progress, extra_manifest=extra)
     record = {**want, "summary": _brief(s), "evals": _read_evals(arm_dir) if _writes(backend) else []}
     if _writes(backend):
-        harness._write_json(record_path, record)
+        runfolder.write_json(record_path, record)
     return record
 
 
@@ -245,7 +238,7 @@ def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, 
             gc.collect()  # the two probe models, before training allocates
             if shared_path is not None and _writes(backend):
                 seed_dir.mkdir(parents=True, exist_ok=True)
-                harness._write_json(shared_path, shared)
+                runfolder.write_json(shared_path, shared)
         arms = {}
         for label, c in zip(ARMS, (cfg, twin)):
             if progress:
@@ -259,7 +252,7 @@ def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, 
                   "position_bins": per_seed[0]["diff"]["position_bins"], "per_seed": per_seed,
                   "summary": summarize_seeds(per_seed)}
         if out is not None and _writes(backend):
-            harness._write_json(out / "paired.json", {
+            runfolder.write_json(out / "paired.json", {
                 **result, "env": harness.environment(backend),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return result
