@@ -27,19 +27,14 @@ import time
 # torch in setup, after this module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# the FLOP counts live in diffattn.flops, one convention for asv, `train` and the tables
+from diffattn.flops import FWD_BWD_FACTOR, attention_forward_flops, train_flops_per_token  # noqa: F401
+
 BACKENDS = ("mlx", "torch")  # the two stacks; "torch" is diffattn.backend.load("cuda", ...)
 REGISTRY_NAME = {"mlx": "mlx", "torch": "cuda"}
 FRAMEWORK = {"mlx": "mlx", "torch": "torch"}
 VARIANTS = ("vanilla", "diff", "diff_v2")
 IMPLS = ("naive", "composed", "fused")
-
-# dense peak FLOP/s by (device name substring, dtype): the MFU denominator. Datasheet figures
-# (H100 / H200 SXM: 989.4 TFLOP/s bf16 dense, 66.9 fp32 non-tensor). Unknown device: no MFU.
-PEAK_FLOPS = {
-    ("H100", "bfloat16"): 989.4e12, ("H100", "float16"): 989.4e12, ("H100", "float32"): 66.9e12,
-    ("H200", "bfloat16"): 989.4e12, ("H200", "float16"): 989.4e12, ("H200", "float32"): 66.9e12,
-}
-
 
 try:  # asv_runner's skip also counts when raised in a benchmark body, not only in setup
     from asv_runner.benchmarks.mark import SkipNotImplemented as _SkipBase
@@ -112,10 +107,15 @@ class Runtime:
         return float(self.fw.get_peak_memory())
 
     def peak_flops(self) -> float:
-        for (name, dtype), flops in PEAK_FLOPS.items():
-            if name in self.device_name and dtype == self.dtype:
-                return flops
-        raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
+        """The MFU denominator, diffattn.flops.peak_flops: a GPU's datasheet figure by name (NVIDIA,
+        Apple M-series), else this framework's measured matmul rate (CPUs); a GPU with no entry is a
+        skip, so GPU MFU is always against a datasheet."""
+        from diffattn import flops
+
+        peak, source = flops.peak_flops(self.device_name, self.dtype, FRAMEWORK[self.backend], self.gpu)
+        if self.gpu and source.startswith("measured"):
+            raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
+        return peak
 
     def random(self, shape, seed: int, low: float | None = None, high: float | None = None):
         """A tensor of the framework, drawn on its device (fast at GPU sizes) in self.dtype:
@@ -370,22 +370,3 @@ def attention_layout(variant: str, d_model: int, vanilla_heads: int, seqlen: int
 
     return ModelConfig(d_model=d_model, n_heads=vanilla_heads, attention="vanilla", max_seq_len=seqlen).twin(variant)
 
-
-def attention_forward_flops(cfg, batch: int, seqlen: int, causal: bool = True) -> float:
-    """Matmul FLOPs of one attention core forward, FlashAttention's convention: every softmax map
-    costs 2 L^2 (d_qk + d_v) per sequence, halved when causal. vanilla: 4 B L^2 H d / 2;
-    DIFF V1: 2H maps of d with v 2d = 6 B L^2 H d (causal), as in shared/notes/kernels.md."""
-    flops = batch * cfg.q_heads * 2.0 * seqlen * seqlen * (cfg.head_dim + cfg.v_head_dim)
-    return flops / 2 if causal else flops
-
-
-FWD_BWD_FACTOR = 3.5  # forward + backward = 3.5 x forward (backward = 2.5 x), FlashAttention's convention
-
-
-def train_flops_per_token(cfg, seqlen: int) -> float:
-    """Training FLOPs per token, the PaLM / nanoGPT convention generalised to every variant:
-    6 N (N = all parameters; the tied embedding counts once, as the LM head matmul) plus
-    3 x the non-causal attention score and value matmuls, 2 T (d_qk + d_v) per softmax map and
-    layer (vanilla: 12 L H d T, nanoGPT's 12 L H Q T)."""
-    attention = cfg.n_layers * cfg.q_heads * 2.0 * seqlen * (cfg.head_dim + cfg.v_head_dim)
-    return 6.0 * cfg.num_params() + 3.0 * attention

@@ -10,8 +10,9 @@ float32 on a CPU.
 
 `time_train_step` / `peakmem_train_step`: one step per call, synchronized by reading the loss
 (and torch.cuda.synchronize on CUDA). `track_*` come from one pass in setup_cache: tokens/s
-(higher is better), MFU (higher is better; _common.train_flops_per_token over the datasheet
-peak of the device in that dtype, skipped where the peak is unknown, e.g. CPUs), a DIFF variant's
+(higher is better), MFU (higher is better; diffattn.flops' count, causal attention, over
+flops.peak_flops: the datasheet peak of a GPU in that dtype, skipped for a GPU without one, and
+the measured matmul rate on a CPU), a DIFF variant's
 tokens/s over its vanilla twin's in the same run (higher is better; target 5 wants >= 0.92 at
 stage1) and the allocator's peak device bytes (over the timed steps; for a step replayed as a CUDA
 graph, over its eager warm-up and recording, as train_step_table.py counts it: replays allocate
@@ -21,6 +22,8 @@ refused (a failure, no number) where the loop's own wall clock disagrees with th
 the samples' noise, or, on a CPU, where other processes held the cores (_common.median_seconds); `diffattn report` cross-checks it against
 time_train_step, which asv measures in other processes (docs/benchmarks.md, "Trusting a figure").
 """
+from diffattn import flops
+
 from . import _common as C
 
 PRESETS = {  # name: (batch, seqlen)
@@ -105,8 +108,7 @@ def _measure(backend, variant, preset):
     seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30, on_cpu=not rt.gpu)
     out = {"tokens_per_second": case.tokens_per_step / seconds, "device_peak_bytes": rt.peak_memory()}
     try:
-        flops = C.train_flops_per_token(case.cfg, case.seqlen) * out["tokens_per_second"]
-        out["mfu"] = flops / rt.peak_flops()
+        out["mfu"] = flops.mfu(case.cfg, case.seqlen, out["tokens_per_second"], rt.peak_flops())
     except C.Skip as e:
         out["mfu_skip"] = str(e)
     return out

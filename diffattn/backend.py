@@ -4,11 +4,13 @@ The harness, paired runs, conformance and benchmarks talk only to this interface
 never reimplements the loop. Everything crossing it is numpy.
 
     backend = diffattn.backend.load("mlx" | "cuda" (alias "torch") | "numpy", device=..., dtype=..., kernels=...)
-    model = backend.build(model_config, params, optim=AdamWConfig())
+    model = backend.build(model_config, params, optim=AdamWConfig(), muon=None)   # or muon=MuonConfig()
 
 Batches are int arrays of shape (B, L+1): inputs batch[:, :-1], targets batch[:, 1:].
 `train_step` also takes (n_micro, B, L+1) for gradient accumulation (gradients averaged over
-micro-batches, one optimizer update).
+micro-batches, one optimizer update). The update is optim.update's: AdamW (optim) for every
+tensor, or with muon given Muon for the hidden matrices and AdamW for the rest; a model refuses
+an optimizer state of the other optimizer (load_state).
 
 Decoding: `prefill(tokens (B, T), max_len)` (re)allocates the model's key/value cache for B rows
 of max_len positions (diffattn/decode.py says what each variant caches), fills positions
@@ -25,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from diffattn import decode, optim, spec
-from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import check_params
 
 KERNELS = ("auto", "fused", "composed", "naive")
@@ -66,7 +68,7 @@ class Model(Protocol):
         """(B, L) per-token cross-entropy in nats (for eval, bpb and loss by position)."""
 
     def train_step(self, batch: np.ndarray, lr: float):
-        """One AdamW update (optim.adamw_step semantics). Returns the pre-update loss as a
+        """One optimizer update (optim.update semantics). Returns the pre-update loss as a
         handle whose float() is the value; it may still be computing (MLX, CUDA)."""
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -92,7 +94,8 @@ class Backend(Protocol):
     dtype: str
     kernels: str
 
-    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()) -> Model: ...
+    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
+              muon: MuonConfig | None = None) -> Model: ...
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -151,17 +154,28 @@ def rank_rows(batch, rank: int, world: int):
     return batch[..., rank * n:(rank + 1) * n, :]
 
 
+def check_optimizer(opt_state: dict, optimizer: str) -> None:
+    """An optimizer state is resumed only by the optimizer that wrote it (AdamW's v and Muon's
+    zero v would silently mean different things)."""
+    theirs = opt_state.get("optimizer", "adamw")
+    if theirs != optimizer:
+        raise BackendError(f"optimizer state of {theirs!r} cannot resume a {optimizer!r} model "
+                           f"(train with --optimizer {theirs}, or start afresh)")
+
+
 # ---- the numpy reference backend ------------------------------------------------------------
 
 class NumpyModel:
     """The spec as a trainable model, computing in its dtype (float64 by default)."""
 
-    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig, dtype: str):
+    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig, dtype: str,
+                 muon: MuonConfig | None = None):
         check_params(cfg, params)
-        self.cfg, self.optim_cfg = cfg, optim_cfg
+        self.cfg, self.optim_cfg, self.muon = cfg, optim_cfg, muon
+        self.optimizer = "adamw" if muon is None else "muon"
         self.dtype = np.float64 if dtype == "float64" else np.float32
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
-        self.opt_state = optim.init_state(self.params)
+        self.opt_state = optim.init_state(self.params, self.optimizer)
         self.cache = None
         self.lambda_mix = 1.0
 
@@ -187,7 +201,7 @@ class NumpyModel:
             loss += l / len(micro)
             grads = g if grads is None else {k: grads[k] + g[k] for k in g}
         grads = {k: v / len(micro) for k, v in grads.items()}
-        self.params, self.opt_state = optim.adamw_step(self.params, grads, self.opt_state, lr, self.optim_cfg)
+        self.params, self.opt_state = optim.update(self.params, grads, self.opt_state, lr, self.optim_cfg, self.muon)
         self.params = {k: v.astype(self.dtype) for k, v in self.params.items()}
         self.cache = None
         return loss
@@ -197,6 +211,7 @@ class NumpyModel:
 
     def load_state(self, params, opt_state):
         check_params(self.cfg, params)
+        check_optimizer(opt_state, self.optimizer)
         self.params = {k: np.asarray(v, self.dtype) for k, v in params.items()}
         self.opt_state = optim.copy_state(opt_state)
         self.cache = None
@@ -232,8 +247,8 @@ class NumpyBackend:
             raise BackendError(f"backend 'numpy' has only the naive (materialized) attention, not kernels={kernels!r}")
         self.dtype, self.kernels = dtype, "naive"
 
-    def build(self, cfg, params, optim: AdamWConfig = AdamWConfig()):
-        return NumpyModel(cfg, params, optim, self.dtype)
+    def build(self, cfg, params, optim: AdamWConfig = AdamWConfig(), muon: MuonConfig | None = None):
+        return NumpyModel(cfg, params, optim, self.dtype, muon)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
         return spec.attention_vjp(cfg, layer, params, x, grad_out, dtype=np.dtype(self.dtype))

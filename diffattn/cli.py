@@ -36,7 +36,7 @@ import numpy as np
 # backend, so the printed val bpb is comparable across them.
 DEFAULTS = dict(preset="tiny", attention="diff", data="builtin:pydoc", tokenizer="byte", seed=0, data_seed=0)
 RECIPE_FLAGS = ("batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule",
-                "eval_every")
+                "eval_every", "optimizer", "packing")
 BUDGET_MAX_STEPS = 10 ** 9
 
 
@@ -103,6 +103,7 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
     length.add_argument("--eval-tokens", type=float, default=None, help="eval tokens (default: the recipe's)")
     g.add_argument("--seed", type=int, default=None, help="parameter init seed")
     g.add_argument("--data-seed", type=int, default=None, help="batch order seed")
+    _recipe_options(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/<command>-<attention>-<time>)")
     g.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default eval-every)")
@@ -119,6 +120,17 @@ def _diff_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--diag-layers", type=int, default=3, help="how many strided layers to diagnose (default 3)")
     g.add_argument("--diag-log", default="", help="also write diagnostics to tensorboard and/or wandb (offline), "
                    "comma separated")
+
+
+def _recipe_options(g) -> None:
+    from diffattn.config import OPTIMIZERS, PACKINGS
+
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="adamw | muon: Muon for hidden matrices, AdamW for the rest (diffattn/optim.py); "
+                        "default: the preset's recipe (adamw for every preset)")
+    g.add_argument("--packing", default=None, choices=PACKINGS,
+                   help="random windows of the token stream | bos-best-fit: whole documents packed BOS-aligned, "
+                        "the crop fraction printed (diffattn/packing.py); default: the preset's recipe (random)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--warmup-steps", type=int, default=10)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--data-seed", type=int, default=0)
+    _recipe_options(a)
     a.add_argument("--json", action="store_true")
     e = sub.add_parser("eval", help="held-out loss, bpb and loss by position of a saved checkpoint (any backend's)")
     e.add_argument("run", help="a run folder (its latest checkpoint), a checkpoints/ folder or a step_XXXXXX folder")
@@ -293,7 +306,8 @@ def _resume_args(args, source) -> None:
                 batch_size=tc["batch_size"], seq_len=tc["seq_len"], grad_accum=tc["grad_accum"], lr=tc["lr"],
                 min_lr_ratio=tc["min_lr_ratio"], warmup_steps=tc["warmup_steps"], eval_every=tc["eval_every"],
                 eval_batches=tc["eval_batches"], seed=tc["seed"], data_seed=tc["data_seed"],
-                schedule=tc.get("schedule", "cosine"), lambda_warmup=tc.get("lambda_warmup_steps", 0))
+                schedule=tc.get("schedule", "cosine"), lambda_warmup=tc.get("lambda_warmup_steps", 0),
+                optimizer=tc.get("optimizer", "adamw"), packing=tc.get("packing", "random"))
     for k, v in fill.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -386,10 +400,14 @@ def cmd_train(args) -> int:
         print(f"{out}: the run finished at step {s['steps']}; nothing to do (give a larger --steps to extend it)",
               file=sys.stderr)
     tps = f"{s['tokens_per_s']:,.0f} tok/s" if s["tokens_per_s"] else "n/a tok/s"
+    mfu = f"MFU {s['mfu']:.2%} of {s['mfu_peak_flops'] / 1e12:.3g} TFLOP/s ({s['mfu_peak_source']})" if s["mfu"] \
+        else "MFU n/a (fewer than two steps timed)"
     line = (f"val bpb {_fmt(s['val_bpb'])} | val loss {_fmt(s['val_loss'])} nats/token | "
-            f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps}")
+            f"{s['steps']} steps, {s['tokens']:,} tokens, {s['train_seconds']:.1f} s, {tps} | {mfu}")
     if s["accuracy"] is not None:
         line += f" | accuracy {s['accuracy']:.4f}"
+    if s["crop_fraction"] is not None:
+        line += f" | {s['packing']} packing cropped {s['crop_fraction']:.1%} of the training tokens"
     print(line)
     print(f"run folder: {out}")
     _plot_losses(out)
@@ -430,7 +448,8 @@ def cmd_agree(args) -> int:
     cfg = preset(args.preset, attention=args.attention, vocab_size=max(256, data.vocab_size),
                  max_seq_len=max(args.seq_len, 1))
     tcfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, lr=args.lr,
-                       warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed, data_seed=args.data_seed)
+                       warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed, data_seed=args.data_seed,
+                       optimizer=_pick(args, "optimizer"), packing=_pick(args, "packing"))
     r = paired.run_agree(cfg, tcfg, data, names)
     print(paired.format_agree(r))
     if args.json:

@@ -159,6 +159,33 @@ SCHEDULES = ("cosine", "linear")  # the decay after warmup (diffattn.optim.lr_at
 
 
 @dataclass(frozen=True)
+class MuonConfig:
+    """Muon's part of the optimizer spec (diffattn.optim.muon_step): the hidden matrices'
+    update when TrainConfig.optimizer is "muon"; every other tensor keeps AdamWConfig's update.
+    Defaults and the reasons for them are in diffattn/optim.py's docstring."""
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    ns_eps: float = 1e-7
+    ns_dtype: str = "float32"  # or "bfloat16": every Newton-Schulz matmul's inputs rounded to bf16
+    weight_decay: float = 0.1  # decoupled, as AdamW's
+
+    def __post_init__(self):
+        if not 0 <= self.momentum < 1 or not (isinstance(self.ns_steps, int) and self.ns_steps > 0):
+            raise ConfigError(f"invalid MuonConfig: need 0 <= momentum < 1 and ns_steps > 0, got "
+                              f"momentum={self.momentum!r}, ns_steps={self.ns_steps!r}")
+        if len(self.ns_coefficients) != 3 or self.ns_dtype not in NS_DTYPES:
+            raise ConfigError(f"invalid MuonConfig: ns_coefficients needs 3 values and ns_dtype one of {NS_DTYPES}")
+        object.__setattr__(self, "ns_coefficients", tuple(float(c) for c in self.ns_coefficients))
+
+
+OPTIMIZERS = ("adamw", "muon")
+PACKINGS = ("random", "bos-best-fit")
+NS_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8
     seq_len: int = 64
@@ -174,8 +201,15 @@ class TrainConfig:
     data_seed: int = 0  # batch order
     optim: AdamWConfig = field(default_factory=AdamWConfig)
     schedule: str = "cosine"  # after warmup, decay to lr * min_lr_ratio: one of SCHEDULES
+    optimizer: str = "adamw"  # "muon": MuonConfig for hidden matrices, AdamW for the rest (optim.py)
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    packing: str = "random"  # "bos-best-fit": whole documents, BOS-aligned (diffattn/packing.py)
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"invalid TrainConfig: optimizer={self.optimizer!r}, expected one of {OPTIMIZERS}")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"invalid TrainConfig: packing={self.packing!r}, expected one of {PACKINGS}")
         for name in ("batch_size", "seq_len", "grad_accum", "steps", "eval_batches"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
@@ -212,7 +246,9 @@ class Recipe:
     step)); exactly one is set. Eval reads `eval_tokens` of the validation split every
     `eval_every` steps (as batches of the training shape: eval_batches = ceil(eval_tokens /
     (batch_size * seq_len))). lr is the peak, reached after `warmup_steps` of linear warmup,
-    then `schedule` decays it to lr * min_lr_ratio at the last step (diffattn.optim.lr_at)."""
+    then `schedule` decays it to lr * min_lr_ratio at the last step (diffattn.optim.lr_at).
+    `optimizer` and `packing` are TrainConfig's (OPTIMIZERS, PACKINGS): every preset's recipe is
+    AdamW over random windows, and `--optimizer` / `--packing` make the other recipe of a preset."""
     seq_len: int
     batch_size: int
     lr: float
@@ -224,6 +260,8 @@ class Recipe:
     grad_accum: int = 1
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
+    optimizer: str = "adamw"
+    packing: str = "random"
 
     def __post_init__(self):
         if (self.steps is None) == (self.tokens is None):
@@ -234,6 +272,9 @@ class Recipe:
                 raise ConfigError(f"invalid Recipe: {name}={v!r} must be a positive integer")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"invalid Recipe: schedule={self.schedule!r}, expected one of {SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS or self.packing not in PACKINGS:
+            raise ConfigError(f"invalid Recipe: optimizer={self.optimizer!r}, packing={self.packing!r}, expected "
+                              f"one of {OPTIMIZERS} and one of {PACKINGS}")
 
     @property
     def tokens_per_step(self) -> int:

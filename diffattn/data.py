@@ -212,13 +212,20 @@ def parse_tokenizer(spec: str) -> tuple[str, int]:
 
 # ---- raw corpora --------------------------------------------------------------------------
 
-def pydoc_text() -> bytes:
+# Each text corpus is a list of documents (what --packing bos-best-fit packs) joined by a blank line.
+def pydoc_documents() -> list[bytes]:
+    """One document per help topic, in sorted topic order."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    return [topics[k].encode("utf-8") for k in sorted(topics)]
 
 
-def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
+def pydoc_text() -> bytes:
+    return b"\n\n".join(pydoc_documents())
+
+
+def stdlib_documents(limit: int = STDLIB_BYTES) -> list[bytes]:
+    """One document per .py file, in sorted path order, until `limit` bytes (joined) are read."""
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, size = [], 0
     for f in sorted(root.rglob("*.py")):
@@ -230,7 +237,7 @@ def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
         size += len(b) + 2
         if size >= limit:
             break
-    return b"\n\n".join(parts)[:limit]
+    return parts
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -240,9 +247,14 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def read_text_path(path: Path) -> bytes:
+def stdlib_text(limit: int = STDLIB_BYTES) -> bytes:
+    return b"\n\n".join(stdlib_documents(limit))[:limit]
+
+
+def text_documents(path: Path) -> list[bytes]:
+    """A text file is one document; a folder, one per file (recursive, sorted, no dot-files)."""
     if path.is_file():
-        return _read_bytes(path)
+        return [_read_bytes(path)]
     try:
         files = [f for f in sorted(path.rglob("*")) if f.is_file()
                  and not any(p.startswith(".") for p in f.relative_to(path).parts)]
@@ -250,7 +262,11 @@ def read_text_path(path: Path) -> bytes:
         raise DataError(f"{e.filename or path}: cannot list ({e.strerror or e})") from None
     if not files:
         raise DataError(f"{path}: folder holds no files")
-    return b"\n\n".join(_read_bytes(f) for f in files)
+    return [_read_bytes(f) for f in files]
+
+
+def read_text_path(path: Path) -> bytes:
+    return b"\n\n".join(text_documents(path))
 
 
 def hf_text(name: str, config: str | None = None, split: str = "train", column: str = "text",

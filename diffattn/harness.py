@@ -30,6 +30,7 @@ collectively) and only the writer (`backend.is_writer`, rank 0) writes the run f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -41,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 import diffattn
-from diffattn import optim, runfolder
-from diffattn.config import AdamWConfig, ConfigError, ModelConfig, TrainConfig
+from diffattn import flops, optim, packing, runfolder
+from diffattn.config import AdamWConfig, ConfigError, ModelConfig, MuonConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import check_params, init_params
 from diffattn.runfolder import (CHECKPOINT_FORMAT, KEEP_CHECKPOINTS, CheckpointError,  # noqa: F401 (re-exported)
@@ -72,6 +73,7 @@ def model_config_from(d: dict) -> ModelConfig:
 def train_config_from(d: dict) -> TrainConfig:
     d = dict(d)
     d["optim"] = AdamWConfig(**d.get("optim", {}))
+    d["muon"] = MuonConfig(**d.get("muon", {}))
     return TrainConfig(**d)
 
 
@@ -114,8 +116,9 @@ def check_resume(manifest: dict, cfg: ModelConfig, tcfg: TrainConfig, data_info:
         if theirs.get(k, defaults[k]) != v:  # a field newer than the checkpoint has its default
             raise CheckpointError(f"{where}: checkpoint has model {k}={theirs.get(k)!r}, this run {k}={v!r}")
     theirs = manifest["train_config"]
-    defaults = config_dict(TrainConfig())  # a field newer than the checkpoint: it ran the default
-    for k, v in config_dict(tcfg).items():
+    # as JSON holds them (tuples are lists); a field newer than the checkpoint: it ran the default
+    ours, defaults = (json.loads(json.dumps(config_dict(c))) for c in (tcfg, TrainConfig()))
+    for k, v in ours.items():
         if k not in RESUMABLE_CHANGES and theirs.get(k, defaults[k]) != v:
             raise CheckpointError(f"{where}: checkpoint has {k}={theirs.get(k)!r}, this run {k}={v!r}")
     for k in ("name", "fingerprint", "vocab_size"):
@@ -220,6 +223,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     """
     t_start = time.time()
     # -- validate everything before writing anything --
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     if data.vocab_size > cfg.vocab_size:
         raise ConfigError(f"data {data.name!r} has token ids up to {data.vocab_size - 1}, beyond the model's "
@@ -247,7 +251,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         params = init_params(cfg, tcfg.seed) if params is None else params
         check_params(cfg, params)
         resumed = None
-    model = backend.build(cfg, params, optim=tcfg.optim)
+    model = backend.build(cfg, params, **optim.build_options(tcfg))
     if opt_state is not None:
         model.load_state(params, opt_state)
     warmup = tcfg.lambda_warmup_steps
@@ -284,6 +288,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
             runfolder.append_record(metrics_path, obj)
 
     bar = Progress(total if not budget_s else None, budget_s, enabled=progress and writer)
+    if "crop_fraction" in data_info:
+        bar.message(f"packing {data_info['packing']}: {data_info['documents']['train']:,} training documents in "
+                    f"{data_info['rows_per_epoch']:,} rows of {tcfg.seq_len + 1} tokens per epoch, "
+                    f"{data_info['crop_fraction']:.1%} of their tokens cropped")
     losses: dict[int, float] = {}
     evals: list[dict] = []
     last_ckpt = resumed["from"] if resumed else None
@@ -352,12 +360,20 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         sinks.write(rec)
 
     def summarize(step, stopped, final):
+        tokens_per_s = timed_tokens / timed_s if timed_s else None
+        peak, peak_source = flops.backend_peak(backend) if tokens_per_s else (None, None)
+        world = getattr(backend, "world_size", 1)  # tokens_per_s is the global batch's: every rank's device
+        if peak is not None and world > 1:
+            peak, peak_source = peak * world, f"{world} x {peak_source}"
         return {"steps": step, "tokens": step * tokens_per_step, "stopped": stopped,
                 "train_loss": losses[max(losses)] if losses else None,
                 "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
                 "loss_by_position": final["loss_by_position"], "position_bins": final["position_bins"],
                 "accuracy": final.get("accuracy"), "answer_loss": final.get("answer_loss"),
-                "tokens_per_s": timed_tokens / timed_s if timed_s else None,
+                "tokens_per_s": tokens_per_s, "flops_per_token": flops.train_flops_per_token(cfg, tcfg.seq_len),
+                "mfu": flops.mfu(cfg, tcfg.seq_len, tokens_per_s, peak) if tokens_per_s else None,
+                "mfu_peak_flops": peak, "mfu_peak_source": peak_source, "optimizer": tcfg.optimizer,
+                "packing": tcfg.packing, "crop_fraction": data_info.get("crop_fraction"),
                 "train_seconds": elapsed_train, "wall_seconds": time.time() - t_start,
                 "backend": backend.name, "device": env["backend"].get("device"), "dtype": backend.dtype,
                 "attention": cfg.attention, "params": cfg.num_params(), "data": data_info["name"],
@@ -442,7 +458,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
         checkpoint(step)
         summary = summarize(step, stopped, evals[-1])
         record({"kind": "stop", "step": step, "reason": stopped,
-                **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "train_seconds")}})
+                **{k: summary[k] for k in ("val_loss", "val_bpb", "accuracy", "tokens_per_s", "mfu",
+                                           "mfu_peak_source", "crop_fraction", "train_seconds")}})
     except RunFolderError:
         raise
     except OSError as e:  # permissions, a full disk, ...: one line; the last good checkpoint is intact

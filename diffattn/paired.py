@@ -16,6 +16,8 @@ A run folder holds seed_S/{diff,vanilla}/ (ordinary run folders, plus arm.json o
 finished: its summary and evals), seed_S/shared.json, and paired.json: per seed the deltas DIFF
 minus vanilla (val loss in nats, bpb, per position bin, per eval) and over seeds their mean,
 sample std and 95% intervals (diffattn.stats). paired.json is rewritten after every seed.
+Both arms of every seed train under one recipe, tcfg's optimizer (adamw | muon) and packing
+(random | bos-best-fit); both files record them, and a resumed seed refuses another recipe.
 
 Resume (resume=True): a finished arm is read back from its arm.json, an arm with a checkpoint
 continues from it through the harness's exact resume, and an arm killed before its first
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn import harness, optim, runfolder, stats
+from diffattn import harness, optim, packing, runfolder, stats
 from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.conformance import rel_err
 from diffattn.params import init_params, shared_names
@@ -79,10 +81,12 @@ def check_shared_init(cfg: ModelConfig, twin: ModelConfig, tcfg: TrainConfig, ba
     p_diff, p_van = init_params(cfg, tcfg.seed), init_params(twin, tcfg.seed)
     names = shared_names(p_diff, p_van)
     drawn_diff = byte_identical(p_diff, p_van, names)
-    held_diff = backend.build(cfg, p_diff, optim=tcfg.optim).state()[0]
-    held_van = backend.build(twin, p_van, optim=tcfg.optim).state()[0]
+    # the same check on what each backend holds at step 0 (after its dtype conversion)
+    held_diff = backend.build(cfg, p_diff, **optim.build_options(tcfg)).state()[0]
+    held_van = backend.build(twin, p_van, **optim.build_options(tcfg)).state()[0]
     held = byte_identical(held_diff, held_van, names)
-    shared = {"seed": tcfg.seed, "names": names, "count": len(names),
+    shared = {"seed": tcfg.seed, "optimizer": tcfg.optimizer, "packing": tcfg.packing,
+              "names": names, "count": len(names),
               "bytes": int(sum(p_diff[n].nbytes for n in names)),
               "byte_identical_at_init": not drawn_diff, "byte_identical_in_backend_at_step0": not held,
               "differing": sorted(set(drawn_diff) | set(held)),
@@ -111,8 +115,8 @@ def _read_evals(run_dir: Path) -> list[dict]:
 
 def _brief(summary: dict) -> dict:
     keep = ("steps", "tokens", "stopped", "val_loss", "val_bpb", "accuracy", "answer_loss", "loss_by_position",
-            "position_bins", "train_loss", "tokens_per_s", "train_seconds", "wall_seconds", "params", "out_dir",
-            "resumed_from")
+            "position_bins", "train_loss", "tokens_per_s", "mfu", "train_seconds", "wall_seconds", "params",
+            "out_dir", "resumed_from")
     return {k: summary[k] for k in keep}
 
 
@@ -209,6 +213,9 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         _check_paired_out(out, resume)
+    # packed documents are tokenised once, and validated before anything is written; every seed
+    # repacks them in the order of its own data_seed (packing.for_run)
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     folder_lock = None
     if out is not None and _writes(backend):
@@ -223,16 +230,23 @@ def run_paired(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None,
 
 def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, progress) -> dict:
     head = {"attention": cfg.attention, "backend": backend.name, "dtype": backend.dtype,
-            "data": data.describe()["name"], "data_seed": "seed" if data_seed is None else data_seed,
+            "optimizer": tcfg.optimizer, "packing": tcfg.packing, "data": data.describe()["name"],
+            "data_seed": "seed" if data_seed is None else data_seed,
             "model_config": harness.config_dict(cfg), "twin_config": harness.config_dict(twin),
             "train_config": harness.config_dict(tcfg)}
     per_seed = []
     for i, seed in enumerate(seeds):
         t = dataclasses.replace(tcfg, seed=seed, data_seed=seed if data_seed is None else data_seed)
+        seed_data = packing.for_run(data, t)  # packed once for both arms, in this seed's data_seed order
         seed_dir = out / f"seed_{seed}" if out is not None else None
         shared_path = seed_dir / "shared.json" if seed_dir is not None else None
         if shared_path is not None and shared_path.is_file():
             shared = json.loads(shared_path.read_text())  # checked when this seed started
+            for k in ("optimizer", "packing"):  # the recipe's axes: a seed resumes under its own
+                theirs = shared.get(k, getattr(TrainConfig(), k))  # written before the axes: the default
+                if theirs != getattr(t, k):
+                    raise ConfigError(f"--out {out}: seed {seed} ran with --{k} {theirs}, this run --{k} "
+                                      f"{getattr(t, k)}; resume with the same recipe or choose another folder")
         else:
             shared = check_shared_init(cfg, twin, t, backend)
             gc.collect()  # the two probe models, before training allocates
@@ -244,7 +258,7 @@ def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, 
             if progress:
                 print(f"seed {seed} ({i + 1}/{len(seeds)}): {label if label == 'vanilla' else cfg.attention}",
                       file=sys.stderr)
-            arms[label] = _run_arm(label, c, t, data, backend, seed_dir / label if seed_dir else None,
+            arms[label] = _run_arm(label, c, t, seed_data, backend, seed_dir / label if seed_dir else None,
                                    budget_s, progress, shared["count"])
             gc.collect()  # the arm's model (and its CUDA graph, if any) is released before the next is built
         per_seed.append(_seed_result(seed, t, arms, shared))
@@ -261,10 +275,10 @@ def _run_seeds(cfg, twin, tcfg, data, backend, out, seeds, data_seed, budget_s, 
 def format_paired(r: dict) -> str:
     s = r["summary"]
     first = r["per_seed"][0]
-    lines = [f"paired run: {r['attention']} vs vanilla twin, {first['diff']['steps']} steps on {r['data']} "
-             f"({r['backend']}, {r['dtype']}), seeds {','.join(map(str, s['seeds']))} (data seed: "
-             f"{r['data_seed']}); shared tensors byte-identical at step 0 in every seed "
-             f"({first['shared']['count']} tensors)",
+    lines = [f"paired run: {r['attention']} vs vanilla twin, {first['diff']['steps']} {r.get('optimizer', 'adamw')} "
+             f"steps on {r['data']} ({r.get('packing', 'random')} batches, {r['backend']}, {r['dtype']}), "
+             f"seeds {','.join(map(str, s['seeds']))} (data seed: {r['data_seed']}); shared tensors "
+             f"byte-identical at step 0 in every seed ({first['shared']['count']} tensors)",
              f"{'seed':>6s}{r['attention'] + ' loss':>14s}{'vanilla loss':>14s}{'delta nats':>12s}{'delta bpb':>12s}"]
     for p in r["per_seed"]:
         bpb = p["delta"]["val_bpb"]
@@ -288,10 +302,11 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
     `backends` are names (loaded on the CPU in float32) or loaded Backend objects."""
     from diffattn.backend import load
 
+    data = packing.for_run(data, tcfg)
     data.check(tcfg.seq_len)
     loaded = [load(b, device="cpu", dtype="float32") if isinstance(b, str) else b for b in backends]
     params = init_params(cfg, tcfg.seed)
-    models = [b.build(cfg, params, optim=tcfg.optim) for b in loaded]
+    models = [b.build(cfg, params, **optim.build_options(tcfg)) for b in loaded]
     probe = data.val_batches(tcfg.batch_size, tcfg.seq_len, 1, tcfg.data_seed)[0][0][:, :-1]
     logits = [np.asarray(m.logits(probe)) for m in models]
     logits_rel = rel_err(logits[0], logits[1])
@@ -311,6 +326,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
         params_rel[n] = rel_err(finals[0][n], finals[1][n]) if np.linalg.norm(finals[1][n]) else 0.0
     return {"backends": [b.name for b in loaded], "devices": [b.device for b in loaded],
             "dtypes": [b.dtype for b in loaded], "steps": tcfg.steps, "attention": cfg.attention,
+            "optimizer": tcfg.optimizer, "packing": tcfg.packing,
             "logits_rel_err": logits_rel, "max_abs_loss_diff": max_diff,
             "max_params_rel_err": max(params_rel.values()),
             "logits_tol": AGREE_LOGITS_REL, "loss_tol": AGREE_LOSS_ABS,
@@ -320,7 +336,7 @@ def run_agree(cfg: ModelConfig, tcfg: TrainConfig, data, backends=("mlx", "cuda"
 def format_agree(r: dict) -> str:
     a, b = r["backends"]
     lines = [f"agreement {a} vs {b} ({r['dtypes'][0]}/{r['dtypes'][1]} on {r['devices'][0]}/{r['devices'][1]}), "
-             f"{r['attention']}, {r['steps']} steps",
+             f"{r['attention']}, {r['steps']} {r['optimizer']} steps, {r['packing']} batches",
              f"{'step':>6s}{'loss ' + a:>16s}{'loss ' + b:>16s}{'|diff|':>12s}"]
     rows = r["per_step"]
     show = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]

@@ -242,7 +242,8 @@ def save_checkpoint(out_dir, step: int, params: dict, opt_state: dict, manifest:
     ckpt.mkdir(parents=True)
     params_io.save_tensors(ckpt / "params.safetensors", params)
     opt = {f"m.{k}": v for k, v in opt_state["m"].items()} | {f"v.{k}": v for k, v in opt_state["v"].items()}
-    params_io.save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"]))})
+    params_io.save_tensors(ckpt / "optim.safetensors", opt, {"step": str(int(opt_state["step"])),
+                                                              "optimizer": opt_state.get("optimizer", "adamw")})
     files = {f: params_io.file_sha256(ckpt / f) for f in CHECKPOINT_FILES}
     write_json(ckpt / "manifest.json", {**manifest, "format": CHECKPOINT_FORMAT, "step": step,
                                         "optimizer_step": int(opt_state["step"]), "files": files})
@@ -322,7 +323,7 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
         # a float sum over tensors (the global grad norm) depends on the order it runs in
         order = list(param_shapes(cfg))
         params = {k: params[k] for k in order}
-        opt_state = {"step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
+        opt_state = {"optimizer": meta.get("optimizer", "adamw"), "step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
     except (ParamsError, ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: unusable checkpoint ({str(e).splitlines()[0]})") from None
     return params, opt_state, manifest, ckpt

@@ -50,6 +50,21 @@ def test_train_prints_val_bpb_and_a_json_summary(tmp_path):
     assert run["preset"] == "tiny" and run["model_config"]["d_model"] == 32 and run["env"]["backend"]["backend"] == "numpy"
 
 
+def test_train_on_a_cpu_prints_mfu_and_the_recipe_with_its_crop_fraction(tmp_path):
+    r = diffattn("train", "--backend", "numpy", "--steps", "4", "--eval-every", "4", "--out", tmp_path / "run",
+                 "--optimizer", "muon", "--packing", "bos-best-fit", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["optimizer"] == "muon" and s["packing"] == "bos-best-fit" and 0 < s["crop_fraction"] < 1
+    assert 0 < s["mfu"] < 1 and s["mfu_peak_source"].startswith("measured numpy float64")
+    line = r.stdout.splitlines()[0]
+    assert f"MFU {s['mfu']:.2%}" in line and f"cropped {s['crop_fraction']:.1%}" in line
+    stop = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert stop["kind"] == "stop" and stop["mfu"] == s["mfu"] and stop["crop_fraction"] == s["crop_fraction"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train_config"]["optimizer"] == "muon" and run["data"]["crop_fraction"] == s["crop_fraction"]
+
+
 def test_stop_then_resume_equals_one_straight_run(tmp_path):
     common = ["train", "--backend", "numpy", "--steps", "8", "--eval-every", "4", *SMALL]
     assert diffattn(*common, "--out", tmp_path / "a").returncode == 0
@@ -192,6 +207,10 @@ BAD = {
     "cuda-only option elsewhere": (["--cuda-graphs"], "no graphs option"),
     "CUDA graphs on a CPU": (["--backend", "cuda", "--device", "cpu", "--cuda-graphs"], "need device='cuda'"),
     "bad flag": (["--stepz", "3"], "unrecognized"),
+    "unknown optimizer": (["--optimizer", "sgd"], "invalid choice"),
+    "resume with the other optimizer": (["--resume-from", "{tmp}/good", "--optimizer", "muon"],
+                                        "optimizer='adamw', this run optimizer='muon'"),
+    "packing data without documents": (["--data", "builtin:recall", "--packing", "bos-best-fit"], "has none here"),
 }
 
 

@@ -60,6 +60,21 @@ def test_fast_bpe_gives_the_project_tokenizers_ids():
         assert fast.bpe.decode(ids) == text.encode("utf-8")  # byte-level: lossless
 
 
+def test_pinned_sources_are_the_committed_manifests():
+    """`diffattn corpus build` reads the packages, patterns and hashes from corpus.SOURCES; they
+    must be the ones the committed corpus was built from, or a build from the .debs makes another
+    corpus than the one the manifest (and every result on it) describes."""
+    from pathlib import Path
+    manifest = json.loads((Path(__file__).parent.parent / "benchmarks" / "corpus" / "debian-docs-en" /
+                           "manifest.json").read_text())
+    committed = [(s["package"], s["version"], s["sha256"], tuple(s["include"]), s["format"], tuple(s["exclude"]))
+                 for s in manifest["sources"]]
+    pinned = [(s.package, s.version, s.sha256, s.include, s.fmt, s.exclude) for s in corpus.SOURCES]
+    assert pinned == committed
+    assert all(len(s.sha256) == 64 for s in corpus.SOURCES)
+    assert [corpus.deb_name(s) for s in corpus.SOURCES] == [s["deb"] for s in manifest["sources"]]
+
+
 def _make_deb(tmp_path, package, version, files: dict[str, str]):
     root = tmp_path / "pkgroot" / package
     for rel, text in files.items():

@@ -140,3 +140,25 @@ def test_report_draws_loss_and_delta_by_position_of_a_paired_run(tmp_path, pydoc
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in capsys.readouterr().out
     assert report.main(["--paired", str(tmp_path / "plots"), "--plots", str(tmp_path / "plots")]) == 2
     assert "no paired.json" in capsys.readouterr().err
+
+
+def test_every_seed_trains_both_arms_under_the_recipe_and_records_it(tmp_path, pydoc):
+    """--optimizer and --packing reach both arms of every seed, each seed on its own data_seed;
+    shared.json and paired.json record the recipe, and a resume under another recipe is refused
+    before anything trains."""
+    t = tcfg(optimizer="muon", packing="bos-best-fit")
+    r = paired.run_paired(cfg(), t, pydoc, numpy_backend(), tmp_path, seeds=[0, 1], progress=False)
+    assert (r["optimizer"], r["packing"]) == ("muon", "bos-best-fit")
+    on_disk = json.loads((tmp_path / "paired.json").read_text())
+    assert (on_disk["optimizer"], on_disk["packing"]) == ("muon", "bos-best-fit")
+    assert "4 muon steps" in paired.format_paired(r) and "bos-best-fit batches" in paired.format_paired(r)
+    for s in (0, 1):
+        shared = json.loads((tmp_path / f"seed_{s}" / "shared.json").read_text())
+        assert (shared["optimizer"], shared["packing"]) == ("muon", "bos-best-fit")
+        for arm in ("diff", "vanilla"):
+            run = json.loads((tmp_path / f"seed_{s}" / arm / "run.json").read_text())
+            assert run["train_config"]["optimizer"] == "muon" and run["data"]["packing"] == "bos-best-fit"
+            assert run["data_seed"] == s
+    with pytest.raises(ConfigError, match="seed 0 ran with --optimizer muon, this run --optimizer adamw"):
+        paired.run_paired(cfg(), tcfg(packing="bos-best-fit"), pydoc, numpy_backend(), tmp_path, seeds=[0, 1],
+                          resume=True, progress=False)

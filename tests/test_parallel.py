@@ -164,3 +164,34 @@ def test_a_launched_world_without_parallel_is_refused(monkeypatch):
     assert parallel.resolve(None) == "ddp"
     with pytest.raises(BackendError, match="every rank would train and write alone"):
         parallel.resolve("none")
+
+
+# ---- Muon over several processes -------------------------------------------------------------
+
+MUON_STEPS = 10
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_muon_over_two_processes_matches_one(backend, tmp_path):
+    """Muon orthogonalises the gradient averaged over the ranks (DDP's all-reduce, MLX's all_sum
+    inside the compiled step), so two processes take one process's updates: the losses agree to
+    RTOL. Ranks orthogonalising their own half-batch gradients (no reduce before the update)
+    moved them by ~4e-3 relative."""
+    pytest.importorskip("torch" if backend == "cuda" else "mlx.core")
+    muon = ["--backend", backend, "--optimizer", "muon", "--steps", MUON_STEPS]
+    one = tmp_path / "one"
+    in_this_process(*muon, "--out", one)
+    launcher = torchrun(2) if backend == "cuda" else mlx_launch(2)
+    two = tmp_path / "two"
+    launch(launcher, *RUN, *muon, *(["--parallel", "ddp"] if backend == "cuda" else []), "--out", two)
+    assert json.loads((two / "run.json").read_text())["train_config"]["optimizer"] == "muon"
+    assert_same_losses(losses(two), losses(one), range(MUON_STEPS))
+
+
+def test_fsdp_refuses_muon(tmp_path):
+    pytest.importorskip("torch")
+    r = subprocess.run([*torchrun(1), sys.executable, "-m", "diffattn.cli", *RUN, "--backend", "cuda",
+                        "--parallel", "fsdp", "--optimizer", "muon", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env(), timeout=240)
+    assert r.returncode != 0 and "Newton-Schulz orthogonalises whole ones" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "run.json").exists()

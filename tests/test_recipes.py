@@ -1,5 +1,6 @@
 """Recipes as data: each preset's training recipe is what `diffattn train/paired --preset NAME`
 runs, and every flag overrides its field."""
+import dataclasses
 import math
 
 import pytest
@@ -73,3 +74,17 @@ def test_linear_schedule_by_hand():
     t = TrainConfig(steps=12, lr=1.0, min_lr_ratio=0.1, warmup_steps=2, schedule="linear")
     # warmup 0.5, 1.0; then 1 - 0.9 * (step - 2) / 10 down to 0.1 at step 12
     assert [optim.lr_at(s, t) for s in (0, 1, 2, 7, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1], abs=1e-15)
+
+
+def test_a_recipe_carries_its_optimizer_and_packing_and_flags_override_them(monkeypatch):
+    assert all((r.optimizer, r.packing) == ("adamw", "random") for r in RECIPES.values())
+    t = train_config("--preset", "tiny")
+    assert (t.optimizer, t.packing) == ("adamw", "random")
+    monkeypatch.setitem(RECIPES, "tiny", dataclasses.replace(RECIPES["tiny"], optimizer="muon",
+                                                             packing="bos-best-fit"))
+    t = train_config("--preset", "tiny")
+    assert (t.optimizer, t.packing) == ("muon", "bos-best-fit")
+    t = train_config("--preset", "tiny", "--optimizer", "adamw", "--packing", "random")
+    assert (t.optimizer, t.packing) == ("adamw", "random")
+    with pytest.raises(ConfigError, match="optimizer='sgd'"):
+        dataclasses.replace(RECIPES["tiny"], optimizer="sgd")

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from diffattn.backend import BackendError
-from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 
 DTYPES = ("float32", "bfloat16", "float64")
 
@@ -38,7 +38,8 @@ class CudaBackend:
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
         self.is_writer = rank == 0  # the one process that writes run folders
 
-    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig()):
+    def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
+              muon: MuonConfig | None = None):
         from diffattn.backends.cuda.train import CudaModel
 
         model = CudaModel
@@ -46,7 +47,8 @@ class CudaBackend:
             from diffattn.backends.cuda.parallel import MODELS
 
             model = MODELS[self.parallel]
-        return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs)
+        return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
+                     muon)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray):

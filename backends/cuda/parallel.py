@@ -7,8 +7,10 @@ and step); `train_step` keeps this rank's contiguous slice of its rows, so N pro
 exactly the batches one process would. The framework reduces the gradients: DDP all-reduces
 them (averaged) during backward; FSDP2 (torch.distributed.fsdp.fully_shard, each block and the
 root) shards parameters, gradients and AdamW moments over the ranks and reduce-scatters the
-gradients. The loss a step returns is all-reduced to the global batch's mean, so every rank
-logs, stops and detects divergence alike. Rank 0 is the writer (metrics, checkpoints).
+gradients. Muon (--optimizer muon) runs under DDP only: every rank orthogonalises the whole,
+already averaged gradient matrices alike, where FSDP would hand it one shard of each matrix,
+whose Newton-Schulz is not the matrix's. The loss a step returns is all-reduced to the global
+batch's mean, so every rank logs, stops and detects divergence alike. Rank 0 is the writer (metrics, checkpoints).
 
 `state()` gives every rank the full state (FSDP: gathered one tensor at a time with
 DTensor.full_tensor, as get_model_state_dict(full_state_dict=True) would, without holding every
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from diffattn import optim as optim_spec
-from diffattn.backend import BackendError, rank_rows
+from diffattn.backend import BackendError, check_optimizer, rank_rows
 from diffattn.backends.cuda.train import CudaModel
 
 MODES = ("none", "ddp", "fsdp")
@@ -134,6 +136,10 @@ class FSDPModel(_Parallel):
     def _parallelize(self):
         from torch.distributed.fsdp import fully_shard
 
+        if self.optimizer_name != "adamw":  # Newton-Schulz needs whole matrices, FSDP holds shards
+            raise BackendError(f"backend 'cuda': --parallel fsdp shards every matrix, and {self.optimizer_name}'s "
+                               "Newton-Schulz orthogonalises whole ones: use --parallel ddp or --optimizer adamw")
+
         for block in self.module.layers:
             fully_shard(block)
         fully_shard(self.module)
@@ -174,6 +180,7 @@ class FSDPModel(_Parallel):
         from diffattn.params import check_params
 
         check_params(self.cfg, params)
+        check_optimizer(opt_state, self.optimizer_name)
 
         def shard_like(p, a):  # every rank holds the full array: it keeps its shard, no communication
             full = torch.from_numpy(np.ascontiguousarray(a)).to(self.device, p.dtype)

@@ -1,8 +1,11 @@
-"""The training side of the CUDA backend: the Model protocol over a Transformer, AdamW, the step.
+"""The training side of the CUDA backend: the Model protocol over a Transformer, AdamW or Muon, the step.
 
 AdamW is torch.optim.AdamW in two parameter groups (weight decay on matrices only, as
 diffattn.optim.decays) after torch.nn.utils.clip_grad_norm_: together exactly diffattn.optim's
 adamw_step (checked step by step against the numpy backend in tests/test_cuda_backend.py).
+With a MuonConfig, the hidden matrices (optim.is_muon) go to `Muon` below, optim.muon_step's update
+written out in torch (torch.optim.Muon runs Newton-Schulz in bf16 only), and the rest to AdamW;
+matrices of one shape are orthogonalised together as one batch of matmuls.
 bfloat16 runs under autocast with float32 master weights and optimizer state; float32 and
 float64 run plainly. Gradient accumulation: a (n_micro, B, L+1) batch backpropagates each
 micro-batch's loss / n_micro, then takes one update.
@@ -19,8 +22,8 @@ import numpy as np
 import torch
 
 from diffattn import optim as optim_spec
-from diffattn.backend import BackendError
-from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.backend import BackendError, check_optimizer
+from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import check_params
 from diffattn.backends.cuda.model import Attention, build_transformer, load_numpy
 
@@ -30,16 +33,63 @@ TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": 
 COMPILE_OPTIONS = {"assert_indirect_indexing": False}
 
 
-def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool, lr=0.0) -> torch.optim.AdamW:
-    """lr: a float, set per step; or a CUDA tensor that a captured step reads at every replay."""
+def make_adamw(module: torch.nn.Module, cfg: AdamWConfig, fused: bool, lr=0.0,
+               skip_muon: bool = False) -> torch.optim.AdamW:
+    """lr: a float, set per step; or a CUDA tensor that a captured step reads at every replay.
+    skip_muon: leave out the tensors Muon updates (optim.is_muon)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        (decay if optim_spec.decays(name, p) else no_decay).append(p)
+        if not (skip_muon and optim_spec.is_muon(name, p)):
+            (decay if optim_spec.decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = {"fused": True} if fused else {"foreach": True}
     if isinstance(lr, torch.Tensor):
         kw["capturable"] = True  # the step count stays on the GPU, and the update never syncs
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
+
+
+def newton_schulz(u: torch.Tensor, cfg: MuonConfig) -> torch.Tensor:
+    """optim.newton_schulz over the last two axes, in u's dtype (bf16 with ns_dtype "bfloat16")."""
+    a, b, c = cfg.ns_coefficients
+    x = u.bfloat16() if cfg.ns_dtype == "bfloat16" else u
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + cfg.ns_eps)
+    for _ in range(cfg.ns_steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """optim.muon_step's update of the hidden matrices: momentum buffer, Nesterov, Newton-Schulz,
+    decoupled decay, 0.2 sqrt(max(rows, cols)) scale. Gradients come clipped. lr as make_adamw's."""
+
+    def __init__(self, params, cfg: MuonConfig, lr=0.0):
+        super().__init__(params, {"lr": lr})
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def step(self):
+        cfg, mu = self.cfg, self.cfg.momentum
+        for group in self.param_groups:
+            lr = group["lr"]
+            by_shape: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, ps in by_shape.items():
+                for p in ps:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                grads = [p.grad for p in ps]
+                torch._foreach_lerp_(bufs, grads, 1.0 - mu)  # m <- mu m + (1 - mu) g
+                u = torch.stack([g.lerp(m, mu) for g, m in zip(grads, bufs)] if cfg.nesterov else bufs)
+                o = newton_schulz(u, cfg).to(ps[0].dtype).unbind(0)
+                torch._foreach_mul_(ps, 1.0 - lr * cfg.weight_decay)
+                torch._foreach_add_(ps, torch._foreach_mul(o, -lr * optim_spec.muon_scale(shape)))
 
 
 class StepGraph:
@@ -91,9 +141,11 @@ class CudaModel:
     """A Transformer with its optimizer, speaking numpy at the Backend protocol's edge."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
-                 device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False):
+                 device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False,
+                 muon: MuonConfig | None = None):
         check_params(cfg, params)
         self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
+        self.optimizer_name = "adamw" if muon is None else "muon"
         self.param_dtype = TORCH_DTYPES[dtype]
         self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
@@ -102,7 +154,10 @@ class CudaModel:
         # place by FSDP (backends/cuda/parallel.py); before the optimizer, which holds its parameters
         self.step_module = self._parallelize()
         self.lr = torch.zeros((), dtype=torch.float32, device=device) if graphs else 0.0
-        self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda", lr=self.lr)
+        self.optimizer = make_adamw(self.module, optim_cfg, fused=device.type == "cuda", lr=self.lr,
+                                    skip_muon=muon is not None)
+        self.muon = None if muon is None else Muon(
+            [p for n, p in self.module.named_parameters() if optim_spec.is_muon(n, p)], muon, lr=self.lr)
         self.step_graph = StepGraph(self._step) if graphs else None
         self.kernels, self.compile, self.graphs = kernels, compile, graphs
         self.decoder = None  # built at prefill from the current weights (decode.Decoder)
@@ -179,16 +234,20 @@ class CudaModel:
         b = self._tokens(batch, (2, 3), "batch")
         self.decoder = None  # its packed weights would go stale
         if self.step_graph is None:
-            for group in self.optimizer.param_groups:
+            for group in self._groups():
                 group["lr"] = float(lr)
             return self._step(b)
         self.lr.fill_(lr)  # outside the graph: a recorded fill would replay the first step's lr
         return self.step_graph(b)
 
+    def _groups(self):
+        return self.optimizer.param_groups + (self.muon.param_groups if self.muon is not None else [])
+
     def _step(self, b: torch.Tensor) -> torch.Tensor:
-        """One update at the optimizer's lr: the mean loss of b's micro-batches, backward, clip, AdamW."""
+        """One update at the optimizer's lr: the mean loss of b's micro-batches, backward, clip,
+        AdamW (and Muon)."""
         micro = b if b.ndim == 3 else b[None]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device, dtype=torch.float64 if self.dtype == "float64" else torch.float32)
         for i, mb in enumerate(micro):
             with self._micro_batch(last=i == len(micro) - 1):
@@ -198,24 +257,32 @@ class CudaModel:
         if self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip, foreach=True)
         self.optimizer.step()
+        if self.muon is not None:
+            self.muon.step()
         return total / len(micro)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         params = {n: self._numpy(p) for n, p in self.module.named_parameters()}
-        opt = optim_spec.init_state(params)
+        opt = optim_spec.init_state(params, self.optimizer_name)
         for n, p in self.module.named_parameters():
             s = self.optimizer.state.get(p)
             if s:
                 opt["step"] = int(s["step"])
                 opt["m"][n], opt["v"][n] = self._numpy(s["exp_avg"]), self._numpy(s["exp_avg_sq"])
+            s = self.muon.state.get(p) if self.muon is not None else None
+            if s:
+                opt["m"][n] = self._numpy(s["momentum_buffer"])  # v stays zero: Muon keeps one buffer
         return params, opt
 
     @torch.no_grad()
     def load_state(self, params: dict[str, np.ndarray], opt_state: dict) -> None:
         check_params(self.cfg, params)
+        check_optimizer(opt_state, self.optimizer_name)
         load_numpy(self.module, params)  # in place: a recorded step still reads these parameters
         self.decoder = None
         self.optimizer.state.clear()
+        if self.muon is not None:
+            self.muon.state.clear()
         if self.step_graph is not None:
             self.step_graph.reset()  # it would update the replaced moments
         step = int(opt_state["step"])
@@ -224,6 +291,9 @@ class CudaModel:
         fused = self.device.type == "cuda"
         for n, p in self.module.named_parameters():
             as_p = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, p.dtype)  # noqa: E731
+            if self.muon is not None and optim_spec.is_muon(n, p):
+                self.muon.state[p] = {"momentum_buffer": as_p(opt_state["m"][n])}
+                continue
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(step), dtype=torch.float32, device=self.device if fused else "cpu"),
                 "exp_avg": as_p(opt_state["m"][n]), "exp_avg_sq": as_p(opt_state["v"][n])}

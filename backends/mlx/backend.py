@@ -5,10 +5,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from diffattn.backend import BackendError
+from diffattn.backend import BackendError, check_optimizer
 from diffattn.backends.mlx.model import Attention, Transformer, mean_loss, token_losses
 from diffattn.backends.mlx.train import flat, init_opt, make_train_step
-from diffattn.config import AdamWConfig, ModelConfig
+from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import ParamsError, attention_shapes, check_params
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -25,8 +25,10 @@ def to_np(tensors: dict) -> dict:
 class MLXModel:
     reduce = None  # a data-parallel model's gradient average (make_train_step's reduce)
 
-    def __init__(self, cfg: ModelConfig, params, optim_cfg: AdamWConfig, dtype: str, kernels: str):
-        self.cfg, self.optim_cfg = cfg, optim_cfg
+    def __init__(self, cfg: ModelConfig, params, optim_cfg: AdamWConfig, dtype: str, kernels: str,
+                 muon: MuonConfig | None = None):
+        self.cfg, self.optim_cfg, self.muon = cfg, optim_cfg, muon
+        self.optimizer = "adamw" if muon is None else "muon"
         self.model = Transformer(cfg, kernels, MX_DTYPES[dtype])
         self.opt = None
         self.decoder = None  # built at prefill from the current weights (decode.Decoder)
@@ -56,7 +58,7 @@ class MLXModel:
 
     # ---- training -----------------------------------------------------------------------
     def train_step(self, batch, lr):
-        """One AdamW update; returns the pre-update mean loss as an mx scalar (float() waits)."""
+        """One optimizer update; returns the pre-update mean loss as an mx scalar (float() waits)."""
         batch = np.asarray(batch)
         micro = mx.array(batch if batch.ndim == 3 else batch[None], mx.int32)
         self.decoder = None  # its cast weights would go stale
@@ -66,21 +68,26 @@ class MLXModel:
 
     def state(self):
         mx.eval(self.model.parameters(), self.opt)
-        opt = {"step": int(self.opt["step"].item()), "m": to_np(self.opt["m"]), "v": to_np(self.opt["v"])}
-        return to_np(flat(self.model.parameters())), opt
+        params = to_np(flat(self.model.parameters()))
+        v = to_np(self.opt["v"])  # Muon's tensors keep no v: zeros, as optim.muon_step's state
+        opt = {"optimizer": self.optimizer, "step": int(self.opt["step"].item()), "m": to_np(self.opt["m"]),
+               "v": {k: v[k] if k in v else np.zeros_like(p) for k, p in params.items()}}
+        return params, opt
 
     def load_state(self, params, opt_state):
         check_params(self.cfg, params)
         self.decoder = None
         self.model.update(tree_unflatten(list(to_mx(params).items())))
-        self.opt = init_opt(flat(self.model.parameters()))
+        self.opt = init_opt(flat(self.model.parameters()), muon=self.muon is not None)
         if opt_state is not None:
+            check_optimizer(opt_state, self.optimizer)
             self.opt["step"] = mx.array(float(opt_state["step"]), mx.float32)
             for key in ("m", "v"):
                 check_params(self.cfg, opt_state[key], what=f"optimizer state {key!r}")
-                self.opt[key].update(to_mx(opt_state[key]))
+                self.opt[key].update(to_mx({k: a for k, a in opt_state[key].items() if k in self.opt[key]}))
         mx.eval(self.model.parameters(), self.opt)
-        self._step = make_train_step(self.model, self.opt, self.optim_cfg, reduce=self.reduce)
+        self._step = make_train_step(self.model, self.opt, self.optim_cfg, reduce=self.reduce,
+                                     muon=self.muon)
 
 
     # ---- decoding (backends/mlx/decode.py) ---------------------------------------------------------
@@ -126,12 +133,12 @@ class MLXBackend:
         self.rank, self.world_size = (0, 1) if group is None else (group.rank(), group.size())
         self.is_writer = self.rank == 0  # the one process that writes run folders
 
-    def build(self, cfg, params, optim: AdamWConfig = AdamWConfig()):
+    def build(self, cfg, params, optim: AdamWConfig = AdamWConfig(), muon: MuonConfig | None = None):
         if self.group is not None:
             from diffattn.backends.mlx.parallel import DataParallelModel
 
-            return DataParallelModel(self.group, cfg, params, optim, self.dtype, self.kernels)
-        return MLXModel(cfg, params, optim, self.dtype, self.kernels)
+            return DataParallelModel(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
+        return MLXModel(cfg, params, optim, self.dtype, self.kernels, muon)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
         shapes = attention_shapes(cfg)

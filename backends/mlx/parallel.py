@@ -7,9 +7,9 @@ Every rank runs the same harness loop and draws the same global batch (a functio
 and step); `train_step` keeps this rank's contiguous slice of its rows, so N processes see
 exactly the batches one process would. Inside the compiled step the gradients, averaged over
 the micro-batches, are averaged over the ranks (mlx.nn.average_gradients: all_sum in buckets,
-divided by N), and so is the loss; every rank then takes the same AdamW update and holds the
-same full state, which is why checkpoints need no gather and resume on any number of
-processes. Rank 0 is the writer (metrics, checkpoints). The communication backend is the one
+divided by N), and so is the loss; every rank then takes the same update (AdamW, or Muon on
+the averaged hidden matrices) and holds the same full state, which is why checkpoints need no
+gather and resume on any number of processes. Rank 0 is the writer (metrics, checkpoints). The communication backend is the one
 the launcher set up (ring over TCP on CPUs and Macs; nccl for MLX's CUDA build; jaccl over
 Thunderbolt RDMA).
 """

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step_table import flops_per_token, git_commit  # noqa: E402
+from train_step_table import git_commit  # noqa: E402
 
 from diffattn.backends.cuda import create  # noqa: E402
+from diffattn.flops import train_flops_per_token  # noqa: E402
 from diffattn.config import preset  # noqa: E402
 from diffattn.params import init_params  # noqa: E402
 
@@ -90,13 +91,13 @@ def main(argv=None):
              f"params), B {a.batch_size} x L {a.seq_len} = {tokens} tokens/step; dtype {dtype}; kernels {kernels}; "
              f"compile {'on' if compile else 'off'}; graphs off; "
              f"{a.warmup} warm-up steps, then {a.rounds} interleaved rounds of {a.steps} steps, median",
-             f"- FLOPs/token {flops_per_token(cfg, a.seq_len) / 1e9:.2f} G (train_step_table.py's count)", "",
+             f"- FLOPs/token {train_flops_per_token(cfg, a.seq_len) / 1e9:.2f} G (diffattn.flops' count)", "",
              "| parallel | ms/step (median) | rounds min-max ms | tokens/s | vs none | TFLOP/s | warm-up s | loss first -> last |",
              "|---|---|---|---|---|---|---|---|"]
     for m in MODES:
         tps = tokens / (ms[m] / 1e3)
         lines.append(f"| {m} | {ms[m]:.2f} | {min(times[m]) * 1e3:.2f}-{max(times[m]) * 1e3:.2f} | {tps:,.0f} "
-                     f"| {ms['none'] / ms[m]:.3f} | {flops_per_token(cfg, a.seq_len) * tps / 1e12:.0f} | {warm_s[m]:.0f} "
+                     f"| {ms['none'] / ms[m]:.3f} | {train_flops_per_token(cfg, a.seq_len) * tps / 1e12:.0f} | {warm_s[m]:.0f} "
                      f"| {first_loss[m]:.4f} -> {last_loss[m]:.4f} |")
     verdict = [f"- issue 30 item 5, {m}: {1 - ms['none'] / ms[m]:+.1%} tokens/s lost against none "
                f"({'MET' if ms['none'] / ms[m] >= 0.98 else 'NOT MET'}, goal <= 2%)" for m in ("ddp", "fsdp")]

@@ -32,7 +32,7 @@ FLOPs per token (stated in the output):
                                          + backward)
 MFU = FLOPs/token * tokens/s / peak; peak = the datasheet's dense bf16 figure and, second, a
 bf16 8192^3 matmul measured in the same run. PaLM/nanoGPT count attention without the causal
-halving (_common.train_flops_per_token); that convention's MFU is printed too.
+halving (diffattn.flops.train_flops_per_token(causal=False)); that convention's MFU is printed too.
 --smoke: tiny preset, CPU, float32, composed kernels, 2 steps (tests this script; no MFU).
 """
 import argparse
@@ -47,14 +47,9 @@ import torch
 from benchmarks import _common
 from diffattn.backends.cuda import create
 from diffattn.backends.cuda import train
+from diffattn import flops
 from diffattn.config import preset
 from diffattn.params import init_params
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token with causal attention (see the module docstring)."""
-    attention = cfg.n_layers * cfg.q_heads * seq_len * (cfg.head_dim + cfg.v_head_dim)
-    return 6.0 * cfg.num_params() + 3.0 * attention
 
 
 def step_case(name, variant, seq_len, tokens, micro=1, compile=True, graphs=False, device="cuda",
@@ -120,7 +115,8 @@ def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtyp
         raise RuntimeError(f"{name} {variant}: non-finite loss {losses}")
     return dict(preset=name, variant=variant, compile=compile, graphs=graphs, micro=micro, B=batch_size, L=seq_len,
                 params=cfg.num_params(), step_ms=step_s * 1e3, host_ms=host, tokens_s=micro * batch_size * seq_len / step_s,
-                flops_tok=flops_per_token(cfg, seq_len), palm_flops_tok=_common.train_flops_per_token(cfg, seq_len),
+                flops_tok=flops.train_flops_per_token(cfg, seq_len),
+                palm_flops_tok=flops.train_flops_per_token(cfg, seq_len, causal=False),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
                 warm_s=warm_s, loss_first=losses[0], loss_last=losses[-1], kernels=kernel_summary, steps=steps,
                 gpu=gpu.summary() if device == "cuda" else {})
@@ -218,8 +214,7 @@ def main(argv=None):
             "MFU(PaLM) counts attention without the causal halving (nanoGPT's 12 L H Q T)"]
     peak = mm = float("nan")
     if not a.smoke:
-        peak = _common.PEAK_FLOPS.get((next((n for n, _ in _common.PEAK_FLOPS if n in torch.cuda.get_device_name()), ""),
-                                       "bfloat16"), float("nan"))
+        peak = flops.nvidia_peak(torch.cuda.get_device_name(), "bfloat16") or float("nan")
         mm = _common.matmul_tflops() * 1e12
         head.append(f"- peak: datasheet dense bf16 {peak / 1e12:.0f} TFLOP/s; measured bf16 8192^3 matmul "
                     f"{mm / 1e12:.0f} TFLOP/s (this run)")
