@@ -163,7 +163,33 @@ def save_tensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = N
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
+
+    def write(tmp):
+        save_file(arrays, tmp, metadata=meta)
+        _sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_metadata(path) -> None:
+    """safetensors writes the metadata map in a per-process hash order, so the same tensors and
+    metadata made other bytes in another process (a resumed run's checkpoint differed from the
+    uninterrupted run's). Rewrite the header with the metadata keys sorted: same keys and
+    values in the same compact JSON, so the header keeps its length and the tensor offsets
+    (relative to the end of the header) are untouched."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (n - len(text))  # the writer pads its header with spaces to 8 bytes
+        if len(text) != n:
+            raise ParamsError(f"{path}: safetensors header re-encoded to {len(text)} bytes, not its {n}")
+        f.seek(8)
+        f.write(text)
 
 
 def load_tensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
