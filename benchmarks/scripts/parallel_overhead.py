@@ -14,6 +14,9 @@ and thermal drift fall on every row alike; a row's ms/step is the median of its 
 At world size 1 the collectives move no data between GPUs: what remains is the wrapper's own
 cost (DDP's bucket copies and NCCL launch; FSDP's all-gather / reduce-scatter copies and its
 DTensor parameters in the optimizer), which is what N GPUs pay on top of their communication.
+--profile: after the timing, torch.profiler records 3 steps of each model and writes
+DIR/parallel_profile_MODE.txt (the ops by self CPU time and by self device time), to see where a
+wrapper's extra milliseconds go.
 --smoke: tiny preset, CPU (gloo), float32, composed kernels, no compile, 2 steps per round.
 """
 import argparse
@@ -47,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     device, dtype, kernels, compile = "cuda", "bfloat16", "auto", True
@@ -106,10 +110,31 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "parallel_overhead.md"), "w") as f:
         f.write(text)
+    if a.profile:
+        for m in MODES:
+            write_profile(models[m], on_device, os.path.join(a.out, f"parallel_profile_{m}.txt"), device)
     del models
     gc.collect()
     bad = [m for m in MODES if not (np.isfinite(first_loss[m]) and np.isfinite(last_loss[m]))]
     return 1 if bad else 0
+
+
+def write_profile(model, batches, path, device):
+    """3 profiled steps (after one unprofiled): the top ops by self CPU and by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    model.train_step(batches[0], 1e-4)
+    with profile(activities=activities) as prof:
+        for i in range(3):
+            model.train_step(batches[i % 4], 1e-4)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    keys = ["self_cpu_time_total"] + (["self_device_time_total"] if device == "cuda" else [])
+    with open(path, "w") as f:
+        for k in keys:
+            f.write(f"## sorted by {k} (3 steps)\n{table.table(sort_by=k, row_limit=30, max_name_column_width=70)}\n")
 
 
 if __name__ == "__main__":
