@@ -370,3 +370,22 @@ def attention_layout(variant: str, d_model: int, vanilla_heads: int, seqlen: int
 
     return ModelConfig(d_model=d_model, n_heads=vanilla_heads, attention="vanilla", max_seq_len=seqlen).twin(variant)
 
+
+
+def kernel_option_args(ap):
+    """The fused kernels' --kernel-options and --tiles of the benchmark scripts (an A/B in one call)."""
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
+                    "(KernelOptions, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
+    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
+                    "tuned ones (KernelOptions.tiles), e.g. dkdv:64:128=32,128,8,3 for an A/B")
+
+
+def kernel_options(options_text="", tiles_text=""):
+    """--kernel-options and --tiles as one KernelOptions (the defaults where both are empty); a bad
+    option or tile stops the script with a one-line message."""
+    from diffattn.backends.cuda.ops.paired import tuning
+
+    try:
+        return tuning.parse_tiles(tiles_text, tuning.parse_options(options_text))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from None

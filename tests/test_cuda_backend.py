@@ -370,15 +370,17 @@ def test_train_step_table_variant_can_name_its_own_kernels(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the kernels' options live beside the Triton kernels")
-def test_train_step_table_sets_kernel_options_and_refuses_unknown_ones(tmp_path, monkeypatch):
+def test_train_step_table_passes_kernel_options_to_the_model_and_refuses_unknown_ones(tmp_path, monkeypatch):
     from benchmarks.scripts import train_step_table
-    from diffattn.backends.cuda.ops import paired_softmax
+    from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
 
-    monkeypatch.setattr(paired_softmax, "OPTIONS", dict(paired_softmax.OPTIONS))  # restored after
+    built = []
+    create = train_step_table.create
+    monkeypatch.setattr(train_step_table, "create", lambda **kw: built.append(kw.get("kernel")) or create(**kw))
     with pytest.raises(SystemExit, match="unknown kernel option.*bogus"):
         train_step_table.main(["--smoke", "--kernel-options", "bogus=1", "--out", str(tmp_path)])
     assert train_step_table.main(["--smoke", "--kernel-options", "tma=0", "--out", str(tmp_path)]) == 0
-    assert paired_softmax.OPTIONS["tma"] is False  # "0" is a boolean, as in kernels_sweep.py
+    assert built and all(k == KernelOptions(tma=False) for k in built)  # "0" is a boolean, as in kernels_sweep.py
     assert "kernel options: tma=0" in (tmp_path / "train_step_table.md").read_text()
 
 
@@ -426,10 +428,19 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_load_passes_the_cuda_options_and_refuses_them_elsewhere():
+    from diffattn.backends.cuda import CudaOptions
+    from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
+
     assert load("cuda", device="cpu", compile=True).describe()["compile"] is True
     assert load("cuda", device="cpu").describe()["graphs"] is False
-    with pytest.raises(BackendError, match="no compile option"):
+    typed = load("cuda", device="cpu", options=CudaOptions(compile=True, kernel=KernelOptions(tma=False)))
+    assert typed.describe()["compile"] is True and typed.options.kernel == KernelOptions(tma=False)
+    with pytest.raises(BackendError, match="takes no options"):
         load("numpy", compile=True)
+    with pytest.raises(BackendError, match="no option.*bogus"):
+        load("cuda", device="cpu", bogus=True)
+    with pytest.raises(BackendError, match="must be its CudaOptions"):
+        load("cuda", device="cpu", options=KernelOptions())
 
 
 @gpu

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diffattn import conformance
+from diffattn.numerics import rel_error
 
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
 
@@ -48,8 +49,7 @@ def inputs(B, L, H, G, d, dtype=mx.float32, seed=0):
     return [mx.array(t.astype(np.float32)).astype(dtype) for t in (q, k, v)] + [mx.array(0.37)]
 
 
-def rel(a, b):
-    return conformance.rel_err(a, b)
+rel = rel_error  # ||a - ref|| / ||ref||
 
 
 # ---- everywhere ------------------------------------------------------------------------------

@@ -142,12 +142,12 @@ class CudaModel:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
                  device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False,
-                 muon: MuonConfig | None = None):
+                 muon: MuonConfig | None = None, kernel_options=None):
         check_params(cfg, params)
         self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
         self.optimizer_name = "adamw" if muon is None else "muon"
         self.param_dtype = TORCH_DTYPES[dtype]
-        self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
+        self.module = build_transformer(cfg, kernels, kernel_options).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
         # the module the training step runs: self.module itself, or its DDP wrapper, sharded in

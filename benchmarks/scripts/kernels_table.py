@@ -38,6 +38,7 @@ import time
 import torch
 
 from benchmarks import _common
+from diffattn.numerics import rel_error as rel
 from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
@@ -68,11 +69,13 @@ def make_inputs(variant, B, L, d, device, seed, subln=False):
     return x, randn(B, L, H, d)
 
 
-def call(op, x, impl):
-    """op on the inputs x; V1's subln weight, where x carries one, as the op's norm."""
+def call(op, x, impl, options=None):
+    """op on the inputs x (the fused kernels launched with options, KernelOptions or None for the
+    defaults); V1's subln weight, where x carries one, as the op's norm."""
     x = dict(x)
     w = x.pop("subln_w", None)
-    return op(**x, impl=impl) if w is None else op(**x, impl=impl, norm=(w, SUBLN_EPS))
+    kw = {"options": options} if impl == "fused" and options is not None else {}
+    return op(**x, impl=impl, **kw) if w is None else op(**x, impl=impl, norm=(w, SUBLN_EPS), **kw)
 
 
 def float32_input(variant, name):
@@ -80,10 +83,10 @@ def float32_input(variant, name):
     return variant == "diff_v1" and name in ("lam", "subln_w")
 
 
-def impls(variant, device):
-    """name -> fn(**inputs) for every implementation to time."""
+def impls(variant, device, options=None):
+    """name -> fn(**inputs) for every implementation to time, the fused kernels under options."""
     op = OPS[variant]
-    out = {"fused": lambda **x: call(op, x, "fused"), "naive": lambda **x: call(op, x, "naive")}
+    out = {"fused": lambda **x: call(op, x, "fused", options), "naive": lambda **x: call(op, x, "naive")}
     if device != "cuda":
         out["composed"] = lambda **x: call(op, x, "composed")
         out["composed+compile"] = compiled_composed(variant)
@@ -155,10 +158,6 @@ def _sdpa_backend(device, name):
                          "flash": SDPBackend.FLASH_ATTENTION}[name]])
 
 
-def rel(a, b):
-    return ((a.float() - b).norm() / b.norm()).item()
-
-
 def bench(fn, grad_to_none):
     if torch.cuda.is_available():
         from triton.testing import do_bench
@@ -222,7 +221,7 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
     return dict(**timed, peak_mib=peak, **errs)
 
 
-def run(variants, dims, lengths, modes, device, dtype, log, subln=False):
+def run(variants, dims, lengths, modes, device, dtype, log, subln=False, options=None):
     rows = []
     for variant in variants:
         for d in dims:
@@ -234,7 +233,7 @@ def run(variants, dims, lengths, modes, device, dtype, log, subln=False):
                 do32 = do32.to(dtype).float()
                 ref = reference(variant, x32, do32)
                 for mode in modes:
-                    for name, fn in impls(variant, device).items():
+                    for name, fn in impls(variant, device, options).items():
                         row = dict(variant=variant, d=d, L=L, B=B, mode=mode, impl=name)
                         try:
                             # naive is timed by events only: its L x L tensors make graph capture costly
@@ -340,15 +339,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     ap.add_argument("--subln", action="store_true", help="V1 with its output RMSNorm on every path "
                     "(target 1's composed path: two SDPA calls + combine + subln)")
-    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
-                    "tuned ones (paired_softmax.OVERRIDES), e.g. dkdv:64:128=32,128,8,3 for an A/B")
-    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
-                    "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
+    _common.kernel_option_args(ap)
     a = ap.parse_args(argv)
-    if a.kernel_options or a.tiles:
-        from kernels_sweep import apply_options, apply_tiles  # this script's folder is on sys.path when it runs
-        apply_options(a.kernel_options)
-        apply_tiles(a.tiles)
+    options = _common.kernel_options(a.kernel_options, a.tiles)
     global TOKENS, HEADS
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -376,7 +369,7 @@ def main(argv=None):
     header["matmul_bf16_tflops"] = mm = _common.matmul_tflops() if device == "cuda" else float("nan")
     print(json.dumps(header), flush=True)
     rows = run(a.variants.split(","), dims, lengths, ("fwd", "fwd+bwd"), device, dtype,
-               lambda r: print(json.dumps(r), flush=True), subln=a.subln)
+               lambda r: print(json.dumps(r), flush=True), subln=a.subln, options=options)
     add_ratios(rows)
     checks = targets(rows, mm)
     # a composed+compile row that dynamo gave up on would have run eagerly under its name

@@ -2,6 +2,9 @@
 import os
 
 IMPLS = ("naive", "composed", "fused")
+# whether the Triton kernels run in Triton's interpreter (on the CPU); Triton decides that at
+# @triton.jit time, so it is read once
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_impl(impl, q):

@@ -1,9 +1,8 @@
 """Backward kernels for Hopper (sm_90), warp-specialized in Gluon (Triton's explicit-layout
-dialect): the structure cuDNN's backward has and Triton's own pipeliner does not give
-(docs/kernels.md, "What the counters say" and "try gluon-ws dK/dV"). DIFF V2's dK/dV kernel takes
-24-30% less time on an H200 than paired_softmax's Triton one, with bitwise-equal results; the dQ
-kernel (V1 and V2, below) has the same producer / two-consumer form with queries fixed per
-program and key blocks streamed.
+dialect): the producer / consumer structure cuDNN's backward has and Triton's own pipeliner does
+not give. DIFF V2's dK/dV kernel takes a quarter less time on an H200 than the Triton one
+(bwd.paired_attention_bwd_dkdv), with bitwise-equal results; the dQ kernel (V1 and V2, below) has
+the same producer / two-consumer form with queries fixed per program and key blocks streamed.
 
 dK/dV: a program owns 128 keys of one kv head. A producer warp loads their K/V once, then streams each
 query block's q1, q2 and dO by TMA into a ring of STAGES buffers. Two consumer warpgroups of 64
@@ -15,14 +14,13 @@ and release the buffer with an mbarrier arrive; no CTA-wide barrier joins the tw
 exponentials run under the other's MMAs. Queries sit on the rows because each per-query value
 (LSE, delta, lambda) is then 2 registers a thread; keys on rows it is 16, and that form spilled.
 
-Same contract as paired_softmax.paired_attention_bwd_dkdv for V2 (K_STEP 1, SHARED_K), for what
-paired_softmax.dkdv_ws_applies accepts: bf16, head_dim 64, every head's columns side by side in a
-row (one 2-D TMA descriptor a tensor and batch addresses each head as a column block), and
-Triton 3.6, whose Gluon API this is written against. V1 (two
-key heads, V 2d wide) keeps the Triton kernel: in this form its 128 accumulator registers a thread
-spilled (18-21% slower, 1f54f4d); with keys on rows and 32-query blocks, as the Triton V1 kernel
-is tiled, it was 3% faster at 8k / 16k, 2% slower at 2k and left the training step unchanged
-(9d9e8ad; docs/kernels.md, v9).
+Same contract as bwd.paired_attention_bwd_dkdv for V2 (K_STEP 1, SHARED_K), for what
+launch.dkdv_ws_applies accepts: bf16, head_dim 64, every head's columns side by side in a row (one
+2-D TMA descriptor a tensor and batch addresses each head as a column block), and Triton 3.6,
+whose Gluon API this is written against (triton_runtime.gluon_available). V1 (two key heads,
+V 2d wide) keeps the Triton dK/dV kernel: in this form its 128 accumulator registers a thread
+spill (about a fifth slower), and with keys on rows and 32-query blocks it left the training step
+unchanged (docs/kernels-log.md).
 """
 import math
 
@@ -33,7 +31,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-from .paired_softmax import LOG2E
+from ..triton_runtime import LOG2E
 
 BLOCK = gl.constexpr(64)  # head_dim; queries a streamed block; keys a consumer warpgroup (an MMA's M)
 STAGES = 3  # the stream's ring; with it the kernel holds 152 KB of shared memory
