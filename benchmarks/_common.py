@@ -141,7 +141,7 @@ def _mlx_device_name(mx) -> str:
 
 def import_ops(backend: str):
     """The attention ops module of a backend; a backend that has not landed them is a skip."""
-    name = f"diffattn.backends.{REGISTRY_NAME[backend]}.ops"
+    name = f"backends.{REGISTRY_NAME[backend]}.ops"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -383,7 +383,7 @@ def kernel_option_args(ap):
 def kernel_options(options_text="", tiles_text=""):
     """--kernel-options and --tiles as one KernelOptions (the defaults where both are empty); a bad
     option or tile stops the script with a one-line message."""
-    from diffattn.backends.cuda.ops.paired import tuning
+    from backends.cuda.ops.paired import tuning
 
     try:
         return tuning.parse_tiles(tiles_text, tuning.parse_options(options_text))

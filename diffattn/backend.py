@@ -36,8 +36,8 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 # name -> (module, extra to install, framework module to probe)
 REGISTRY = {
     "numpy": ("diffattn.backend", None, "numpy"),
-    "mlx": ("diffattn.backends.mlx", "mlx", "mlx.core"),
-    "cuda": ("diffattn.backends.cuda", "cuda", "torch"),
+    "mlx": ("backends.mlx", "mlx", "mlx.core"),
+    "cuda": ("backends.cuda", "cuda", "torch"),
 }
 # other names a backend answers to: the PyTorch backend runs on a CPU as well as on CUDA
 ALIASES = {"torch": "cuda"}
@@ -137,7 +137,13 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
     except ImportError:
         raise BackendError(f"backend {name!r} needs {framework.split('.')[0]}, which is not installed: "
                            f"pip install 'diffattn[{extra}]'") from None
-    backend = importlib.import_module(module)
+    try:
+        backend = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != "backends":
+            raise
+        raise BackendError(f"backend {name!r}: the package `backends` is not importable: install the project "
+                           f"(pip install -e .) or run from the repository root (PYTHONPATH=.)") from None
     given = {k: v for k, v in option_fields.items() if v is not None}
     if options is None and not given:
         return backend.create(device=device, dtype=dtype, kernels=kernels, **topology)

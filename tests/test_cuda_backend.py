@@ -81,7 +81,7 @@ def test_unseen_files_conform(unseen, kernels):
 
 def test_conformance_catches_a_lambda_off_by_1e3(monkeypatch):
     """The check can fail: DIFF V1 with lambda off by 1e-3 fails its cases, the others pass."""
-    from diffattn.backends.cuda import model
+    from backends.cuda import model
 
     right = model.Attention.lam
     monkeypatch.setattr(model.Attention, "lam", lambda self: right(self) + 1e-3)
@@ -217,7 +217,7 @@ def test_each_float32_update_is_the_spec_update_of_our_gradients(attention, fuse
     """Step by step, with the default eps: our update equals optim.adamw_step applied to our own
     gradients (averaged over the micro-batches) and optimizer state. fused_adamw: the fused
     AdamW kernel that the backend uses on CUDA (PyTorch has it on the CPU too)."""
-    from diffattn.backends.cuda.train import make_adamw
+    from backends.cuda.train import make_adamw
 
     cfg = preset("tiny", attention=attention)
     model = cpu("composed").build(cfg, init_params(cfg, seed=0), AdamWConfig(grad_clip=0.05))
@@ -372,7 +372,7 @@ def test_train_step_table_variant_can_name_its_own_kernels(tmp_path, monkeypatch
 @pytest.mark.skipif(not HAS_TRITON, reason="the kernels' options live beside the Triton kernels")
 def test_train_step_table_passes_kernel_options_to_the_model_and_refuses_unknown_ones(tmp_path, monkeypatch):
     from benchmarks.scripts import train_step_table
-    from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
+    from backends.cuda.ops.paired.tuning import KernelOptions
 
     built = []
     create = train_step_table.create
@@ -407,7 +407,7 @@ def test_gpu_tiny_model_float32_matches_the_spec(kernels):
 def test_gpu_bf16_fused_step_tracks_float32(attention, compile):
     """bf16 autocast + fused kernels (+ torch.compile for DIFF V1) against float32 composed:
     three steps with gradient accumulation, losses within bf16's 2e-2."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("small", attention=attention)
     params = init_params(cfg, seed=0)
@@ -428,8 +428,8 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_load_passes_the_cuda_options_and_refuses_them_elsewhere():
-    from diffattn.backends.cuda import CudaOptions
-    from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
+    from backends.cuda import CudaOptions
+    from backends.cuda.ops.paired.tuning import KernelOptions
 
     assert load("cuda", device="cpu", compile=True).describe()["compile"] is True
     assert load("cuda", device="cpu").describe()["graphs"] is False
@@ -451,7 +451,7 @@ def test_gpu_graph_replay_is_the_eagerly_launched_step(attention, compile):
     every step a new batch (two micro-batches) and a new lr, which a replay must read afresh:
     3 eager warm-up steps, the recorded step, 4 replays. Losses, weights and moments agree to
     float32's 1e-5 (the same kernels in the same order; a stale batch or lr misses by far more)."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("tiny", attention=attention)
     params = init_params(cfg, seed=0)
@@ -473,7 +473,7 @@ def test_gpu_graph_replay_is_the_eagerly_launched_step(attention, compile):
 def test_gpu_graph_is_recorded_again_after_load_state_and_a_new_shape():
     """load_state replaces the optimizer's moments that a recorded step updates, and a new batch
     shape does not fit the recorded buffers: both must record afresh, not replay the old graph."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("tiny", attention="diff")
     backend = lambda g: create(device="cuda", dtype="float32", kernels="fused", graphs=g)  # noqa: E731

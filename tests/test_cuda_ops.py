@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 
 from diffattn import spec  # noqa: E402
 from diffattn.numerics import rel_error as rel  # noqa: E402
-from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention, vanilla_attention  # noqa: E402
-from diffattn.backends.cuda.ops.paired.tuning import KernelOptions  # noqa: E402
+from backends.cuda.ops import diff_v1_attention, diff_v2_attention, vanilla_attention  # noqa: E402
+from backends.cuda.ops.paired.tuning import KernelOptions  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -208,7 +208,7 @@ def test_fused_interpreted_float32(variant, shape):
 def test_paired_forward_saves_what_the_naive_contract_says(variant):
     """The forward kernel's three outputs (out, map 2's o2, both maps' base-2 log-sum-exp) are the
     materialized contract of paired/naive.py at float32's tolerance; the backward reads o2 and lse."""
-    from diffattn.backends.cuda.ops.paired import launch, naive
+    from backends.cuda.ops.paired import launch, naive
     x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 2, 37, 4, 2, 16, 4).items()}
     B, L, H = x["q"].shape[0], x["q"].shape[1], x["q"].shape[2] // 2
     lam_rows = x["lam"].expand(B, L, H) if variant == "diff_v1" else x["lam"]
@@ -257,7 +257,7 @@ def test_dkdv_diagonal_placements(variant, diagonal):
 if HAVE_TRITON:
     import triton.language as tl
 
-    from diffattn.backends.cuda.ops.paired.bwd import dkdv_launch_order
+    from backends.cuda.ops.paired.bwd import dkdv_launch_order
 
     @triton.jit
     def launch_order_probe(OUT, PAIRS_TOGETHER: tl.constexpr):
@@ -287,7 +287,7 @@ def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
 
 @needs_triton
 def test_dkdv_runs_together_the_most_pairs_that_divide_evenly_and_fit_half_the_l2():
-    from diffattn.backends.cuda.ops.paired import tuning
+    from backends.cuda.ops.paired import tuning
     mib = 2 ** 20
     assert tuning.PAIRS_TOGETHER_MIN == 8
     assert tuning.pairs_together(64, 1 * mib, 60 * mib) == 16  # the training step's shape: 30 fit
@@ -322,7 +322,7 @@ def test_fused_reads_any_strides(monkeypatch, variant):
     inputs and for the copies the launcher makes of views whose last stride is not 1."""
     from torch.library import wrap_triton
 
-    from diffattn.backends.cuda.ops.paired import bwd, launch
+    from backends.cuda.ops.paired import bwd, launch
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 1, 37, 2, 2, 16, 0).items()}
     do = torch.randn(out_shape(variant, x), generator=torch.Generator().manual_seed(1))
@@ -423,7 +423,7 @@ def test_fused_subln_gpu(dtype, shape):
 def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
     """At a head dim the kernels pad (24 -> 32) the zero columns must not enter the norm's mean: the
     op normalizes the sliced output instead, exactly rms_norm of the unnormed op's output."""
-    from diffattn.backends.cuda.ops.norm import rms_norm
+    from backends.cuda.ops.norm import rms_norm
     q, k, v = torch.randn(1, 21, 4, 24), torch.randn(1, 21, 2, 24), torch.randn(1, 21, 1, 48)
     lam, weight = torch.tensor(0.6), torch.rand(48) + 0.5
     normed = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
@@ -433,7 +433,7 @@ def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
 @needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
-    from diffattn.backends.cuda.ops.triton_runtime import tma_aligned
+    from backends.cuda.ops.triton_runtime import tma_aligned
     qkv = torch.zeros(2, 37, 3 * 4 * 64, dtype=torch.bfloat16)
     assert tma_aligned(qkv.view(2, 37, 12, 64)[:, :, 4:8])          # k of a fused q/k/v projection
     odd_rows = torch.zeros(2, 37, 4 * 64 + 5, dtype=torch.bfloat16)  # e.g. a projection with 5 extra columns
@@ -447,8 +447,8 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch, caplog):
     """V2's warp-specialized Gluon dK/dV kernel takes sm_90, bf16, head_dim 64, heads side by side
     in TMA-addressable rows, on the Triton release it was checked on; everything else, V1
     included, keeps the Triton kernel."""
-    from diffattn.backends.cuda.ops import triton_runtime
-    from diffattn.backends.cuda.ops.paired import launch
+    from backends.cuda.ops import triton_runtime
+    from backends.cuda.ops.paired import launch
     monkeypatch.setattr(launch, "INTERPRETED", False)  # the interpreter never takes it
     monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
     bf = torch.bfloat16
@@ -481,8 +481,8 @@ def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
     """The warp-specialized Gluon dQ kernel takes V1 (V 128 wide) and V2 (V 64 wide, from
     dq_ws_v2_min_len keys on) at head_dim 64 on sm_90, bf16, heads side by side in TMA-addressable
     rows, on the Triton release it was checked on; everything else keeps the Triton dQ kernel."""
-    from diffattn.backends.cuda.ops import triton_runtime
-    from diffattn.backends.cuda.ops.paired import launch
+    from backends.cuda.ops import triton_runtime
+    from backends.cuda.ops.paired import launch
     monkeypatch.setattr(launch, "INTERPRETED", False)
     monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
     bf = torch.bfloat16
@@ -516,7 +516,7 @@ def test_fused_tma_loads_interpreted(monkeypatch, variant):
     """The tensor-descriptor (TMA) K/V loads that sm_90 GPUs take give the oracle's result too: rows
     past L come from the descriptor's zero fill instead of masked loads."""
     import triton
-    from diffattn.backends.cuda.ops.paired import launch
+    from backends.cuda.ops.paired import launch
     calls = []
 
     def use_tma(options, *ts):  # what _use_tma does on a GPU, with CPU scratch for the descriptors
@@ -622,7 +622,7 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 
 def gluon_ops(variant, x, options):
     """The opaque ops (Gluon kernels) the fused backward of these inputs takes under these options."""
-    from diffattn.backends.cuda.ops.paired import launch
+    from backends.cuda.ops.paired import launch
     q, k, v = x["q"], x["k"], x["v"]
     do = v.new_empty(*q.shape[:2], q.shape[2] // 2, v.shape[-1])
     capability = torch.cuda.get_device_capability()
@@ -645,7 +645,7 @@ def _gluon_runs_here():
     if not (HAVE_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         return False
     import triton
-    from diffattn.backends.cuda.ops import triton_runtime
+    from backends.cuda.ops import triton_runtime
     return triton.__version__.startswith(triton_runtime.GLUON_TRITON)
 
 
@@ -661,7 +661,7 @@ def test_fused_gpu_with_gluon_dkdv(monkeypatch, shape):
     """bf16 V2 inputs laid out as the model's projections give them (heads side by side) take the
     warp-specialized Gluon dK/dV kernel; with it the whole fused op meets the oracle at bf16's
     tolerance. The spy makes sure the Gluon kernel ran, not the Triton one."""
-    from diffattn.backends.cuda.ops.paired import bwd_ws
+    from backends.cuda.ops.paired import bwd_ws
     calls = []
     launch = bwd_ws.dkdv
     monkeypatch.setattr(bwd_ws, "dkdv", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
@@ -695,7 +695,7 @@ def test_gluon_dkdv_equals_triton_dkdv():
 def test_fused_gpu_with_gluon_dq(monkeypatch, variant, shape):
     """bf16 inputs with heads side by side take the warp-specialized Gluon dQ kernel (V1 and V2);
     with it the whole fused op meets the oracle at bf16's tolerance. The spy makes sure it ran."""
-    from diffattn.backends.cuda.ops.paired import bwd_ws
+    from backends.cuda.ops.paired import bwd_ws
     calls = []
     launch = bwd_ws.dq
     monkeypatch.setattr(bwd_ws, "dq", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
@@ -729,7 +729,7 @@ def test_gluon_dq_equals_triton_dq(variant):
 @needs_triton
 @pytest.mark.parametrize("k_step", [1, 2])
 def test_gluon_dq_op_passes_opcheck(k_step):
-    from diffattn.backends.cuda.ops.paired import launch as ps
+    from backends.cuda.ops.paired import launch as ps
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     dv, kh = (64, 1) if k_step == 1 else (128, 2)
     q, k, v, do = r(1, 130, 4, 64), r(1, 130, kh, 64), r(1, 130, 1, dv), r(1, 130, 2, dv)
@@ -743,7 +743,7 @@ def test_gluon_dq_op_passes_opcheck(k_step):
 @needs_sm90
 @needs_triton
 def test_gluon_dkdv_op_passes_opcheck():
-    from diffattn.backends.cuda.ops.paired import launch as ps
+    from backends.cuda.ops.paired import launch as ps
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = r(1, 130, 4, 64), r(1, 130, 1, 64), r(1, 130, 1, 64), r(1, 130, 2, 64)
     lam = torch.rand(1, 130, 2, device="cuda", dtype=torch.bfloat16)
@@ -828,7 +828,7 @@ def test_reference_impls_gpu(variant, impl):
 def split_heads_case(B, L, heads, d, dv, device, seed=0):
     """A projection output, Rotary tables longer than L, and gradients of the three outputs (dq in
     the (B, H, L, d) layout an attention backward may give, read through a transposed view)."""
-    from diffattn.backends.cuda.model import Rotary
+    from backends.cuda.model import Rotary
 
     g = torch.Generator().manual_seed(seed)
     qh, kh, vh = heads
@@ -858,7 +858,7 @@ def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
     the kernel's 64 rows, the v width (24) not a power of two, k has fewer heads than q (GQA).
     Errors: float32 1e-5 (one rounding of each input and product: ~1e-7); 16-bit 2e-2 (one
     rounding of each output: ~2e-3 for bf16)."""
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("the interpreter's bf16 is numpy float32 reinterpreted; the GPU run covers bf16")
@@ -880,7 +880,7 @@ def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
 @needs_triton
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
 def test_split_heads_passes_opcheck():
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     qkv, grads, rotary = split_heads_case(1, 19, (2, 2, 1), 16, 32, device)
@@ -895,7 +895,7 @@ def test_split_heads_passes_opcheck():
 @needs_triton
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
 def test_split_heads_bad_inputs_are_one_line_errors():
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     cos = torch.zeros(8, 8)
     for qkv, tables, needle in [(torch.zeros(1, 8, 60), (cos, cos), "do not hold"),  # 2 + 2 heads of 16 need 64
@@ -915,7 +915,7 @@ def test_split_heads_under_torch_compile():
     from torch._dynamo.testing import AotEagerAndRecordGraphs
     from torch._inductor.utils import run_and_get_code
 
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     qkv, grads, rotary = split_heads_case(2, 333, (16, 16, 8), 64, 128, "cuda")
     x, cos_sin = qkv.to("cuda", torch.bfloat16).requires_grad_(True), rotary.float().tables(333)

@@ -203,7 +203,7 @@ def test_table_targets_judge_gpu_time_where_rows_have_it():
 
 def test_kernel_options_parse_to_the_types_the_launchers_compare():
     from benchmarks._common import kernel_options
-    from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
+    from backends.cuda.ops.paired.tuning import KernelOptions
     got = kernel_options("tma=0+dq_ws=1+dq_ws_v2_min_len=4096+diagonal=last+dkdv_pairs_together=auto")
     assert got == KernelOptions(tma=False, dq_ws=True, dq_ws_v2_min_len=4096, diagonal="last")  # an int, not "4096"
     assert got.text() == "tma=0+diagonal=last"  # what differs from the defaults, in the same form
@@ -216,7 +216,7 @@ def test_kernel_options_parse_to_the_types_the_launchers_compare():
 
 def test_tiles_option_overrides_the_tuned_tile_and_refuses_a_malformed_one():
     from benchmarks._common import kernel_options
-    from diffattn.backends.cuda.ops.paired import tuning
+    from backends.cuda.ops.paired import tuning
 
     options = kernel_options("", "dkdv:64:128=32,128,8,3+fwd:64:64=64,32,4,2")
     assert tuning.blocks("dkdv", 64, 128, torch.bfloat16, False, options) == (32, 128, 8, 3)

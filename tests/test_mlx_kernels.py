@@ -12,14 +12,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from diffattn import conformance
 from diffattn.numerics import rel_error
 
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
 
-from diffattn.backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
+from backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
                                        diff_v1_naive, gpu_dialect)
-from diffattn.backends.mlx.ops.diff_v1 import kernel  # noqa: E402
+from backends.mlx.ops.diff_v1 import kernel  # noqa: E402
 
 DIALECT = gpu_dialect()
 SHAPES = [  # B, L, H, G, d: L = 1, below, above and not a multiple of every block size

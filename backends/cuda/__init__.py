@@ -58,11 +58,11 @@ class CudaBackend:
 
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
               muon: MuonConfig | None = None):
-        from diffattn.backends.cuda.train import CudaModel
+        from backends.cuda.train import CudaModel
 
         model = CudaModel
         if self.parallel != "none":
-            from diffattn.backends.cuda.parallel import MODELS
+            from backends.cuda.parallel import MODELS
 
             model = MODELS[self.parallel]
         return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
@@ -72,8 +72,8 @@ class CudaBackend:
                       x: np.ndarray, grad_out: np.ndarray):
         import torch
 
-        from diffattn.backends.cuda.model import build_attention, load_numpy
-        from diffattn.backends.cuda.train import TORCH_DTYPES
+        from backends.cuda.model import build_attention, load_numpy
+        from backends.cuda.train import TORCH_DTYPES
 
         dt = TORCH_DTYPES[self.dtype]
         attn = build_attention(cfg, layer, self.kernels, self.options.kernel).to(self.torch_device, dt)
@@ -110,7 +110,7 @@ def create(device=None, dtype=None, kernels="auto", options: CudaOptions | None 
     """fields: CudaOptions' fields by name (create(compile=True)), over options."""
     import torch
 
-    from diffattn.backends.cuda import parallel as par
+    from backends.cuda import parallel as par
 
     try:
         options = dataclasses.replace(options or CudaOptions(), **fields)

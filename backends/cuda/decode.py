@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from diffattn import decode as spec_decode
-from diffattn.backends.cuda import ops
-from diffattn.backends.cuda.model import Transformer
-from diffattn.backends.cuda.ops.norm import rms_norm
+from backends.cuda import ops
+from backends.cuda.model import Transformer
+from backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 
 WARMUP = 3  # eager (compiled) steps before a CUDA graph is recorded; each rewrites the same entry

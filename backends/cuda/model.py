@@ -3,7 +3,7 @@
 Its state_dict keys are the canonical parameter names of diffattn.params (embed.weight,
 layers.{i}.attn.q_proj.weight, layers.{i}.attn.lambda_q1, ...), so numpy parameters load
 without a mapping table. The math is diffattn.spec's; attention itself is delegated to
-diffattn.backends.cuda.ops (naive / composed / fused), which take (B, L, heads, dim) tensors
+backends.cuda.ops (naive / composed / fused), which take (B, L, heads, dim) tensors
 already rotated by RoPE.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffattn.backends.cuda import ops
-from diffattn.backends.cuda.ops.norm import rms_norm
+from backends.cuda import ops
+from backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 from diffattn.params import attention_shapes, param_shapes
 

@@ -25,7 +25,7 @@ from diffattn import optim as optim_spec
 from diffattn.backend import BackendError, check_optimizer
 from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import check_params
-from diffattn.backends.cuda.model import Attention, build_transformer, load_numpy
+from backends.cuda.model import Attention, build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
 # Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and
@@ -301,7 +301,7 @@ class CudaModel:
     # ---- decoding (backends/cuda/decode.py) ------------------------------------------------------
     def prefill(self, tokens, max_len: int | None = None) -> np.ndarray:
         from diffattn import decode as spec_decode
-        from diffattn.backends.cuda.decode import Decoder
+        from backends.cuda.decode import Decoder
 
         t = self._tokens(tokens, (2,), "tokens")
         max_len = self.cfg.max_seq_len if max_len is None else max_len

@@ -7,7 +7,7 @@ into float32 master weights. Logits, the loss and DIFF V1's lambda stay in the m
 import mlx.core as mx
 import mlx.nn as nn
 
-from diffattn.backends.mlx.ops import IMPLS
+from backends.mlx.ops import IMPLS
 from diffattn.config import ModelConfig
 
 

@@ -15,15 +15,14 @@ B*L = 16k, 16 heads, and at the training step's shape.
 """
 import argparse
 import os
-import sys
 
 import torch
 import triton
 
-from diffattn.backends.cuda.ops.paired import bwd_ws as ws
-from diffattn.backends.cuda.ops.paired import launch as ps
-from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
-from diffattn.backends.cuda.ops.triton_runtime import descriptor_scratch
+from backends.cuda.ops.paired import bwd_ws as ws
+from backends.cuda.ops.paired import launch as ps
+from backends.cuda.ops.paired.tuning import KernelOptions
+from backends.cuda.ops.triton_runtime import descriptor_scratch
 from diffattn.numerics import rel_error as rel
 
 
@@ -58,8 +57,7 @@ def compile_sm90(kernel="dkdv", stages=ws.STAGES, variant="diff_v2"):
     counts = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
               for op in ("HGMMA", "MUFU.EX2", "UTMALDG", "SYNCS", "LDL", "STL", "USETMAXREG", "BAR.SYNC")}
     regs = re.search(r"REG:\d+ STACK:\d+", usage).group(0)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import kernels_resources as kr  # the Triton kernels' main-loop measures, on this SASS
+    from benchmarks.scripts import kernels_resources as kr  # the Triton kernels' main-loop measures, on this SASS
     local = sum(text.startswith(("LDL", "STL")) for text in kr._main_loop_body(sass)[1])
     print(f"{kernel} {variant if kernel == 'dq' else 'diff_v2'} stages {stages}: {regs}, shared "
           f"{compiled.metadata.shared} B, main loop {kr.main_loop(sass)} ({local} local loads/stores), "
@@ -155,7 +153,6 @@ def main():
             for variant in ("diff_v1", "diff_v2"):
                 compile_sm90("dq", st, variant)
     else:
-        sys.path.insert(0, os.getcwd())
         # the Triton launchers go through torch's wrap_triton, whose dispatch costs the host more
         # than a short kernel takes (kernels_sweep.py); time the launches as the ops' eager path does
         from torch._library.triton import set_wrap_triton_enabled

@@ -42,7 +42,7 @@ def launch(variant, impl, L, d, heads, options):
 
     from benchmarks._common import kernel_options
     from benchmarks.scripts import kernels_table as table
-    from diffattn.backends.cuda.ops import vanilla_attention
+    from backends.cuda.ops import vanilla_attention
 
     table.HEADS = heads
     B = max(1, table.TOKENS // L)

@@ -32,8 +32,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.getcwd())
-from diffattn.backends.cuda.ops.paired import bwd, fwd, tuning  # noqa: E402
+from backends.cuda.ops.paired import bwd, fwd, tuning
 
 KERNELS = {
     "fwd": (fwd.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2", "Y")),

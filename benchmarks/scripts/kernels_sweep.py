@@ -22,9 +22,9 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks._common import gpu_clocks, kernel_options, warm_gpu
-from diffattn.backends.cuda.ops.paired import launch as ps
-from diffattn.backends.cuda.ops.paired import tuning
-from diffattn.backends.cuda.ops.paired.tuning import KernelOptions
+from backends.cuda.ops.paired import launch as ps
+from backends.cuda.ops.paired import tuning
+from backends.cuda.ops.paired.tuning import KernelOptions
 from diffattn.numerics import rel_error as rel
 
 CANDIDATES = {

@@ -39,7 +39,7 @@ import torch
 
 from benchmarks import _common
 from diffattn.numerics import rel_error as rel
-from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
+from backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -115,8 +115,8 @@ def sdpa_calls(variant):
     at cuDNN's own rate, so the fused row's ratio to it is the kernel's rate per FLOP against cuDNN's.
     Forward+backward: autograd also scatters the q / k slices' gradients into whole tensors (eager
     copies the compiled path fuses), so there it is no floor."""
-    from diffattn.backends.cuda.ops.diff_v1 import composed as v1
-    from diffattn.backends.cuda.ops.diff_v2 import composed as v2
+    from backends.cuda.ops.diff_v1 import composed as v1
+    from backends.cuda.ops.diff_v2 import composed as v2
 
     def calls(q, k, v, **_):
         return v1.maps(q, k, v) if variant == "diff_v1" else (v2.maps(q, k, v),)
@@ -137,7 +137,7 @@ def compiled_composed(variant):
 def reference(variant, x, do):
     """Float32 composed output and gradients (memory-efficient SDPA: IEEE float32, no tf32). That
     kernel takes no grouped heads, so V2's k/v heads are repeated for it (inside autograd)."""
-    from diffattn.backends.cuda.ops.vanilla.composed import sdpa
+    from backends.cuda.ops.vanilla.composed import sdpa
     x = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     with _sdpa_backend(x["q"].device, "efficient"):
         if variant == "diff_v1":

@@ -37,7 +37,7 @@ def timeit(fn, repeats, warmup=2):
 def attention_rows(lengths, dims, tokens, repeats):
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import diff_v1_composed, diff_v1_fused
+    from backends.mlx.ops import diff_v1_composed, diff_v1_fused
 
     rows = []
     for d in dims:
@@ -129,7 +129,7 @@ def main():
     args = ap.parse_args()
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import gpu_dialect
+    from backends.mlx.ops import gpu_dialect
 
     mx.set_default_device(mx.gpu)
     try:

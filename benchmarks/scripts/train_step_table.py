@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from benchmarks import _common
-from diffattn.backends.cuda import create
-from diffattn.backends.cuda import train
+from backends.cuda import create
+from backends.cuda import train
 from diffattn import flops
 from diffattn.config import preset
 from diffattn.params import init_params
