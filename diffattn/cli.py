@@ -323,7 +323,7 @@ def _resume_args(args, source) -> None:
 def _prepare(args, command):
     """Everything a train/paired run needs, validated before anything is written."""
     from diffattn.backend import load
-    from diffattn.harness import model_config_from
+    from diffattn.config import model_config_from
 
     resume_from = None
     if getattr(args, "resume", False) and getattr(args, "resume_from", None):

@@ -32,7 +32,6 @@ def _imports(root):
     """{module: modules of this repository it imports}, from the source (ast), import names being
     folder paths from the root; relative imports resolved against the importing package."""
     import ast
-    from pathlib import Path
 
     mods = {}
     for top in ("diffattn", "backends", "benchmarks"):

@@ -47,6 +47,6 @@ def create(device=None, dtype=None, kernels="auto", parallel=None):
     if kernels not in ("fused", "composed", "naive"):
         raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
     from backends.mlx.backend import MLXBackend
-    from backends.mlx.parallel import init
+    from backends.mlx.parallel import DataParallelModel, init
 
-    return MLXBackend(dtype=dtype, kernels=kernels, group=init(parallel))
+    return MLXBackend(dtype=dtype, kernels=kernels, group=init(parallel), parallel_model=DataParallelModel)

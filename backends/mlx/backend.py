@@ -125,19 +125,20 @@ class MLXModel:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, dtype: str, kernels: str, group=None):
+    def __init__(self, dtype: str, kernels: str, group=None, parallel_model=None):
         self.dtype, self.kernels = dtype, kernels
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self.group = group  # an mx.distributed group under --parallel ddp (parallel.py), else None
+        # the model class under a group (parallel.DataParallelModel), given by create(): parallel.py
+        # subclasses this module's MLXModel, so this module does not import it back
+        self.parallel_model = parallel_model
         self.parallel = "none" if group is None else "ddp"
         self.rank, self.world_size = (0, 1) if group is None else (group.rank(), group.size())
         self.is_writer = self.rank == 0  # the one process that writes run folders
 
     def build(self, cfg, params, optim: AdamWConfig = AdamWConfig(), muon: MuonConfig | None = None):
         if self.group is not None:
-            from backends.mlx.parallel import DataParallelModel
-
-            return DataParallelModel(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
+            return self.parallel_model(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
         return MLXModel(cfg, params, optim, self.dtype, self.kernels, muon)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
