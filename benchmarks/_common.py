@@ -117,19 +117,20 @@ class Runtime:
             raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
         return peak
 
-    def random(self, shape, seed: int, low: float | None = None, high: float | None = None):
-        """A tensor of the framework, drawn on its device (fast at GPU sizes) in self.dtype:
-        standard normal, or uniform(low, high)."""
+    def random(self, shape, seed: int, low: float | None = None, high: float | None = None, dtype=None):
+        """A tensor of the framework, drawn on its device (fast at GPU sizes) in dtype (default
+        self.dtype): standard normal, or uniform(low, high)."""
+        dtype = dtype or self.dtype
         if self.backend == "torch":
             torch = self.fw
             gen = torch.Generator(device=self.device).manual_seed(seed)
             x = torch.randn(shape, generator=gen, device=self.device) if low is None else \
                 torch.rand(shape, generator=gen, device=self.device) * (high - low) + low
-            return x.to(getattr(torch, self.dtype))
+            return x.to(getattr(torch, dtype))
         mx = self.fw
         key = mx.random.key(seed)
         x = mx.random.normal(shape, key=key) if low is None else mx.random.uniform(low, high, shape, key=key)
-        return x.astype(getattr(mx, self.dtype))
+        return x.astype(getattr(mx, dtype))
 
 
 def _mlx_device_name(mx) -> str:

@@ -18,9 +18,6 @@ from backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 from diffattn.params import attention_shapes, param_shapes
 
-SUBLN_EPS = 1e-5  # DIFF V1's per-head RMSNorm, fixed by the reference module
-
-
 class Rotary(nn.Module):
     """RoPE over heads of `dim` whose coordinates come in half-split order: the spec's interleaved
     pair (2j, 2j+1) sits at (j, j + dim/2) and is rotated by pos * theta^(-2j/dim).
@@ -83,8 +80,8 @@ class Attention(nn.Module):
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, nn.Parameter(torch.zeros(shapes[name])))
-            if cfg.diff_subln:
-                self.subln = RMSNorm(cfg.v_head_dim, SUBLN_EPS)
+            if cfg.diff_subln:  # eps as the spec's subln: the config's norm_eps
+                self.subln = RMSNorm(cfg.v_head_dim, cfg.norm_eps)
             # a buffer, not a Python float: torch.compile then reuses one graph for every layer
             self.register_buffer("lambda_init", torch.tensor(cfg.lambda_init(layer), dtype=torch.float64),
                                  persistent=False)

@@ -38,12 +38,13 @@ import time
 import torch
 
 from benchmarks import _common
+from diffattn.config import ModelConfig
 from diffattn.numerics import rel_error as rel
 from backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
-SUBLN_EPS = 1e-5
+SUBLN_EPS = ModelConfig().norm_eps  # the model's subln eps: the config's norm_eps (its default)
 OPS = {"diff_v1": diff_v1_attention, "diff_v2": diff_v2_attention}
 
 
