@@ -101,22 +101,18 @@ def _attention_op(backend, impl, variant, subln_eps):
             def op(*xs):
                 return fn(*xs, impl=kind)
         return torch.compile(op) if impl == "compiled" else op
+    import mlx.core as mx
+
     table = ops.IMPLS[variant]
     if impl == "fused" and table["fused"] is table["composed"]:
         raise C.Skip(f"mlx: {variant} 'fused' is the composed path (no kernel of its own)")
     core = table["composed" if impl == "compiled" else impl]
     op = core
     if variant == "diff":  # the MLX model applies subln after the op, as here
-        import mlx.core as mx
-
         def op(q, k, v, lam, weight):
             out = core(q, k, v, lam)
             return mx.fast.rms_norm(out, weight.astype(out.dtype), subln_eps)
-    if impl == "compiled":
-        import mlx.core as mx
-
-        return mx.compile(op)
-    return op
+    return mx.compile(op) if impl == "compiled" else op
 
 
 def _case(backend, impl, variant, shape):
