@@ -323,7 +323,8 @@ def load_checkpoint(path, verify: bool = True) -> tuple[dict, dict, dict, Path]:
         # a float sum over tensors (the global grad norm) depends on the order it runs in
         order = list(param_shapes(cfg))
         params = {k: params[k] for k in order}
-        opt_state = {"optimizer": meta.get("optimizer", "adamw"), "step": int(meta["step"]), "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
+        opt_state = {"optimizer": meta.get("optimizer", "adamw"), "step": int(meta["step"]),
+                     "m": {k: m[k] for k in order}, "v": {k: v[k] for k in order}}
     except (ParamsError, ConfigError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: unusable checkpoint ({str(e).splitlines()[0]})") from None
     return params, opt_state, manifest, ckpt

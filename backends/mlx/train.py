@@ -61,10 +61,10 @@ def muon_update(params: dict, grads: dict, opt: dict, lr, muon: MuonConfig, new:
             new[k] = params[k] * (1.0 - lr * muon.weight_decay) - lr * scale * o[i]
 
 
-def adamw_update(params: dict, grads: dict, opt: dict, lr, cfg: AdamWConfig, muon: MuonConfig | None = None) -> dict:
-    """One spec update of float32 params; opt = {"step": scalar array, "m": {...}, "v": {...}},
-    updated in place (so mx.compile sees the same containers). Returns the new params. With muon,
-    the tensors of optim.is_muon take Muon's update (they have no v)."""
+def update(params: dict, grads: dict, opt: dict, lr, cfg: AdamWConfig, muon: MuonConfig | None = None) -> dict:
+    """optim.update's step of float32 params: AdamW, or with muon Muon for the tensors of
+    optim.is_muon (they have no v) and AdamW for the rest. opt = {"step": scalar array, "m": {...},
+    "v": {...}}, updated in place (so mx.compile sees the same containers). Returns the new params."""
     grads = clip_by_global_norm(grads, cfg.grad_clip)
     t = opt["step"] + 1
     bc1 = 1.0 - mx.power(mx.array(cfg.beta1, t.dtype), t)
@@ -114,7 +114,7 @@ def make_train_step(model, opt: dict, cfg: AdamWConfig, compile: bool = True, re
         grads = {k: g / n for k, g in grads.items()}
         if reduce is not None:
             loss, grads = reduce(loss, grads)
-        new = adamw_update(flat(model.trainable_parameters()), grads, opt, lr, cfg, muon)
+        new = update(flat(model.trainable_parameters()), grads, opt, lr, cfg, muon)
         model.update(tree_unflatten(list(new.items())))
         return loss
 
