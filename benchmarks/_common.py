@@ -117,19 +117,20 @@ class Runtime:
             raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
         return peak
 
-    def random(self, shape, seed: int, low: float | None = None, high: float | None = None):
-        """A tensor of the framework, drawn on its device (fast at GPU sizes) in self.dtype:
-        standard normal, or uniform(low, high)."""
+    def random(self, shape, seed: int, low: float | None = None, high: float | None = None, dtype=None):
+        """A tensor of the framework, drawn on its device (fast at GPU sizes) in dtype (default
+        self.dtype): standard normal, or uniform(low, high)."""
+        dtype = dtype or self.dtype
         if self.backend == "torch":
             torch = self.fw
             gen = torch.Generator(device=self.device).manual_seed(seed)
             x = torch.randn(shape, generator=gen, device=self.device) if low is None else \
                 torch.rand(shape, generator=gen, device=self.device) * (high - low) + low
-            return x.to(getattr(torch, self.dtype))
+            return x.to(getattr(torch, dtype))
         mx = self.fw
         key = mx.random.key(seed)
         x = mx.random.normal(shape, key=key) if low is None else mx.random.uniform(low, high, shape, key=key)
-        return x.astype(getattr(mx, self.dtype))
+        return x.astype(getattr(mx, dtype))
 
 
 def _mlx_device_name(mx) -> str:
@@ -141,7 +142,7 @@ def _mlx_device_name(mx) -> str:
 
 def import_ops(backend: str):
     """The attention ops module of a backend; a backend that has not landed them is a skip."""
-    name = f"diffattn.backends.{REGISTRY_NAME[backend]}.ops"
+    name = f"backends.{REGISTRY_NAME[backend]}.ops"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -370,3 +371,22 @@ def attention_layout(variant: str, d_model: int, vanilla_heads: int, seqlen: int
 
     return ModelConfig(d_model=d_model, n_heads=vanilla_heads, attention="vanilla", max_seq_len=seqlen).twin(variant)
 
+
+
+def kernel_option_args(ap):
+    """The fused kernels' --kernel-options and --tiles of the benchmark scripts (an A/B in one call)."""
+    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
+                    "(KernelOptions, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
+    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
+                    "tuned ones (KernelOptions.tiles), e.g. dkdv:64:128=32,128,8,3 for an A/B")
+
+
+def kernel_options(options_text="", tiles_text=""):
+    """--kernel-options and --tiles as one KernelOptions (the defaults where both are empty); a bad
+    option or tile stops the script with a one-line message."""
+    from backends.cuda.ops.paired import tuning
+
+    try:
+        return tuning.parse_tiles(tiles_text, tuning.parse_options(options_text))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(str(e)) from None

@@ -13,6 +13,10 @@ host process's max RSS, setup included). The `track_*` figures come from one mea
 `setup_cache` (median of synchronized calls): TFLOP/s by FlashAttention's FLOP convention
 (_common.attention_forward_flops, forward+backward = 3.5x forward), higher is better, and the
 framework allocator's peak device bytes over a forward+backward.
+
+DIFF V1 is timed as the model runs it: the attention core followed by its subln (RMSNorm over
+each output row, eps the config's norm_eps, weight a float32 parameter of 2d that gets its
+gradient too); the fused torch kernels apply it in their epilogue.
 """
 from . import _common as C
 
@@ -35,14 +39,15 @@ class _Case:
         # torch.compile on a CPU would compile for seconds in every asv process: GPU-only there
         rt = C.Runtime(backend, need_gpu=shape in GPU_ONLY_SHAPES or impl == "fused"
                        or (backend, impl) == ("torch", "compiled"))
-        op = _attention_op(backend, impl, variant)
         cfg = C.attention_layout(variant, d_model, heads, seqlen)
+        op = _attention_op(backend, impl, variant, cfg.norm_eps)
         hd = cfg.head_dim
         inputs = [rt.random((batch, seqlen, cfg.q_heads, hd), 1),
                   rt.random((batch, seqlen, cfg.k_heads, hd), 2),
                   rt.random((batch, seqlen, cfg.kv_heads, cfg.v_head_dim), 3)]
         if variant == "diff":
             inputs.append(rt.random((), 4, 0.1, 0.9))
+            inputs.append(rt.random((cfg.v_head_dim,), 6, 0.5, 1.5, dtype="float32"))  # the subln weight
         elif variant == "diff_v2":
             inputs.append(rt.random((batch, seqlen, cfg.n_heads), 4, 0.0, 1.0))
         out_shape = (batch, seqlen, cfg.n_heads, cfg.v_head_dim) if variant != "vanilla" else \
@@ -77,9 +82,10 @@ class _Case:
         return C.attention_forward_flops(self.cfg, self.batch, self.seqlen, causal=True)
 
 
-def _attention_op(backend, impl, variant):
-    """The attention core as a function of (q, k, v[, lam]); an impl that is only another name for
-    the composed path (no kernel of its own) is skipped rather than timed twice."""
+def _attention_op(backend, impl, variant, subln_eps):
+    """The attention op as the model calls it, a function of (q, k, v[, lam[, subln weight]]): DIFF
+    V1 with its subln (subln_eps); an impl that is only another name for the composed path (no
+    kernel of its own) is skipped rather than timed twice."""
     ops = C.import_ops(backend)
     if backend == "torch":
         import torch
@@ -87,17 +93,26 @@ def _attention_op(backend, impl, variant):
         if impl == "fused" and variant == "vanilla":
             raise C.Skip("torch: vanilla 'fused' is the composed SDPA call (no kernel of its own)")
         fn = getattr(ops, OP_NAME[variant])
-        if impl == "compiled":
-            return torch.compile(lambda *xs: fn(*xs, impl="composed"))
-        return lambda *xs: fn(*xs, impl=impl)
+        kind = "composed" if impl == "compiled" else impl
+        if variant == "diff":
+            def op(q, k, v, lam, weight):
+                return fn(q, k, v, lam, impl=kind, norm=(weight, subln_eps))
+        else:
+            def op(*xs):
+                return fn(*xs, impl=kind)
+        return torch.compile(op) if impl == "compiled" else op
+    import mlx.core as mx
+
     table = ops.IMPLS[variant]
     if impl == "fused" and table["fused"] is table["composed"]:
         raise C.Skip(f"mlx: {variant} 'fused' is the composed path (no kernel of its own)")
-    if impl == "compiled":
-        import mlx.core as mx
-
-        return mx.compile(table["composed"])
-    return table[impl]
+    core = table["composed" if impl == "compiled" else impl]
+    op = core
+    if variant == "diff":  # the MLX model applies subln after the op, as here
+        def op(q, k, v, lam, weight):
+            out = core(q, k, v, lam)
+            return mx.fast.rms_norm(out, weight.astype(out.dtype), subln_eps)
+    return mx.compile(op) if impl == "compiled" else op
 
 
 def _case(backend, impl, variant, shape):

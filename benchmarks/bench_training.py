@@ -60,7 +60,7 @@ class _Case:
         self.rt, self.cfg, self.tokens_per_step, self.seqlen, self.i = rt, cfg, batch * seqlen, seqlen, 0
         warmup = 1  # outside any clock: the first step compiles / autotunes
         if options.get("graphs"):
-            from diffattn.backends.cuda.train import StepGraph
+            from backends.cuda.train import StepGraph
             warmup = StepGraph.STEPS_TO_STEADY
         for _ in range(warmup):
             self.step()

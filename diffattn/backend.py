@@ -36,8 +36,8 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 # name -> (module, extra to install, framework module to probe)
 REGISTRY = {
     "numpy": ("diffattn.backend", None, "numpy"),
-    "mlx": ("diffattn.backends.mlx", "mlx", "mlx.core"),
-    "cuda": ("diffattn.backends.cuda", "cuda", "torch"),
+    "mlx": ("backends.mlx", "mlx", "mlx.core"),
+    "cuda": ("backends.cuda", "cuda", "torch"),
 }
 # other names a backend answers to: the PyTorch backend runs on a CPU as well as on CUDA
 ALIASES = {"torch": "cuda"}
@@ -107,17 +107,19 @@ class Backend(Protocol):
 
 
 def load(name: str, device: str | None = None, dtype: str | None = None, kernels: str = "auto",
-         compile: bool = False, graphs: bool = False, parallel: str | None = None) -> Backend:
+         options=None, parallel: str | None = None, **option_fields) -> Backend:
     """Load a backend by name; a missing framework is a one-line BackendError naming the extra.
-    dtype None means the backend's default (numpy: float64, mlx and cuda: float32). compile and
-    graphs are the cuda backend's (torch.compile'd blocks; the training step replayed as a CUDA
-    graph); they change speed, not the math.
+    dtype None means the backend's default (numpy: float64, mlx and cuda: float32). options is the
+    backend's own typed options (its module's `Options` dataclass, e.g. backends/cuda's CudaOptions:
+    compile, CUDA graphs, kernel options), or its fields given by name (load("cuda", compile=True));
+    a backend without options refuses any. They change speed, not the math.
 
     parallel: training over several processes on the framework's own engine ("ddp": data
     parallel, mlx and cuda; "fsdp": sharded, cuda), each backend's parallel.py. None: "ddp" when
     a launcher (torchrun, mlx.launch) started several processes, else "none". A parallel backend
     has rank, world_size and is_writer (rank 0: the one process that writes run folders); its
-    models take the global batch in train_step and keep their rank's rows."""
+    models take the global batch in train_step and keep their rank's rows. It is load's own
+    argument, not a backend option: mlx and cuda both take it."""
     name = ALIASES.get(name, name)
     if name not in REGISTRY:
         raise BackendError(f"unknown backend {name!r}, expected one of {tuple(REGISTRY) + tuple(ALIASES)}")
@@ -125,21 +127,32 @@ def load(name: str, device: str | None = None, dtype: str | None = None, kernels
         raise BackendError(f"unknown dtype {dtype!r}, expected one of {DTYPES}")
     if kernels not in KERNELS:
         raise BackendError(f"unknown kernels {kernels!r}, expected one of {KERNELS}")
-    options = {k: True for k, v in (("compile", compile), ("graphs", graphs)) if v}
-    if options and name != "cuda":
-        raise BackendError(f"backend {name!r} has no {' / '.join(options)} option (the cuda backend's)")
     if parallel not in (None, "none"):
         if name == "numpy":
             raise BackendError(f"backend 'numpy' runs in one process: no parallel={parallel!r} (mlx and cuda have ddp)")
-    if name != "numpy":
-        options["parallel"] = parallel
+    topology = {} if name == "numpy" else {"parallel": parallel}
     module, extra, framework = REGISTRY[name]
     try:
         importlib.import_module(framework)
     except ImportError:
         raise BackendError(f"backend {name!r} needs {framework.split('.')[0]}, which is not installed: "
                            f"pip install 'diffattn[{extra}]'") from None
-    return importlib.import_module(module).create(device=device, dtype=dtype, kernels=kernels, **options)
+    try:
+        backend = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != "backends":
+            raise
+        raise BackendError(f"backend {name!r}: the package `backends` is not importable: install the project "
+                           f"(pip install -e .) or run from the repository root (PYTHONPATH=.)") from None
+    given = {k: v for k, v in option_fields.items() if v is not None}
+    if options is None and not given:
+        return backend.create(device=device, dtype=dtype, kernels=kernels, **topology)
+    if not hasattr(backend, "Options"):
+        what = " / ".join(sorted(given)) if given else type(options).__name__
+        raise BackendError(f"backend {name!r} has no {what} option (it takes no options)")
+    if options is not None and not isinstance(options, backend.Options):
+        raise BackendError(f"backend {name!r} options must be its {backend.Options.__name__}, got {type(options).__name__}")
+    return backend.create(device=device, dtype=dtype, kernels=kernels, options=options, **topology, **given)
 
 
 def rank_rows(batch, rank: int, world: int):

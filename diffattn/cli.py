@@ -323,7 +323,7 @@ def _resume_args(args, source) -> None:
 def _prepare(args, command):
     """Everything a train/paired run needs, validated before anything is written."""
     from diffattn.backend import load
-    from diffattn.harness import model_config_from
+    from diffattn.config import model_config_from
 
     resume_from = None
     if getattr(args, "resume", False) and getattr(args, "resume_from", None):
@@ -343,9 +343,10 @@ def _prepare(args, command):
         v = getattr(args, name, None)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} {v} must be a positive integer")
+    # --compile / --cuda-graphs: the cuda backend's options, passed by name only when asked for
+    options = {k: True for k, flag in (("compile", "compile"), ("graphs", "cuda_graphs")) if getattr(args, flag, False)}
     backend = load(args.backend, device=args.device, dtype=args.dtype, kernels=args.kernels,
-                   compile=getattr(args, "compile", False), graphs=getattr(args, "cuda_graphs", False),
-                   parallel=args.parallel)
+                   parallel=args.parallel, **options)
     data = _load_data(args, args.vocab_size, getattr(args, "tokenizer_file", None))
     if getattr(args, "model_config", None):
         cfg = model_config_from(args.model_config)

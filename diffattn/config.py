@@ -347,3 +347,16 @@ def describe_presets() -> str:
             rows.append(f"{name:12s} {att:8s} d={c.d_model:5d} L={c.n_layers:3d} heads={c.n_heads:3d} "
                         f"kv={c.kv_heads:3d} head_dim={c.head_dim:4d} ffn={c.ffn_dim:5d} params={c.num_params():,}")
     return "\n".join(rows)
+
+
+# ---- configs from data (a run manifest's model_config / train_config) -------------------------
+
+def model_config_from(d: dict) -> ModelConfig:
+    return ModelConfig(**d)
+
+
+def train_config_from(d: dict) -> TrainConfig:
+    d = dict(d)
+    d["optim"] = AdamWConfig(**d.get("optim", {}))
+    d["muon"] = MuonConfig(**d.get("muon", {}))
+    return TrainConfig(**d)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffattn.config import ConfigError, ModelConfig
+from diffattn.numerics import rel_error as rel_err
 from diffattn.params import ParamsError, attention_shapes, load_tensors
 
 # reference kind -> our attention variant
@@ -116,13 +117,6 @@ def read_cases(path) -> list[Case]:
     if not cases:
         raise ConformanceError(f"{path}: no cases (no metadata entry with a 'kind')")
     return cases
-
-
-def rel_err(a, ref) -> float:
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    if a.shape != ref.shape:
-        return float("inf")
-    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def check_case(backend, case: Case) -> list[tuple[str, float]]:

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from diffattn import spec
-from diffattn.config import ConfigError, TrainConfig
+from diffattn.config import ConfigError, TrainConfig, model_config_from, train_config_from
 
 POSITION_BINS = 8
 
@@ -74,14 +74,14 @@ def evaluate_checkpoint(path, backend, data, *, tokens: float | None = None, seq
     """Load a checkpoint (a run folder, checkpoints/ or step_XXXXXX) into `backend` and evaluate
     it on `data`'s held-out split. Defaults are the run's own eval: its seq_len, batch size and
     eval batches; `tokens` sets the number of held-out tokens instead (rounded up to whole batches)."""
-    from diffattn import harness
+    from diffattn.runfolder import load_checkpoint
 
     if task not in probe_tasks():
         hint = " (long-context probes: diffattn probe RUN --task needle|mqar)"
         raise ConfigError(f"--task {task!r}: expected one of {probe_tasks()}{hint}")
-    params, _, manifest, ckpt = harness.load_checkpoint(path)
-    cfg = harness.model_config_from(manifest["model_config"])
-    run = harness.train_config_from(manifest["train_config"])
+    params, _, manifest, ckpt = load_checkpoint(path)
+    cfg = model_config_from(manifest["model_config"])
+    run = train_config_from(manifest["train_config"])
     L, B = seq_len or run.seq_len, batch_size or run.batch_size
     if L > cfg.max_seq_len:
         raise ConfigError(f"--seq-len {L} exceeds the model's context max_seq_len={cfg.max_seq_len}")

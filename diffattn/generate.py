@@ -122,7 +122,8 @@ def load_run(path, backend="numpy", device=None, dtype=None, kernels="auto"):
 
     from diffattn import data as data_mod
     from diffattn.backend import load
-    from diffattn.harness import load_checkpoint, model_config_from
+    from diffattn.config import model_config_from
+    from diffattn.harness import load_checkpoint
 
     params, _, manifest, ckpt = load_checkpoint(path)
     cfg = model_config_from(manifest["model_config"])

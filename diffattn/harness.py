@@ -43,7 +43,7 @@ import numpy as np
 
 import diffattn
 from diffattn import flops, optim, packing, runfolder
-from diffattn.config import AdamWConfig, ConfigError, ModelConfig, MuonConfig, TrainConfig
+from diffattn.config import ConfigError, ModelConfig, TrainConfig
 from diffattn.eval import POSITION_BINS, evaluate  # noqa: F401 (the loop's eval; harness.evaluate for callers)
 from diffattn.params import check_params, init_params
 from diffattn.runfolder import (CHECKPOINT_FORMAT, KEEP_CHECKPOINTS, CheckpointError,  # noqa: F401 (re-exported)
@@ -64,17 +64,6 @@ class Diverged(RuntimeError):
 
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def model_config_from(d: dict) -> ModelConfig:
-    return ModelConfig(**d)
-
-
-def train_config_from(d: dict) -> TrainConfig:
-    d = dict(d)
-    d["optim"] = AdamWConfig(**d.get("optim", {}))
-    d["muon"] = MuonConfig(**d.get("muon", {}))
-    return TrainConfig(**d)
 
 
 # Fields that may change on resume without breaking what the run computes.

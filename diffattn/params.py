@@ -34,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn.config import ModelConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: config imports this module (ModelConfig.num_params), not the reverse
+    from diffattn.config import ModelConfig
 
 VARIANT_ONLY = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight", "lambda_proj.weight")
 

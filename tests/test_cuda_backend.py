@@ -81,7 +81,7 @@ def test_unseen_files_conform(unseen, kernels):
 
 def test_conformance_catches_a_lambda_off_by_1e3(monkeypatch):
     """The check can fail: DIFF V1 with lambda off by 1e-3 fails its cases, the others pass."""
-    from diffattn.backends.cuda import model
+    from backends.cuda import model
 
     right = model.Attention.lam
     monkeypatch.setattr(model.Attention, "lam", lambda self: right(self) + 1e-3)
@@ -217,7 +217,7 @@ def test_each_float32_update_is_the_spec_update_of_our_gradients(attention, fuse
     """Step by step, with the default eps: our update equals optim.adamw_step applied to our own
     gradients (averaged over the micro-batches) and optimizer state. fused_adamw: the fused
     AdamW kernel that the backend uses on CUDA (PyTorch has it on the CPU too)."""
-    from diffattn.backends.cuda.train import make_adamw
+    from backends.cuda.train import make_adamw
 
     cfg = preset("tiny", attention=attention)
     model = cpu("composed").build(cfg, init_params(cfg, seed=0), AdamWConfig(grad_clip=0.05))
@@ -370,15 +370,17 @@ def test_train_step_table_variant_can_name_its_own_kernels(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the kernels' options live beside the Triton kernels")
-def test_train_step_table_sets_kernel_options_and_refuses_unknown_ones(tmp_path, monkeypatch):
+def test_train_step_table_passes_kernel_options_to_the_model_and_refuses_unknown_ones(tmp_path, monkeypatch):
     from benchmarks.scripts import train_step_table
-    from diffattn.backends.cuda.ops import paired_softmax
+    from backends.cuda.ops.paired.tuning import KernelOptions
 
-    monkeypatch.setattr(paired_softmax, "OPTIONS", dict(paired_softmax.OPTIONS))  # restored after
+    built = []
+    create = train_step_table.create
+    monkeypatch.setattr(train_step_table, "create", lambda **kw: built.append(kw.get("kernel")) or create(**kw))
     with pytest.raises(SystemExit, match="unknown kernel option.*bogus"):
         train_step_table.main(["--smoke", "--kernel-options", "bogus=1", "--out", str(tmp_path)])
     assert train_step_table.main(["--smoke", "--kernel-options", "tma=0", "--out", str(tmp_path)]) == 0
-    assert paired_softmax.OPTIONS["tma"] is False  # "0" is a boolean, as in kernels_sweep.py
+    assert built and all(k == KernelOptions(tma=False) for k in built)  # "0" is a boolean, as in kernels_sweep.py
     assert "kernel options: tma=0" in (tmp_path / "train_step_table.md").read_text()
 
 
@@ -405,7 +407,7 @@ def test_gpu_tiny_model_float32_matches_the_spec(kernels):
 def test_gpu_bf16_fused_step_tracks_float32(attention, compile):
     """bf16 autocast + fused kernels (+ torch.compile for DIFF V1) against float32 composed:
     three steps with gradient accumulation, losses within bf16's 2e-2."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("small", attention=attention)
     params = init_params(cfg, seed=0)
@@ -426,10 +428,19 @@ def test_graphs_need_a_cuda_device():
 
 
 def test_load_passes_the_cuda_options_and_refuses_them_elsewhere():
+    from backends.cuda import CudaOptions
+    from backends.cuda.ops.paired.tuning import KernelOptions
+
     assert load("cuda", device="cpu", compile=True).describe()["compile"] is True
     assert load("cuda", device="cpu").describe()["graphs"] is False
-    with pytest.raises(BackendError, match="no compile option"):
+    typed = load("cuda", device="cpu", options=CudaOptions(compile=True, kernel=KernelOptions(tma=False)))
+    assert typed.describe()["compile"] is True and typed.options.kernel == KernelOptions(tma=False)
+    with pytest.raises(BackendError, match="takes no options"):
         load("numpy", compile=True)
+    with pytest.raises(BackendError, match="no option.*bogus"):
+        load("cuda", device="cpu", bogus=True)
+    with pytest.raises(BackendError, match="must be its CudaOptions"):
+        load("cuda", device="cpu", options=KernelOptions())
 
 
 @gpu
@@ -440,7 +451,7 @@ def test_gpu_graph_replay_is_the_eagerly_launched_step(attention, compile):
     every step a new batch (two micro-batches) and a new lr, which a replay must read afresh:
     3 eager warm-up steps, the recorded step, 4 replays. Losses, weights and moments agree to
     float32's 1e-5 (the same kernels in the same order; a stale batch or lr misses by far more)."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("tiny", attention=attention)
     params = init_params(cfg, seed=0)
@@ -462,7 +473,7 @@ def test_gpu_graph_replay_is_the_eagerly_launched_step(attention, compile):
 def test_gpu_graph_is_recorded_again_after_load_state_and_a_new_shape():
     """load_state replaces the optimizer's moments that a recorded step updates, and a new batch
     shape does not fit the recorded buffers: both must record afresh, not replay the old graph."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("tiny", attention="diff")
     backend = lambda g: create(device="cuda", dtype="float32", kernels="fused", graphs=g)  # noqa: E731

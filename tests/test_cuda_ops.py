@@ -17,7 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from diffattn import spec  # noqa: E402
-from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention, vanilla_attention  # noqa: E402
+from diffattn.numerics import rel_error as rel  # noqa: E402
+from backends.cuda.ops import diff_v1_attention, diff_v2_attention, vanilla_attention  # noqa: E402
+from backends.cuda.ops.paired.tuning import KernelOptions  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -88,10 +90,6 @@ def diff_v2_oracle(q, k, v, lam, do):
 
 # ---- running an implementation -------------------------------------------------------------------
 
-def rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
 def inputs(variant, B, L, H, G, d, seed):
     """Float64 numpy inputs in the projection layout; lam for V1 a scalar, for V2 in (0, 1)."""
     rng = np.random.default_rng(seed)
@@ -107,9 +105,9 @@ OPS = {"vanilla": (vanilla_attention, vanilla_oracle), "diff_v1": (diff_v1_atten
        "diff_v2": (diff_v2_attention, diff_v2_oracle)}
 
 
-def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False):
-    """Forward + backward of one implementation vs the oracle on the same (dtype-rounded) inputs;
-    returns {name: relative error}."""
+def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=False, options=None):
+    """Forward + backward of one implementation vs the oracle on the same (dtype-rounded) inputs,
+    the fused kernels launched with options (KernelOptions, None: the defaults); returns {name: relative error}."""
     op, oracle = OPS[variant]
     x = inputs(variant, B, L, H, G, d, seed)
     ts = {}
@@ -121,7 +119,7 @@ def check(variant, impl, B, L, H, G, d, dtype, device="cpu", seed=0, strided=Fal
         ts[name] = t.requires_grad_(True)
     do = torch.tensor(np.random.default_rng(seed + 1).standard_normal(out_shape(variant, x)), dtype=dtype, device=device)
     ref = oracle(**{n: t.detach().double().cpu().numpy() for n, t in ts.items()}, do=do.double().cpu().numpy())
-    out = op(**ts, impl=impl)
+    out = op(**ts, impl=impl, **({"options": options} if options is not None else {}))
     assert out.dtype == dtype and out.is_contiguous() and out.shape == ref["out"].shape
     out.backward(do)
     errs = {"out": rel(out.detach().double().cpu(), ref["out"])}
@@ -206,31 +204,60 @@ def test_fused_interpreted_float32(variant, shape):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+@pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
+def test_paired_forward_saves_what_the_naive_contract_says(variant):
+    """The forward kernel's three outputs (out, map 2's o2, both maps' base-2 log-sum-exp) are the
+    materialized contract of paired/naive.py at float32's tolerance; the backward reads o2 and lse."""
+    from backends.cuda.ops.paired import launch, naive
+    x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 2, 37, 4, 2, 16, 4).items()}
+    B, L, H = x["q"].shape[0], x["q"].shape[1], x["q"].shape[2] // 2
+    lam_rows = x["lam"].expand(B, L, H) if variant == "diff_v1" else x["lam"]
+    k_step, shared_k = (2, False) if variant == "diff_v1" else (1, True)
+    got = launch.forward(x["q"], x["k"], x["v"], lam_rows, k_step, shared_k)
+    want = naive.attention(x["q"], x["k"], x["v"], lam_rows, k_step, shared_k)
+    for name, a, b in zip(("out", "o2", "lse"), got, want):
+        assert a.shape == b.shape and rel(a, b) <= 1e-5, name
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
+def test_kernel_options_get_their_own_ops_and_leave_the_defaults_alone():
+    """Options are passed in, never set globally: a call with other options launches ops of its own
+    (named by the options' tag) with the same result, and the defaults' ops are untouched."""
+    x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs("diff_v2", 1, 19, 2, 1, 16, 6).items()}
+    other = KernelOptions(tma=False, dkdv_pairs_together=2)
+    assert other.tag and other.tag == KernelOptions(tma=False, dkdv_pairs_together=2).tag
+    a = diff_v2_attention(**x, impl="fused")
+    b = diff_v2_attention(**x, impl="fused", options=other)
+    assert torch.equal(a, b)
+    assert hasattr(torch.ops.diffattn, f"diff_v2_{other.tag}_fwd") and hasattr(torch.ops.diffattn, "diff_v2_fwd")
+    with pytest.raises(TypeError, match="must be a KernelOptions"):
+        diff_v2_attention(**x, impl="fused", options={"tma": False})
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 def test_fused_forward_in_column_slices(monkeypatch):
     """The forward split over V's columns (used for V1 at d 128 on the GPU) gives the same result."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.FWD_SLICES, (16, 32, 4), 2)
-    assert_close(check("diff_v1", "fused", 1, 37, 2, 1, 16, torch.float32), torch.float32)
+    options = KernelOptions(fwd_slices=(((16, 32, 4), 2),))
+    assert_close(check("diff_v1", "fused", 1, 37, 2, 1, 16, torch.float32, options=options), torch.float32)
 
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("diagonal", ["first", "unrolled", "last"])
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_dkdv_diagonal_placements(monkeypatch, variant, diagonal):
+def test_dkdv_diagonal_placements(variant, diagonal):
     """Each place the dK/dV kernel can walk its masked diagonal query blocks gives the oracle's
     gradients; a 32-key block over 16-query blocks makes the diagonal two steps, as on the GPU."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "diagonal", diagonal)
-    for d, dv in ((16, 32), (16, 16)):
-        monkeypatch.setitem(paired_softmax.OVERRIDES, ("dkdv", d, dv, 4), (16, 32, 4, 1))
-    assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
+    options = KernelOptions(diagonal=diagonal).with_tiles({("dkdv", d, dv, 4): (16, 32, 4, 1) for d, dv in ((16, 32), (16, 16))})
+    assert_close(check(variant, "fused", 1, 40, 4, 2, 16, torch.float32, strided=True, options=options), torch.float32)
 
 
 if HAVE_TRITON:
     import triton.language as tl
 
-    from diffattn.backends.cuda.ops.paired_softmax import dkdv_launch_order
+    from backends.cuda.ops.paired.bwd import dkdv_launch_order
 
     @triton.jit
     def launch_order_probe(OUT, PAIRS_TOGETHER: tl.constexpr):
@@ -259,30 +286,29 @@ def test_dkdv_launch_order_covers_every_block_once_heaviest_first(together):
 
 
 @needs_triton
-def test_dkdv_runs_together_the_most_pairs_that_divide_evenly_and_fit_half_the_l2(monkeypatch):
-    from diffattn.backends.cuda.ops import paired_softmax
+def test_dkdv_runs_together_the_most_pairs_that_divide_evenly_and_fit_half_the_l2():
+    from backends.cuda.ops.paired import tuning
     mib = 2 ** 20
-    assert paired_softmax.PAIRS_TOGETHER_MIN == 8
-    assert paired_softmax.pairs_together(64, 1 * mib, 60 * mib) == 16  # the training step's shape: 30 fit
-    assert paired_softmax.pairs_together(64, 3 * mib, 60 * mib) == 8  # 10 fit, 8 divides 64
-    assert paired_softmax.pairs_together(16, 4 * mib, 60 * mib) == 1  # 7 fit: fewer than 8
-    assert paired_softmax.pairs_together(13, 1 * mib, 60 * mib) == 13  # all of them: no more than there are
-    assert paired_softmax.pairs_together(4, 1 * mib, 60 * mib) == 4  # all of them, though fewer than 8
-    assert paired_softmax.pairs_together(13, 3 * mib, 60 * mib) == 1  # 10 fit, 13 is prime
-    assert paired_softmax.pairs_together(8, 1 * mib, 0) == 1  # no L2 figure (CPU)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", "4")  # as kernels_sweep sets it
-    assert paired_softmax.pairs_together(64, 1 * mib, 50 * mib) == 4
+    assert tuning.PAIRS_TOGETHER_MIN == 8
+    assert tuning.pairs_together(64, 1 * mib, 60 * mib) == 16  # the training step's shape: 30 fit
+    assert tuning.pairs_together(64, 3 * mib, 60 * mib) == 8  # 10 fit, 8 divides 64
+    assert tuning.pairs_together(16, 4 * mib, 60 * mib) == 1  # 7 fit: fewer than 8
+    assert tuning.pairs_together(13, 1 * mib, 60 * mib) == 13  # all of them: no more than there are
+    assert tuning.pairs_together(4, 1 * mib, 60 * mib) == 4  # all of them, though fewer than 8
+    assert tuning.pairs_together(13, 3 * mib, 60 * mib) == 1  # 10 fit, 13 is prime
+    assert tuning.pairs_together(8, 1 * mib, 0) == 1  # no L2 figure (CPU)
+    fixed = tuning.parse_options("dkdv_pairs_together=4")  # as kernels_sweep gives it
+    assert tuning.pairs_together(64, 1 * mib, 50 * mib, fixed) == 4
 
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available() or not INTERPRETED, reason="interpreter run is for CPU-only machines")
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_dkdv_launch_order_gives_the_oracles_gradients(monkeypatch, variant):
+def test_dkdv_launch_order_gives_the_oracles_gradients(variant):
     """Groups of 3 (batch, kv head) pairs over 4 pairs and 3 key blocks of 16: the gradients are the
     oracle's whichever program computes which block."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_pairs_together", 3)
-    assert_close(check(variant, "fused", 2, 40, 4, 2, 16, torch.float32, strided=True), torch.float32)
+    options = KernelOptions(dkdv_pairs_together=3)
+    assert_close(check(variant, "fused", 2, 40, 4, 2, 16, torch.float32, strided=True, options=options), torch.float32)
 
 
 @needs_triton
@@ -296,7 +322,7 @@ def test_fused_reads_any_strides(monkeypatch, variant):
     inputs and for the copies the launcher makes of views whose last stride is not 1."""
     from torch.library import wrap_triton
 
-    from diffattn.backends.cuda.ops import paired_softmax
+    from backends.cuda.ops.paired import bwd, launch
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.float32) for n, a in inputs(variant, 1, 37, 2, 2, 16, 0).items()}
     do = torch.randn(out_shape(variant, x), generator=torch.Generator().manual_seed(1))
@@ -308,12 +334,12 @@ def test_fused_reads_any_strides(monkeypatch, variant):
         class Grid:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    if kernel is paired_softmax.paired_attention_bwd_dkdv:
+                    if kernel is bwd.paired_attention_bwd_dkdv:
                         grads_like_inputs.append(kwargs["GRADS_LIKE_INPUTS"])
                     return launcher[grid](*args, **kwargs)
                 return launch
         return Grid()
-    monkeypatch.setattr(paired_softmax, "wrap_triton", recording)
+    monkeypatch.setattr(launch, "wrap_triton", recording)
 
     def run(views):
         ts = {n: t.clone().requires_grad_(True) for n, t in x.items()}
@@ -397,7 +423,7 @@ def test_fused_subln_gpu(dtype, shape):
 def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
     """At a head dim the kernels pad (24 -> 32) the zero columns must not enter the norm's mean: the
     op normalizes the sliced output instead, exactly rms_norm of the unnormed op's output."""
-    from diffattn.backends.cuda.ops.norm import rms_norm
+    from backends.cuda.ops.norm import rms_norm
     q, k, v = torch.randn(1, 21, 4, 24), torch.randn(1, 21, 2, 24), torch.randn(1, 21, 1, 48)
     lam, weight = torch.tensor(0.6), torch.rand(48) + 0.5
     normed = diff_v1_attention(q, k, v, lam, impl="fused", norm=(weight, 1e-5))
@@ -407,7 +433,7 @@ def test_subln_of_a_padded_head_dim_runs_outside_the_kernels():
 @needs_triton
 def test_tma_needs_16_byte_aligned_strides():
     """Inputs a tensor descriptor cannot address take the pointer loads (the same kernels)."""
-    from diffattn.backends.cuda.ops.paired_softmax import tma_aligned
+    from backends.cuda.ops.triton_runtime import tma_aligned
     qkv = torch.zeros(2, 37, 3 * 4 * 64, dtype=torch.bfloat16)
     assert tma_aligned(qkv.view(2, 37, 12, 64)[:, :, 4:8])          # k of a fused q/k/v projection
     odd_rows = torch.zeros(2, 37, 4 * 64 + 5, dtype=torch.bfloat16)  # e.g. a projection with 5 extra columns
@@ -417,20 +443,20 @@ def test_tma_needs_16_byte_aligned_strides():
 
 
 @needs_triton
-def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
+def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch, caplog):
     """V2's warp-specialized Gluon dK/dV kernel takes sm_90, bf16, head_dim 64, heads side by side
     in TMA-addressable rows, on the Triton release it was checked on; everything else, V1
     included, keeps the Triton kernel."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)  # the interpreter never takes it
-    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
+    from backends.cuda.ops import triton_runtime
+    from backends.cuda.ops.paired import launch
+    monkeypatch.setattr(launch, "INTERPRETED", False)  # the interpreter never takes it
+    monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
     bf = torch.bfloat16
     qkv = torch.zeros(2, 37, (4 + 2 + 2) * 64, dtype=bf).view(2, 37, 8, 64)  # a fused V2 projection's heads
     q, k, v, do = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:], torch.zeros(2, 37, 2, 64, dtype=bf)
 
-    def applies(q, k, v, do, shared_k=True, capability=(9, 0)):
-        return paired_softmax.dkdv_ws_applies(q, k, v, do, shared_k, capability)
+    def applies(q, k, v, do, shared_k=True, capability=(9, 0), options=KernelOptions()):
+        return launch.dkdv_ws_applies(q, k, v, do, shared_k, capability, options)
 
     assert applies(q, k, v, do)
     assert not applies(q, k, v, do, capability=(8, 0)) and not applies(q, k, v, do, capability=(10, 0))
@@ -442,11 +468,12 @@ def test_gluon_dkdv_applies_to_what_it_was_written_for(monkeypatch):
     wide = torch.zeros(2, 37, 2, 128, dtype=bf)
     assert not applies(torch.zeros(2, 37, 4, 64, dtype=bf), torch.zeros(2, 37, 4, 64, dtype=bf), wide, wide,
                        shared_k=False)  # V1
-    monkeypatch.setattr(paired_softmax.triton, "__version__", "3.9.0")  # Gluon's API differs there
-    assert not applies(q, k, v, do)
-    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", False)
-    assert not applies(q, k, v, do)
+    monkeypatch.setattr(triton_runtime.triton, "__version__", "3.9.0")  # Gluon's API differs there
+    with caplog.at_level("WARNING", logger="diffattn.kernels"):
+        assert not applies(q, k, v, do)
+    assert "Triton 3.9.0" in caplog.text and "run instead" in caplog.text  # a stated fallback, not a silent one
+    monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
+    assert not applies(q, k, v, do, options=KernelOptions(dkdv_ws=False))
 
 
 @needs_triton
@@ -454,21 +481,20 @@ def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
     """The warp-specialized Gluon dQ kernel takes V1 (V 128 wide) and V2 (V 64 wide, from
     dq_ws_v2_min_len keys on) at head_dim 64 on sm_90, bf16, heads side by side in TMA-addressable
     rows, on the Triton release it was checked on; everything else keeps the Triton dQ kernel."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setattr(paired_softmax, "INTERPRETED", False)
-    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", True)
+    from backends.cuda.ops import triton_runtime
+    from backends.cuda.ops.paired import launch
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
     bf = torch.bfloat16
     z = lambda *shape: torch.zeros(*shape, dtype=bf)  # noqa: E731
     v1 = z(2, 37, 4, 64), z(2, 37, 4, 64), z(2, 37, 2, 128), z(2, 37, 2, 128)
     v2 = z(2, 37, 4, 64), z(2, 37, 1, 64), z(2, 37, 1, 64), z(2, 37, 2, 64)
 
-    def applies(q, k, v, do, capability=(9, 0)):
-        return paired_softmax.dq_ws_applies(q, k, v, do, capability)
+    def applies(q, k, v, do, capability=(9, 0), options=KernelOptions(dq_ws_v2_min_len=37)):
+        return launch.dq_ws_applies(q, k, v, do, capability, options)
 
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 38)
-    assert applies(*v1) and not applies(*v2)  # V2 shorter than the minimum; V1 at any length
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 37)
+    short = KernelOptions(dq_ws_v2_min_len=38)
+    assert applies(*v1, options=short) and not applies(*v2, options=short)  # V2 shorter than the minimum; V1 at any length
     assert applies(*v1) and applies(*v2)
     assert not applies(*v1, capability=(8, 0)) and not applies(*v2, capability=(10, 0))
     assert not applies(*(t.half() for t in v1))
@@ -476,11 +502,11 @@ def test_gluon_dq_applies_to_what_it_was_written_for(monkeypatch):
     assert not applies(v1[0], v1[1], z(2, 37, 2, 256)[..., :128], v1[3])  # V's heads 256 columns apart
     odd_rows = z(2, 37, 4 * 64 + 5)[..., :256].unflatten(-1, (4, 64))
     assert not applies(odd_rows, *v1[1:])
-    monkeypatch.setattr(paired_softmax.triton, "__version__", "3.9.0")
+    monkeypatch.setattr(triton_runtime.triton, "__version__", "3.9.0")
     assert not applies(*v1)
-    monkeypatch.setattr(paired_softmax.triton, "__version__", paired_softmax.GLUON_TRITON + "0")
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", False)
-    assert not applies(*v1) and not applies(*v2)
+    monkeypatch.setattr(triton_runtime.triton, "__version__", triton_runtime.GLUON_TRITON + "0")
+    off = KernelOptions(dq_ws=False, dq_ws_v2_min_len=37)
+    assert not applies(*v1, options=off) and not applies(*v2, options=off)
 
 
 @needs_triton
@@ -490,15 +516,15 @@ def test_fused_tma_loads_interpreted(monkeypatch, variant):
     """The tensor-descriptor (TMA) K/V loads that sm_90 GPUs take give the oracle's result too: rows
     past L come from the descriptor's zero fill instead of masked loads."""
     import triton
-    from diffattn.backends.cuda.ops import paired_softmax
+    from backends.cuda.ops.paired import launch
     calls = []
 
-    def use_tma(*ts):  # what _use_tma does on a GPU, with CPU scratch for the descriptors
+    def use_tma(options, *ts):  # what _use_tma does on a GPU, with CPU scratch for the descriptors
         calls.append(len(ts))
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8))
         return True
 
-    monkeypatch.setattr(paired_softmax, "_use_tma", use_tma)
+    monkeypatch.setattr(launch, "_use_tma", use_tma)
     assert_close(check(variant, "fused", 2, 37, 2, 2, 16, torch.float32, strided=True), torch.float32)
     assert len(calls) == 2  # the forward and the dQ kernel took the descriptor path
 
@@ -594,14 +620,14 @@ GPU_CASES = [  # B, L, H, G, d: L never a multiple of the block sizes
 ]
 
 
-def gluon_ops(variant, x):
-    """The opaque ops (Gluon kernels) the fused backward of these inputs takes."""
-    from diffattn.backends.cuda.ops import paired_softmax
+def gluon_ops(variant, x, options):
+    """The opaque ops (Gluon kernels) the fused backward of these inputs takes under these options."""
+    from backends.cuda.ops.paired import launch
     q, k, v = x["q"], x["k"], x["v"]
     do = v.new_empty(*q.shape[:2], q.shape[2] // 2, v.shape[-1])
     capability = torch.cuda.get_device_capability()
-    return ({"paired_dkdv_ws"} if paired_softmax.dkdv_ws_applies(q, k, v, do, variant == "diff_v2", capability)
-            else set()) | ({"paired_dq_ws"} if paired_softmax.dq_ws_applies(q, k, v, do, capability) else set())
+    return ({"paired_dkdv_ws"} if launch.dkdv_ws_applies(q, k, v, do, variant == "diff_v2", capability, options)
+            else set()) | ({"paired_dq_ws"} if launch.dq_ws_applies(q, k, v, do, capability, options) else set())
 
 
 @gpu
@@ -619,8 +645,8 @@ def _gluon_runs_here():
     if not (HAVE_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         return False
     import triton
-    from diffattn.backends.cuda.ops import paired_softmax
-    return triton.__version__.startswith(paired_softmax.GLUON_TRITON)
+    from backends.cuda.ops import triton_runtime
+    return triton.__version__.startswith(triton_runtime.GLUON_TRITON)
 
 
 needs_sm90 = pytest.mark.skipif(not _gluon_runs_here(), reason="the Gluon kernels run on sm_90 with the Triton "
@@ -635,12 +661,11 @@ def test_fused_gpu_with_gluon_dkdv(monkeypatch, shape):
     """bf16 V2 inputs laid out as the model's projections give them (heads side by side) take the
     warp-specialized Gluon dK/dV kernel; with it the whole fused op meets the oracle at bf16's
     tolerance. The spy makes sure the Gluon kernel ran, not the Triton one."""
-    from diffattn.backends.cuda.ops import paired_softmax, paired_softmax_ws
+    from backends.cuda.ops.paired import bwd_ws
     calls = []
-    launch = paired_softmax_ws.dkdv
-    monkeypatch.setattr(paired_softmax_ws, "dkdv", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", True)
-    errs = check("diff_v2", "fused", *shape, torch.bfloat16, device="cuda")
+    launch = bwd_ws.dkdv
+    monkeypatch.setattr(bwd_ws, "dkdv", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    errs = check("diff_v2", "fused", *shape, torch.bfloat16, device="cuda", options=KernelOptions(dkdv_ws=True))
     assert calls, "the Gluon dK/dV kernel did not run"
     assert_close(errs, torch.bfloat16)
 
@@ -648,18 +673,17 @@ def test_fused_gpu_with_gluon_dkdv(monkeypatch, shape):
 @gpu
 @needs_sm90
 @needs_triton
-def test_gluon_dkdv_equals_triton_dkdv(monkeypatch):
+def test_gluon_dkdv_equals_triton_dkdv():
     """The two dK/dV kernels take the same products in the same order (per key block: its diagonal
     query block first, then the rest, each MMA summing the head dim the same way), so their
     gradients are bitwise equal; the oracle test alone could not see a difference under bf16's 2e-2."""
-    from diffattn.backends.cuda.ops import paired_softmax
     x = {n: torch.tensor(a, dtype=torch.bfloat16, device="cuda", requires_grad=True)
          for n, a in inputs("diff_v2", 2, 777, 4, 2, 64, 11).items()}
     do = torch.randn(2, 777, 4, 64, device="cuda", dtype=torch.bfloat16)
     grads = {}
     for ws in (True, False):
-        monkeypatch.setitem(paired_softmax.OPTIONS, "dkdv_ws", ws)
-        grads[ws] = torch.autograd.grad(diff_v2_attention(**x, impl="fused"), (x["k"], x["v"]), do)
+        out = diff_v2_attention(**x, impl="fused", options=KernelOptions(dkdv_ws=ws))
+        grads[ws] = torch.autograd.grad(out, (x["k"], x["v"]), do)
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
@@ -671,13 +695,12 @@ def test_gluon_dkdv_equals_triton_dkdv(monkeypatch):
 def test_fused_gpu_with_gluon_dq(monkeypatch, variant, shape):
     """bf16 inputs with heads side by side take the warp-specialized Gluon dQ kernel (V1 and V2);
     with it the whole fused op meets the oracle at bf16's tolerance. The spy makes sure it ran."""
-    from diffattn.backends.cuda.ops import paired_softmax, paired_softmax_ws
+    from backends.cuda.ops.paired import bwd_ws
     calls = []
-    launch = paired_softmax_ws.dq
-    monkeypatch.setattr(paired_softmax_ws, "dq", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", True)
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)
-    errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda")
+    launch = bwd_ws.dq
+    monkeypatch.setattr(bwd_ws, "dq", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    errs = check(variant, "fused", *shape, torch.bfloat16, device="cuda",
+                 options=KernelOptions(dq_ws=True, dq_ws_v2_min_len=0))
     assert calls, "the Gluon dQ kernel did not run"
     assert_close(errs, torch.bfloat16)
 
@@ -686,11 +709,9 @@ def test_fused_gpu_with_gluon_dq(monkeypatch, variant, shape):
 @needs_sm90
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_gluon_dq_equals_triton_dq(monkeypatch, variant):
+def test_gluon_dq_equals_triton_dq(variant):
     """Both dQ kernels take 64-query by 64-key tiles, the key blocks in the same order (the
     diagonal last) and the same products and roundings per tile, so dQ is bitwise equal."""
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16, device="cuda", requires_grad=True)
          for n, a in inputs(variant, 2, 777, 4, 2, 64, 12).items()}
@@ -698,8 +719,8 @@ def test_gluon_dq_equals_triton_dq(monkeypatch, variant):
     do = torch.randn_like(out)
     grads = {}
     for ws in (True, False):
-        monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws", ws)
-        grads[ws] = torch.autograd.grad(op(**x, impl="fused"), x["q"], do)[0]
+        options = KernelOptions(dq_ws=ws, dq_ws_v2_min_len=0)
+        grads[ws] = torch.autograd.grad(op(**x, impl="fused", options=options), x["q"], do)[0]
     assert torch.equal(grads[True], grads[False])
 
 
@@ -708,7 +729,7 @@ def test_gluon_dq_equals_triton_dq(monkeypatch, variant):
 @needs_triton
 @pytest.mark.parametrize("k_step", [1, 2])
 def test_gluon_dq_op_passes_opcheck(k_step):
-    from diffattn.backends.cuda.ops import paired_softmax as ps
+    from backends.cuda.ops.paired import launch as ps
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     dv, kh = (64, 1) if k_step == 1 else (128, 2)
     q, k, v, do = r(1, 130, 4, 64), r(1, 130, kh, 64), r(1, 130, 1, dv), r(1, 130, 2, dv)
@@ -722,7 +743,7 @@ def test_gluon_dq_op_passes_opcheck(k_step):
 @needs_sm90
 @needs_triton
 def test_gluon_dkdv_op_passes_opcheck():
-    from diffattn.backends.cuda.ops import paired_softmax as ps
+    from backends.cuda.ops.paired import launch as ps
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = r(1, 130, 4, 64), r(1, 130, 1, 64), r(1, 130, 1, 64), r(1, 130, 2, 64)
     lam = torch.rand(1, 130, 2, device="cuda", dtype=torch.bfloat16)
@@ -735,25 +756,24 @@ def test_gluon_dkdv_op_passes_opcheck():
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("variant", ["diff_v1", "diff_v2"])
-def test_fused_gpu_under_torch_compile(monkeypatch, variant):
+def test_fused_gpu_under_torch_compile(variant):
     """torch.compile (inductor) traces into the triton ops: its generated code launches the four
     kernels itself (no call back into the op's Python launcher), with eager's output and gradients."""
     from torch._inductor.utils import run_and_get_code
 
-    from diffattn.backends.cuda.ops import paired_softmax
-    monkeypatch.setitem(paired_softmax.OPTIONS, "dq_ws_v2_min_len", 0)  # V2's Gluon dQ as an opaque op too
+    options = KernelOptions(dq_ws_v2_min_len=0)  # V2's Gluon dQ as an opaque op too
     op = OPS[variant][0]
     x = {n: torch.tensor(a, dtype=torch.bfloat16 if a.ndim == 3 or n != "lam" else torch.float32, device="cuda",
                          requires_grad=True) for n, a in inputs(variant, 2, 333, 4, 2, 64, 9).items()}
 
     def loss(q, k, v, lam):
-        return (op(q, k, v, lam, "fused").float() ** 2).sum()
+        return (op(q, k, v, lam, "fused", options=options).float() ** 2).sum()
 
     eager = torch.autograd.grad(loss(**x), list(x.values()))
     compiled_loss = torch.compile(loss, fullgraph=True)
     compiled, code = run_and_get_code(lambda: torch.autograd.grad(compiled_loss(**x), list(x.values())))
     code = "\n".join(code)
-    gluon = gluon_ops(variant, x)
+    gluon = gluon_ops(variant, x, options)
     for kernel in ("paired_attention_fwd", "paired_attention_bwd_delta") + (
             () if "paired_dkdv_ws" in gluon else ("paired_attention_bwd_dkdv", )) + (
             () if "paired_dq_ws" in gluon else ("paired_attention_bwd_dq", )):
@@ -789,7 +809,7 @@ def test_fused_kernels_write_only_their_outputs_under_torch_compile(variant, nor
     torch.autograd.grad(loss(**x), list(x.values()))
     written = [node.kwargs["tensors_to_clone"] for g in backend.fw_graphs + backend.bw_graphs for node in g.graph.nodes
                if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
-    assert len(written) == 4 - len(gluon_ops(variant, x))  # forward, deltas, dK/dV and dQ where Triton's
+    assert len(written) == 4 - len(gluon_ops(variant, x, KernelOptions()))  # forward, deltas, dK/dV and dQ where Triton's
     outputs = {"OUT", "O2", "LSE", "DELTA", "DK", "DV_", "DQ"} | ({"Y", "DX", "DW_PART"} if normed else set())
     assert all(set(w) <= outputs for w in written), written
 
@@ -808,7 +828,7 @@ def test_reference_impls_gpu(variant, impl):
 def split_heads_case(B, L, heads, d, dv, device, seed=0):
     """A projection output, Rotary tables longer than L, and gradients of the three outputs (dq in
     the (B, H, L, d) layout an attention backward may give, read through a transposed view)."""
-    from diffattn.backends.cuda.model import Rotary
+    from backends.cuda.model import Rotary
 
     g = torch.Generator().manual_seed(seed)
     qh, kh, vh = heads
@@ -838,7 +858,7 @@ def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
     the kernel's 64 rows, the v width (24) not a power of two, k has fewer heads than q (GQA).
     Errors: float32 1e-5 (one rounding of each input and product: ~1e-7); 16-bit 2e-2 (one
     rounding of each output: ~2e-3 for bf16)."""
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("the interpreter's bf16 is numpy float32 reinterpreted; the GPU run covers bf16")
@@ -860,7 +880,7 @@ def test_split_heads_is_rotary_on_the_split_projection(dtype, heads, d, dv):
 @needs_triton
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
 def test_split_heads_passes_opcheck():
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     qkv, grads, rotary = split_heads_case(1, 19, (2, 2, 1), 16, 32, device)
@@ -875,7 +895,7 @@ def test_split_heads_passes_opcheck():
 @needs_triton
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED), reason="needs a GPU or the interpreter")
 def test_split_heads_bad_inputs_are_one_line_errors():
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     cos = torch.zeros(8, 8)
     for qkv, tables, needle in [(torch.zeros(1, 8, 60), (cos, cos), "do not hold"),  # 2 + 2 heads of 16 need 64
@@ -895,7 +915,7 @@ def test_split_heads_under_torch_compile():
     from torch._dynamo.testing import AotEagerAndRecordGraphs
     from torch._inductor.utils import run_and_get_code
 
-    from diffattn.backends.cuda.ops import split_heads
+    from backends.cuda.ops import split_heads
 
     qkv, grads, rotary = split_heads_case(2, 333, (16, 16, 8), 64, 128, "cuda")
     x, cos_sin = qkv.to("cuda", torch.bfloat16).requires_grad_(True), rotary.float().tables(333)

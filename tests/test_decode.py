@@ -126,6 +126,19 @@ def test_cuda_decoder_holds_what_the_spec_states():
     assert held == d.bytes_per_token() == decode.cache_bytes_per_token(cfg, "float32")
 
 
+
+def test_cuda_prefill_runs_the_kernel_options_the_model_was_built_with():
+    """The decoder's prefill calls the training forward's op, so it takes the model's
+    KernelOptions (backend options.kernel), not the defaults."""
+    pytest.importorskip("torch")
+    from backends.cuda.ops.paired.tuning import KernelOptions
+
+    cfg, params, toks = model_and_tokens("diff", 1)
+    chosen = KernelOptions(tma=False)
+    model = load("cuda", device="cpu", dtype="float32", kernels="composed", kernel=chosen).build(cfg, params)
+    model.prefill(toks[:, :PROMPT], 10)
+    assert model.decoder.kernel_options == chosen != KernelOptions()
+
 # ---- protocol errors ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", sorted({b for b, _ in backends()}))

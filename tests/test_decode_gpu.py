@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from diffattn import spec  # noqa: E402
-from diffattn.backends.cuda import create  # noqa: E402
+from backends.cuda import create  # noqa: E402
 from diffattn.conformance import rel_err  # noqa: E402
 from diffattn.config import preset  # noqa: E402
 from diffattn.params import init_params  # noqa: E402

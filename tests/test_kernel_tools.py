@@ -201,32 +201,37 @@ def test_table_targets_judge_gpu_time_where_rows_have_it():
     assert "NOT MET" in target3(events_only)
 
 
-def test_kernel_options_parse_to_the_types_paired_softmax_compares():
-    import kernels_sweep as ks
-    got = ks.parse_options("tma=0+dq_ws=1+dq_ws_v2_min_len=4096+diagonal=last+dkdv_pairs_together=auto")
-    assert got["tma"] is False and got["dq_ws"] is True and got["diagonal"] == "last"
-    assert got["dq_ws_v2_min_len"] == 4096 and got["dkdv_pairs_together"] == "auto"  # an int, not "4096"
+def test_kernel_options_parse_to_the_types_the_launchers_compare():
+    from benchmarks._common import kernel_options
+    from backends.cuda.ops.paired.tuning import KernelOptions
+    got = kernel_options("tma=0+dq_ws=1+dq_ws_v2_min_len=4096+diagonal=last+dkdv_pairs_together=auto")
+    assert got == KernelOptions(tma=False, dq_ws=True, dq_ws_v2_min_len=4096, diagonal="last")  # an int, not "4096"
+    assert got.text() == "tma=0+diagonal=last"  # what differs from the defaults, in the same form
+    assert kernel_options("") == KernelOptions() and KernelOptions().tag == ""
     with pytest.raises(SystemExit, match="unknown kernel option"):
-        ks.parse_options("no_such_option=1")
+        kernel_options("no_such_option=1")
+    with pytest.raises(SystemExit, match="diagonal must be one of"):
+        kernel_options("diagonal=sideways")
 
 
-def test_tiles_option_overrides_the_tuned_tile_and_refuses_a_malformed_one(monkeypatch):
-    import kernels_sweep as ks
-    from diffattn.backends.cuda.ops import paired_softmax as ps
+def test_tiles_option_overrides_the_tuned_tile_and_refuses_a_malformed_one():
+    from benchmarks._common import kernel_options
+    from backends.cuda.ops.paired import tuning
 
-    monkeypatch.setattr(ps, "OVERRIDES", {})
-    ks.apply_tiles("dkdv:64:128=32,128,8,3+fwd:64:64=64,32,4,2")
-    assert ps.blocks("dkdv", 64, 128, torch.bfloat16, False) == (32, 128, 8, 3)
-    assert ps.OVERRIDES == {("dkdv", 64, 128, 2): (32, 128, 8, 3), ("fwd", 64, 64, 2): (64, 32, 4, 2)}
+    options = kernel_options("", "dkdv:64:128=32,128,8,3+fwd:64:64=64,32,4,2")
+    assert tuning.blocks("dkdv", 64, 128, torch.bfloat16, False, options) == (32, 128, 8, 3)
+    assert dict(options.tiles) == {("dkdv", 64, 128, 2): (32, 128, 8, 3), ("fwd", 64, 64, 2): (64, 32, 4, 2)}
+    assert tuning.blocks("dkdv", 64, 128, torch.bfloat16, False) != (32, 128, 8, 3)  # the defaults untouched
+    assert options.tag and options.tag != kernel_options("", "dkdv:64:128=32,128,8,2").tag
     for bad in ("dkdv:64:128=32,128,8", "nope:64:128=32,128,8,3", "dkdv:64=32,128,8,3"):
         with pytest.raises(SystemExit, match="bad tile"):
-            ks.apply_tiles(bad)
+            kernel_options("", bad)
 
 
 @pytest.mark.slow
 def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path):
-    """--kernel-options sets paired_softmax.OPTIONS for the run (an A/B of a launch option in one
-    call) and the header says which; an option paired_softmax lacks stops the run. The smoke mode
+    """--kernel-options gives the fused rows those KernelOptions (an A/B of a launch option in one
+    call) and the header says which; an option KernelOptions lacks stops the run. The smoke mode
     runs the interpreter on CPU, in a process of its own (it sets TRITON_INTERPRET)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "scripts" / "kernels_table.py"
     env = {**os.environ, "PYTHONPATH": str(script.parent.parent.parent)}

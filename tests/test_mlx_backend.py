@@ -9,6 +9,7 @@ mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[ml
 from diffattn import conformance, spec  # noqa: E402
 from diffattn.backend import BackendError, NumpyBackend, load  # noqa: E402
 from diffattn.config import AdamWConfig, ModelConfig, preset  # noqa: E402
+from diffattn.numerics import rel_error  # noqa: E402
 from diffattn.params import attention_shapes, init_params  # noqa: E402
 
 FIXTURE = "tests/fixtures/reference_diffattn.safetensors"
@@ -16,8 +17,7 @@ TOL = 1e-5
 ATTENTIONS = ("vanilla", "diff", "diff_v2")
 
 
-def rel(a, b):
-    return conformance.rel_err(a, b)
+rel = rel_error  # ||a - ref|| / ||ref||
 
 
 def tiny(attention, **kw):

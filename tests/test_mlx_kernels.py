@@ -12,13 +12,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from diffattn import conformance
+from diffattn.numerics import rel_error
 
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
 
-from diffattn.backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
+from backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
                                        diff_v1_naive, gpu_dialect)
-from diffattn.backends.mlx.ops.diff_v1 import kernel  # noqa: E402
+from backends.mlx.ops.diff_v1 import kernel  # noqa: E402
 
 DIALECT = gpu_dialect()
 SHAPES = [  # B, L, H, G, d: L = 1, below, above and not a multiple of every block size
@@ -48,8 +48,7 @@ def inputs(B, L, H, G, d, dtype=mx.float32, seed=0):
     return [mx.array(t.astype(np.float32)).astype(dtype) for t in (q, k, v)] + [mx.array(0.37)]
 
 
-def rel(a, b):
-    return conformance.rel_err(a, b)
+rel = rel_error  # ||a - ref|| / ||ref||
 
 
 # ---- everywhere ------------------------------------------------------------------------------

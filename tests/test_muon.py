@@ -212,7 +212,7 @@ def test_gpu_muon_matches_the_spec_over_20_steps(kernels, reference_run):
 def test_gpu_muon_step_replayed_as_a_cuda_graph_is_the_eager_step():
     """The graph reads the lr tensor in Muon's decay and scale too: 8 steps, each a new lr, agree
     to float32's 1e-5 with the eagerly launched ones (a stale lr misses by far more)."""
-    from diffattn.backends.cuda import create
+    from backends.cuda import create
 
     cfg = preset("tiny", attention="diff")
     params = init_params(cfg, 0)

@@ -158,7 +158,7 @@ def test_bad_parallel_options_stop_with_one_line(args, message, tmp_path, capsys
 
 def test_a_launched_world_without_parallel_is_refused(monkeypatch):
     pytest.importorskip("torch")
-    from diffattn.backends.cuda import parallel
+    from backends.cuda import parallel
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert parallel.resolve(None) == "ddp"

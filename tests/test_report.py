@@ -227,7 +227,7 @@ def _training_rows(figures, machine="cpu", commit="c" * 40):
 
 
 def test_contradictions_flag_issue_25s_pair_and_pass_consistent_figures():
-    from diffattn.report_summary import contradictions
+    from diffattn.report import contradictions
 
     # issue 25's run: tokens/s said DIFF 72x vanilla, time_train_step said DIFF 0.67x as fast
     bad = _training_rows({("torch", "vanilla"): (592.55, 0.0144, 0.02), ("torch", "diff"): (42826.96, 0.0215, 0.02)})

@@ -8,14 +8,14 @@ import pytest
 from diffattn import conformance, spec
 from diffattn.backend import NumpyBackend
 from diffattn.config import ModelConfig
+from diffattn.numerics import rel_error
 from diffattn.params import attention_shapes, init_params
 
 FIXTURE = "tests/fixtures/reference_diffattn.safetensors"
 CASES = conformance.read_cases(FIXTURE)
 
 
-def rel(a, b):
-    return conformance.rel_err(a, b)
+rel = rel_error  # ||a - ref|| / ||ref||
 
 
 # ---- Microsoft's reference vectors ----------------------------------------------------------

@@ -1,6 +1,6 @@
 """The PyTorch backend (`diffattn.backend.load("cuda", ...)`): model, training step, Triton kernels.
 
-    create(device=None, dtype=None, kernels="auto", compile=False, graphs=False, parallel=None)
+    create(device=None, dtype=None, kernels="auto", options=CudaOptions(), parallel=None)
 
 device  None: "cuda" if a GPU is visible, else "cpu" ("gpu" is read as "cuda").
 dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
@@ -8,15 +8,18 @@ dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
         "float64": for exact checks (naive and composed kernels only).
 kernels "auto": "fused" on CUDA, "composed" on the CPU; "naive" is the materialized softmax
         (the paper's form); "fused" needs Triton (on the CPU only under TRITON_INTERPRET=1).
-compile torch.compile the model's forward and backward (the harness's load() leaves it off).
-graphs  record the whole training step as a CUDA graph and replay it (CUDA only; train.StepGraph).
+options CudaOptions, this backend's own: compile (torch.compile each block's forward and
+        backward), graphs (record the whole training step as a CUDA graph and replay it, CUDA only;
+        train.StepGraph), kernel (the fused kernels' KernelOptions). They change speed, not the math.
 parallel "ddp" | "fsdp" under torchrun (parallel.py); None: ddp when launched as several processes.
+        Not a CudaOptions field: it is diffattn.backend.load's own argument, shared with mlx.
 
 Submodules import torch; this file imports it only inside create(), so the package is cheap to
 import and `ops` can be imported without loading the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -25,40 +28,55 @@ import numpy as np
 from diffattn.backend import BackendError
 from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 
+from .ops.paired.tuning import KernelOptions
+
 DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaOptions:
+    """The cuda backend's own options (diffattn.backend.load("cuda", options=...), or field by field:
+    load("cuda", compile=True))."""
+    compile: bool = False
+    graphs: bool = False
+    kernel: KernelOptions = KernelOptions()
+
+
+Options = CudaOptions  # the name diffattn.backend.load looks for
 
 
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, device, dtype: str, kernels: str, compile: bool, graphs: bool,
+    def __init__(self, device, dtype: str, kernels: str, options: CudaOptions,
                  parallel: str = "none", rank: int = 0, world_size: int = 1):
-        self.torch_device, self.device, self.dtype, self.kernels, self.compile, self.graphs = \
-            device, device.type, dtype, kernels, compile, graphs
+        self.torch_device, self.device, self.dtype, self.kernels, self.options = \
+            device, device.type, dtype, kernels, options
+        self.compile, self.graphs = options.compile, options.graphs
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
         self.is_writer = rank == 0  # the one process that writes run folders
 
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
               muon: MuonConfig | None = None):
-        from diffattn.backends.cuda.train import CudaModel
+        from backends.cuda.train import CudaModel
 
         model = CudaModel
         if self.parallel != "none":
-            from diffattn.backends.cuda.parallel import MODELS
+            from backends.cuda.parallel import MODELS
 
             model = MODELS[self.parallel]
         return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
-                     muon)
+                     muon, kernel_options=self.options.kernel)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
                       x: np.ndarray, grad_out: np.ndarray):
         import torch
 
-        from diffattn.backends.cuda.model import build_attention, load_numpy
-        from diffattn.backends.cuda.train import TORCH_DTYPES
+        from backends.cuda.model import build_attention, load_numpy
+        from backends.cuda.train import TORCH_DTYPES
 
         dt = TORCH_DTYPES[self.dtype]
-        attn = build_attention(cfg, layer, self.kernels).to(self.torch_device, dt)
+        attn = build_attention(cfg, layer, self.kernels, self.options.kernel).to(self.torch_device, dt)
         load_numpy(attn, params)
         xt = torch.tensor(np.asarray(x), dtype=dt, device=self.torch_device, requires_grad=True)
         go = torch.tensor(np.asarray(grad_out), dtype=dt, device=self.torch_device)
@@ -75,6 +93,8 @@ class CudaBackend:
         info = {"backend": "cuda", "torch": torch.__version__, "device": self.device, "dtype": self.dtype,
                 "kernels": self.kernels, "compile": self.compile, "graphs": self.graphs,
                 "parallel": self.parallel, "world_size": self.world_size}
+        if self.options.kernel != KernelOptions():
+            info["kernel_options"] = self.options.kernel.text() or repr(self.options.kernel)
         if self.device == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.torch_device)
             info["cuda"] = torch.version.cuda
@@ -85,12 +105,23 @@ class CudaBackend:
         return info
 
 
-def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False, parallel=None) -> CudaBackend:
+def create(device=None, dtype=None, kernels="auto", options: CudaOptions | None = None, parallel=None,
+           **fields) -> CudaBackend:
+    """fields: CudaOptions' fields by name (create(compile=True)), over options."""
     import torch
 
-    from diffattn.backends.cuda import parallel as par
+    from backends.cuda import parallel as par
 
+    try:
+        options = dataclasses.replace(options or CudaOptions(), **fields)
+    except TypeError:
+        raise BackendError(f"backend 'cuda' has no option(s) {sorted(set(fields) - set(CudaOptions.__annotations__))}, "
+                           f"expected {tuple(CudaOptions.__annotations__)}") from None
+    if not isinstance(options.kernel, KernelOptions):
+        raise BackendError(f"backend 'cuda': options.kernel must be a KernelOptions, got {type(options.kernel).__name__}")
+    compile, graphs = bool(options.compile), bool(options.graphs)
     parallel = par.resolve(parallel)
+
     if device == "gpu":
         device = "cuda"
     if device is None:
@@ -136,4 +167,5 @@ def create(device=None, dtype=None, kernels="auto", compile=False, graphs=False,
                                f"{dev.type}, not {device!r}")
         rank, world, rank_device = par.init(dev.type)
         dev = rank_device or dev
-    return CudaBackend(dev, dtype, kernels, bool(compile), bool(graphs), parallel, rank, world)
+    return CudaBackend(dev, dtype, kernels, dataclasses.replace(options, compile=compile, graphs=graphs),
+                       parallel, rank, world)

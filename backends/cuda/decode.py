@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from diffattn import decode as spec_decode
-from diffattn.backends.cuda import ops
-from diffattn.backends.cuda.model import Transformer
-from diffattn.backends.cuda.ops.norm import rms_norm
+from backends.cuda import ops
+from backends.cuda.model import Transformer
+from backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 
 WARMUP = 3  # eager (compiled) steps before a CUDA graph is recorded; each rewrites the same entry
@@ -80,6 +80,8 @@ class Decoder:
                  graphs: bool = False):
         cfg = self.cfg = module.cfg
         self.cdt, self.kernels, self.graphs = cdt, kernels, graphs
+        # the fused kernels' KernelOptions the model was built with: prefill runs the model's op
+        self.kernel_options = module.layers[0].attn.kernel_options
         with torch.no_grad():
             self.layers = [LayerPack(b, cfg, cdt) for b in module.layers]
             self.embed = module.embed.weight  # the lookup reads B rows of the master copy
@@ -162,9 +164,11 @@ class Decoder:
             if att == "vanilla":
                 o = ops.vanilla_attention(q, k, v, self.kernels)
             elif att == "diff":
-                o = ops.diff_v1_attention(q, k, v, extra[0], self.kernels, norm=(extra[1], self.subln_eps))
+                o = ops.diff_v1_attention(q, k, v, extra[0], self.kernels, norm=(extra[1], self.subln_eps),
+                                          options=self.kernel_options)
             else:
-                o = ops.diff_v2_attention(q, k, v, self._v2_lambda(h, extra[0]), self.kernels)
+                o = ops.diff_v2_attention(q, k, v, self._v2_lambda(h, extra[0]), self.kernels,
+                                          options=self.kernel_options)
             x = self._residual(x, o, w_o, mlp_norm, w13, w2)
         self.pos = tokens.shape[1]
         return self._logits(x)

@@ -3,7 +3,7 @@
 Its state_dict keys are the canonical parameter names of diffattn.params (embed.weight,
 layers.{i}.attn.q_proj.weight, layers.{i}.attn.lambda_q1, ...), so numpy parameters load
 without a mapping table. The math is diffattn.spec's; attention itself is delegated to
-diffattn.backends.cuda.ops (naive / composed / fused), which take (B, L, heads, dim) tensors
+backends.cuda.ops (naive / composed / fused), which take (B, L, heads, dim) tensors
 already rotated by RoPE.
 """
 from __future__ import annotations
@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffattn.backends.cuda import ops
-from diffattn.backends.cuda.ops.norm import rms_norm
+from backends.cuda import ops
+from backends.cuda.ops.norm import rms_norm
 from diffattn.config import ModelConfig
 from diffattn.params import attention_shapes, param_shapes
-
-SUBLN_EPS = 1e-5  # DIFF V1's per-head RMSNorm, fixed by the reference module
-
 
 class Rotary(nn.Module):
     """RoPE over heads of `dim` whose coordinates come in half-split order: the spec's interleaved
@@ -66,9 +63,10 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     """One attention layer of any variant; parameter names as in params.attention_shapes."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, kernels: str):
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: str, kernel_options=None):
         super().__init__()
         self.cfg, self.layer, self.kernels = cfg, layer, kernels
+        self.kernel_options = kernel_options  # the fused kernels' KernelOptions (None: the defaults)
         shapes = attention_shapes(cfg)
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             out_f, in_f = shapes[name + ".weight"]
@@ -82,8 +80,8 @@ class Attention(nn.Module):
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, nn.Parameter(torch.zeros(shapes[name])))
-            if cfg.diff_subln:
-                self.subln = RMSNorm(cfg.v_head_dim, SUBLN_EPS)
+            if cfg.diff_subln:  # eps as the spec's subln: the config's norm_eps
+                self.subln = RMSNorm(cfg.v_head_dim, cfg.norm_eps)
             # a buffer, not a Python float: torch.compile then reuses one graph for every layer
             self.register_buffer("lambda_init", torch.tensor(cfg.lambda_init(layer), dtype=torch.float64),
                                  persistent=False)
@@ -118,11 +116,12 @@ class Attention(nn.Module):
             if cfg.diff_subln:
                 norm = ((self.subln.weight * (1.0 - self.lambda_init)).to(self.subln.weight.dtype), self.subln.eps)
             lam = self.lam()
-            o = ops.diff_v1_attention(q, k, v, lam * self.lambda_mix.to(lam.dtype), self.kernels, norm=norm)
+            o = ops.diff_v1_attention(q, k, v, lam * self.lambda_mix.to(lam.dtype), self.kernels, norm=norm,
+                                      options=self.kernel_options)
         else:
             lam = torch.sigmoid(self.lambda_proj(x))  # (B, L, H), token-wise
             lam = lam * self.lambda_mix.to(lam.dtype)
-            o = ops.diff_v2_attention(q, k, v, lam, self.kernels)
+            o = ops.diff_v2_attention(q, k, v, lam, self.kernels, options=self.kernel_options)
         return self.out_proj(o.reshape(B, L, cfg.n_heads * cfg.v_head_dim))
 
     def lam(self) -> torch.Tensor:
@@ -157,10 +156,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, kernels: str):
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: str, kernel_options=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer, kernels)
+        self.attn = Attention(cfg, layer, kernels, kernel_options)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.ffn_dim)
 
@@ -173,11 +172,11 @@ class Transformer(nn.Module):
     """Pre-norm decoder. forward(tokens) -> logits; forward(tokens, targets) -> per-token losses
     (reduction='none') or their mean (reduction='mean'), cross-entropy in nats computed in float32."""
 
-    def __init__(self, cfg: ModelConfig, kernels: str = "composed"):
+    def __init__(self, cfg: ModelConfig, kernels: str = "composed", kernel_options=None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i, kernels) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, kernels, kernel_options) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -204,14 +203,14 @@ def check_names(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
                              f"{sorted(set(got.items()) ^ set(shapes.items()))[:4]}")
 
 
-def build_transformer(cfg: ModelConfig, kernels: str) -> Transformer:
-    module = Transformer(cfg, kernels)
+def build_transformer(cfg: ModelConfig, kernels: str, kernel_options=None) -> Transformer:
+    module = Transformer(cfg, kernels, kernel_options)
     check_names(module, param_shapes(cfg))
     return module
 
 
-def build_attention(cfg: ModelConfig, layer: int, kernels: str) -> Attention:
-    module = Attention(cfg, layer, kernels)
+def build_attention(cfg: ModelConfig, layer: int, kernels: str, kernel_options=None) -> Attention:
+    module = Attention(cfg, layer, kernels, kernel_options)
     check_names(module, attention_shapes(cfg))
     return module
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from diffattn import optim as optim_spec
 from diffattn.backend import BackendError, check_optimizer, rank_rows
-from diffattn.backends.cuda.train import CudaModel
+from backends.cuda.train import CudaModel
 
 MODES = ("none", "ddp", "fsdp")
 

@@ -25,7 +25,7 @@ from diffattn import optim as optim_spec
 from diffattn.backend import BackendError, check_optimizer
 from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import check_params
-from diffattn.backends.cuda.model import Attention, build_transformer, load_numpy
+from backends.cuda.model import Attention, build_transformer, load_numpy
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32}
 # Inductor compiles Triton kernels, ours among them, with debug = assert_indirect_indexing, and
@@ -142,12 +142,12 @@ class CudaModel:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim_cfg: AdamWConfig,
                  device: torch.device, dtype: str, kernels: str, compile: bool = False, graphs: bool = False,
-                 muon: MuonConfig | None = None):
+                 muon: MuonConfig | None = None, kernel_options=None):
         check_params(cfg, params)
         self.cfg, self.optim_cfg, self.device, self.dtype = cfg, optim_cfg, device, dtype
         self.optimizer_name = "adamw" if muon is None else "muon"
         self.param_dtype = TORCH_DTYPES[dtype]
-        self.module = build_transformer(cfg, kernels).to(device=device, dtype=self.param_dtype)
+        self.module = build_transformer(cfg, kernels, kernel_options).to(device=device, dtype=self.param_dtype)
         load_numpy(self.module, params)
         self.names = [n for n, _ in self.module.named_parameters()]
         # the module the training step runs: self.module itself, or its DDP wrapper, sharded in
@@ -301,7 +301,7 @@ class CudaModel:
     # ---- decoding (backends/cuda/decode.py) ------------------------------------------------------
     def prefill(self, tokens, max_len: int | None = None) -> np.ndarray:
         from diffattn import decode as spec_decode
-        from diffattn.backends.cuda.decode import Decoder
+        from backends.cuda.decode import Decoder
 
         t = self._tokens(tokens, (2,), "tokens")
         max_len = self.cfg.max_seq_len if max_len is None else max_len

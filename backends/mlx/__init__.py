@@ -25,7 +25,7 @@ def create(device=None, dtype=None, kernels="auto", parallel=None):
     os.environ.setdefault("MLX_ENABLE_TF32", "0")
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import gpu_dialect
+    from backends.mlx.ops import gpu_dialect
 
     if device in ("gpu", "cuda", "metal"):
         if gpu_dialect() is None:
@@ -46,7 +46,7 @@ def create(device=None, dtype=None, kernels="auto", parallel=None):
                            "use kernels='composed' on the CPU")
     if kernels not in ("fused", "composed", "naive"):
         raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
-    from diffattn.backends.mlx.backend import MLXBackend
-    from diffattn.backends.mlx.parallel import init
+    from backends.mlx.backend import MLXBackend
+    from backends.mlx.parallel import DataParallelModel, init
 
-    return MLXBackend(dtype=dtype, kernels=kernels, group=init(parallel))
+    return MLXBackend(dtype=dtype, kernels=kernels, group=init(parallel), parallel_model=DataParallelModel)

@@ -5,9 +5,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from backends.mlx.model import Attention, Transformer, mean_loss, token_losses
+from backends.mlx.train import flat, init_opt, make_train_step
 from diffattn.backend import BackendError, check_optimizer
-from diffattn.backends.mlx.model import Attention, Transformer, mean_loss, token_losses
-from diffattn.backends.mlx.train import flat, init_opt, make_train_step
 from diffattn.config import AdamWConfig, ModelConfig, MuonConfig
 from diffattn.params import ParamsError, attention_shapes, check_params
 
@@ -93,7 +93,7 @@ class MLXModel:
     # ---- decoding (backends/mlx/decode.py) ---------------------------------------------------------
     def prefill(self, tokens, max_len=None):
         from diffattn import decode as spec_decode
-        from diffattn.backends.mlx.decode import Decoder
+        from backends.mlx.decode import Decoder
 
         tokens = np.asarray(tokens)
         max_len = self.cfg.max_seq_len if max_len is None else max_len
@@ -125,19 +125,20 @@ class MLXModel:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, dtype: str, kernels: str, group=None):
+    def __init__(self, dtype: str, kernels: str, group=None, parallel_model=None):
         self.dtype, self.kernels = dtype, kernels
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self.group = group  # an mx.distributed group under --parallel ddp (parallel.py), else None
+        # the model class under a group (parallel.DataParallelModel), given by create(): parallel.py
+        # subclasses this module's MLXModel, so this module does not import it back
+        self.parallel_model = parallel_model
         self.parallel = "none" if group is None else "ddp"
         self.rank, self.world_size = (0, 1) if group is None else (group.rank(), group.size())
         self.is_writer = self.rank == 0  # the one process that writes run folders
 
     def build(self, cfg, params, optim: AdamWConfig = AdamWConfig(), muon: MuonConfig | None = None):
         if self.group is not None:
-            from diffattn.backends.mlx.parallel import DataParallelModel
-
-            return DataParallelModel(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
+            return self.parallel_model(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
         return MLXModel(cfg, params, optim, self.dtype, self.kernels, muon)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
@@ -162,7 +163,7 @@ class MLXBackend:
     def describe(self):
         import platform
 
-        from diffattn.backends.mlx.ops import gpu_dialect
+        from backends.mlx.ops import gpu_dialect
 
         return {"backend": "mlx", "mlx": mx.__version__, "device": self.device, "dialect": gpu_dialect(),
                 "dtype": self.dtype, "kernels": self.kernels, "machine": platform.machine(),

@@ -66,7 +66,7 @@ def _cache_layout(cfg: ModelConfig, k):
 
 def _subln(cfg: ModelConfig, layer: int, w, o):
     """DIFF V1's per-head RMSNorm and (1 - lambda_init) scale of o (B, T, H, 2d), as the model."""
-    return mx.fast.rms_norm(o, w["subln"].astype(o.dtype), 1e-5) * (1.0 - cfg.lambda_init(layer))
+    return mx.fast.rms_norm(o, w["subln"].astype(o.dtype), cfg.norm_eps) * (1.0 - cfg.lambda_init(layer))
 
 
 def _v2_lambda(w, h):

@@ -7,7 +7,7 @@ into float32 master weights. Logits, the loss and DIFF V1's lambda stay in the m
 import mlx.core as mx
 import mlx.nn as nn
 
-from diffattn.backends.mlx.ops import IMPLS
+from backends.mlx.ops import IMPLS
 from diffattn.config import ModelConfig
 
 
@@ -57,8 +57,8 @@ class Attention(nn.Module):
         if cfg.attention == "diff":
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 setattr(self, name, mx.zeros((hd,)))
-            if cfg.diff_subln:
-                self.subln = RMSNorm(cfg.v_head_dim, 1e-5)
+            if cfg.diff_subln:  # eps as the spec's subln: the config's norm_eps
+                self.subln = RMSNorm(cfg.v_head_dim, cfg.norm_eps)
         elif cfg.attention == "diff_v2":
             self.lambda_proj = Linear(d, cfg.n_heads)
         self.cfg, self.lambda_init, self.op = cfg, cfg.lambda_init(layer), IMPLS[cfg.attention][impl]

@@ -22,7 +22,7 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 
 from diffattn.backend import BackendError, rank_rows
-from diffattn.backends.mlx.backend import MLXModel
+from backends.mlx.backend import MLXModel
 
 MODES = ("none", "ddp")
 

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from diffattn.backends.mlx.model import mean_loss
+from backends.mlx.model import mean_loss
 from diffattn import optim as optim_spec
 from diffattn.config import AdamWConfig, MuonConfig
 

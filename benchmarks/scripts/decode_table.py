@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from diffattn import decode
-from diffattn.backends.cuda import create
+from backends.cuda import create
 from diffattn.config import preset
 from diffattn.generate import generate
 from diffattn.params import init_params

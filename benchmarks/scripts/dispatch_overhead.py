@@ -5,8 +5,8 @@
 asv's `Attention.time_*` times one call followed by a device sync; the kernel table times
 back-to-back launches with triton.testing.do_bench, which hides the host's work behind the GPU's.
 For each variant at asv's large shape (B2-L4096-d2048, head_dim 64), forward only, bf16:
-- kernels: do_bench of the Triton launcher alone (paired_softmax.forward), GPU time;
-- op: do_bench of the public op (diffattn.backends.cuda.ops, impl="fused": checks, custom-op
+- kernels: do_bench of the Triton launcher alone (paired/launch.py's forward), GPU time;
+- op: do_bench of the public op (backends.cuda.ops, impl="fused": checks, custom-op
   dispatch, launcher), GPU time of everything it launches;
 - host: wall time of the op's Python call alone (no sync; the launch queue is drained first), i.e.
   what the CPU spends before the GPU has the work;
@@ -20,8 +20,8 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks import _common as C
-from diffattn.backends.cuda import ops
-from diffattn.backends.cuda.ops import paired_softmax as ps
+from backends.cuda import ops
+from backends.cuda.ops.paired import launch as ps
 
 B, L, D_MODEL, VANILLA_HEADS, HD = 2, 4096, 2048, 32, 64
 

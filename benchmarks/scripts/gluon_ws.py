@@ -1,6 +1,6 @@
-"""The warp-specialized Gluon kernels (backends/cuda/ops/paired_softmax_ws.py: V2's dK/dV, V1's and
-V2's dQ) against the Triton ones (paired_softmax.triton_dkdv, triton_dq): compiled for sm_90 on any
-machine, or checked and timed on the GPU.
+"""The warp-specialized Gluon kernels (backends/cuda/ops/paired/bwd_ws.py: V2's dK/dV, V1's and
+V2's dQ) against the Triton ones (paired/launch.py's triton_dkdv, triton_dq): compiled for sm_90 on
+any machine, or checked and timed on the GPU.
 
     PYTHONPATH=/tmp/t36site:. python benchmarks/scripts/gluon_ws.py compile [--stages 2,3]   # any machine
     PYTHONPATH=. python benchmarks/scripts/gluon_ws.py ab [--kernel dq|dkdv] [--lengths 2048,8192,16384] [--stages 2,3,4]   # GPU
@@ -11,19 +11,19 @@ on another release, put 3.6 first (`pip install --no-deps --target /tmp/t36site 
 and stores: spills) and the instruction mix. `ab` checks the Gluon kernel's gradients against the
 Triton kernel's at odd lengths and grouped heads (relative error, bitwise equality), computed into
 buffers that held NaN (a skipped store would show), then alternates the two kernels alone at
-B*L = 16k, 16 heads, and at the training step's shape. Before the dQ kernel (v11) this script was
-gluon_dkdv_ws.py (dK/dV only); V1's two Gluon dK/dV forms were measured with it as it was at 1f54f4d
-(queries on rows) and 9d9e8ad (keys on rows, 32-query blocks); docs/kernels.md, v9.
+B*L = 16k, 16 heads, and at the training step's shape.
 """
 import argparse
 import os
-import sys
 
 import torch
 import triton
 
-from diffattn.backends.cuda.ops import paired_softmax as ps
-from diffattn.backends.cuda.ops import paired_softmax_ws as ws
+from backends.cuda.ops.paired import bwd_ws as ws
+from backends.cuda.ops.paired import launch as ps
+from backends.cuda.ops.paired.tuning import KernelOptions
+from backends.cuda.ops.triton_runtime import descriptor_scratch
+from diffattn.numerics import rel_error as rel
 
 
 def compile_sm90(kernel="dkdv", stages=ws.STAGES, variant="diff_v2"):
@@ -57,8 +57,7 @@ def compile_sm90(kernel="dkdv", stages=ws.STAGES, variant="diff_v2"):
     counts = {op: len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
               for op in ("HGMMA", "MUFU.EX2", "UTMALDG", "SYNCS", "LDL", "STL", "USETMAXREG", "BAR.SYNC")}
     regs = re.search(r"REG:\d+ STACK:\d+", usage).group(0)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import kernels_resources as kr  # the Triton kernels' main-loop measures, on this SASS
+    from benchmarks.scripts import kernels_resources as kr  # the Triton kernels' main-loop measures, on this SASS
     local = sum(text.startswith(("LDL", "STL")) for text in kr._main_loop_body(sass)[1])
     print(f"{kernel} {variant if kernel == 'dq' else 'diff_v2'} stages {stages}: {regs}, shared "
           f"{compiled.metadata.shared} B, main loop {kr.main_loop(sass)} ({local} local loads/stores), "
@@ -66,8 +65,8 @@ def compile_sm90(kernel="dkdv", stages=ws.STAGES, variant="diff_v2"):
 
 
 def inputs(variant, B, L, H, G, seed=0):
-    """bf16 inputs in the projection layout (heads side by side); lse and delta from
-    paired_softmax's kernels; the Triton kernels' dQ, dK, dV (both Gluon kernels off)."""
+    """bf16 inputs in the projection layout (heads side by side); lse and delta from the
+    paired-softmax kernels; the Triton kernels' dQ, dK, dV (both Gluon kernels off)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
     v1 = variant == "diff_v1"
@@ -76,12 +75,8 @@ def inputs(variant, B, L, H, G, seed=0):
     lam = (torch.tensor(0.6, device="cuda", dtype=torch.bfloat16).expand(B, L, H) if v1  # one scalar, as V1's
            else torch.rand(B, L, H, device="cuda", generator=gen).to(torch.bfloat16))
     out, o2, lse = ps.forward(q, k, v, lam, k_step, shared)
-    saved = dict(ps.OPTIONS)
-    ps.OPTIONS.update(dkdv_ws=False, dq_ws=False)
-    try:
-        dq, dk, dv, delta = ps.backward(do, q, k, v, lam, out, o2, lse, k_step, shared)
-    finally:
-        ps.OPTIONS.update(saved)
+    triton_only = KernelOptions(dkdv_ws=False, dq_ws=False)
+    dq, dk, dv, delta = ps.backward(do, q, k, v, lam, out, o2, lse, k_step, shared, options=triton_only)
     return (do, q, k, v, lam, lse, delta), dict(dq=dq, dk=dk, dv=dv), k_step
 
 
@@ -104,9 +99,6 @@ def ab(kernel, lengths, stages):
 
     from benchmarks._common import warm_gpu
 
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
     warm_gpu()
     variants = ("diff_v2",) if kernel == "dkdv" else ("diff_v1", "diff_v2")
     names = ("dk", "dv") if kernel == "dkdv" else ("dq",)
@@ -125,7 +117,7 @@ def ab(kernel, lengths, stages):
     for variant in variants:
         for B, L, H, G in ((3, 300, 4, 4), (2, 1000, 4, 2), (1, 64, 2, 2), (2, 100, 4, 1), (1, 129, 2, 1)):
             args, want, k_step = inputs(variant, B, L, H, G)
-            ps._use_tma(args[1])  # Triton's allocator for in-kernel descriptors
+            triton.set_allocator(descriptor_scratch)  # Triton's allocator for in-kernel descriptors
             for name, fn in codes(k_step):
                 got, reused = poisoned(fn, *args)
                 errs = " | ".join(f"{rel(a, want[n]):.1e}" for a, n in zip(got, names))
@@ -135,7 +127,7 @@ def ab(kernel, lengths, stages):
         shapes = [(max(1, 16384 // L), L, 16) for L in lengths] + [(8, 2048, 8)]
         for B, L, H in shapes:
             args, want, k_step = inputs(variant, B, L, H, H)
-            ps._use_tma(args[1])
+            triton.set_allocator(descriptor_scratch)
             # causal FLOPs a DIFF head: dK/dV 6 N^2 d (V2); dQ: two QK^T, dP (V's width) and two dQ products, halved
             per_head = 6 * 64 if kernel == "dkdv" else (4 * 64 + 2 * args[3].shape[-1] + 4 * 64) / 2
             flops = B * H * L * L * per_head
@@ -161,7 +153,6 @@ def main():
             for variant in ("diff_v1", "diff_v2"):
                 compile_sm90("dq", st, variant)
     else:
-        sys.path.insert(0, os.getcwd())
         # the Triton launchers go through torch's wrap_triton, whose dispatch costs the host more
         # than a short kernel takes (kernels_sweep.py); time the launches as the ops' eager path does
         from torch._library.triton import set_wrap_triton_enabled

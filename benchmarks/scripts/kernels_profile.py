@@ -36,16 +36,14 @@ CONFIGS = [(v, impl) for v in ("diff_v1", "diff_v2") for impl in ("fused", "comp
 def launch(variant, impl, L, d, heads, options):
     """Compile and warm up, then one forward+backward inside the profiler's range (cudaProfilerStart /
     Stop: ncu runs with --profile-from-start off, so only these kernels are profiled). options: the
-    fused kernels' launch options (paired_softmax.OPTIONS), as kernels_sweep.py writes them.
+    fused kernels' launch options (KernelOptions), as kernels_sweep.py writes them.
     variant "vanilla": the DIFF model's vanilla twin, SDPA over `heads` heads of 2d (impl ignored)."""
     import torch
 
-    sys.path.insert(0, HERE)
-    import kernels_table as table
-    from kernels_sweep import parse_options
-    from diffattn.backends.cuda.ops import paired_softmax, vanilla_attention
+    from benchmarks._common import kernel_options
+    from benchmarks.scripts import kernels_table as table
+    from backends.cuda.ops import vanilla_attention
 
-    paired_softmax.OPTIONS.update(parse_options(options) if options else {})
     table.HEADS = heads
     B = max(1, table.TOKENS // L)
     if variant == "vanilla":
@@ -58,7 +56,7 @@ def launch(variant, impl, L, d, heads, options):
         x = {n: (t.to(torch.bfloat16) if n != "lam" or variant == "diff_v2" else t).requires_grad_(True)
              for n, t in x32.items()}
         do = do32.to(torch.bfloat16)
-        fn = table.impls(variant, "cuda")[impl]
+        fn = table.impls(variant, "cuda", kernel_options(options))[impl]
     for _ in range(3):
         fn(**x).backward(do)
     for t in x.values():  # else the profiled backward adds into .grad: kernels the op does not launch

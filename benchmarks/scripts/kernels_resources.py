@@ -6,7 +6,7 @@ ptxas and cuobjdump.
         [--constexprs DIAGONAL=last] [--out DIR]
 
 For each kernel (forward, dK/dV, dQ) of DIFF V1 and V2 at d 64 and 128, with the tiles the GPU
-uses (paired_softmax.blocks) and, for the kernels that have it, with and without TMA loads:
+uses (paired/tuning.py's blocks) and, for the kernels that have it, with and without TMA loads:
 registers per thread, the stack frame (spilled registers live there), whether ptxas serialized the
 warpgroup MMAs (its advisory C7515: each wgmma then waits for the one before), the main loop's
 instructions per warp against its multiply-adds per warpgroup, how many of its exponentials issue
@@ -32,14 +32,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.getcwd())
-from diffattn.backends.cuda.ops import paired_softmax as ps  # noqa: E402
+from backends.cuda.ops.paired import bwd, fwd, tuning
 
 KERNELS = {
-    "fwd": (ps.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2", "Y")),
-    "dkdv": (ps.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
-    "dq": (ps.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
-    "delta": (ps.paired_attention_bwd_delta, ("OUT", "O2", "DO", "LAM", "DX")),
+    "fwd": (fwd.paired_attention_fwd, ("Q", "K", "V", "LAM", "OUT", "O2", "Y")),
+    "dkdv": (bwd.paired_attention_bwd_dkdv, ("Q", "K", "V", "DO", "LAM", "DK", "DV_")),
+    "dq": (bwd.paired_attention_bwd_dq, ("Q", "K", "V", "DO", "LAM", "DQ")),
+    "delta": (bwd.paired_attention_bwd_delta, ("OUT", "O2", "DO", "LAM", "DX")),
 }
 FLOAT32_POINTERS = ("LSE", "DELTA", "W", "DW_PART")
 # static counts in the SASS: tensor-core MMAs, spill traffic, exponentials, bulk copies, then the
@@ -148,7 +147,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     fn, pointers = KERNELS[kernel]
     v1 = variant == "diff_v1"
     DV = 2 * d if v1 else d
-    slices = ps.FWD_SLICES.get((d, DV, 2), 1) if kernel == "fwd" else 1
+    slices = tuning.fwd_slices(d, DV, torch.bfloat16) if kernel == "fwd" else 1
     bm, bn, warps, stages = tile
     consts = dict(D=d, DV=DV // slices, K_STEP=2 if v1 else 1, SHARED_K=not v1, BLOCK_M=bm, BLOCK_N=bn, PREC="tf32")
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the deltas' pass has no D, K_STEP, ...
@@ -161,7 +160,7 @@ def resources(kernel, variant, d, tile, tma, arch, options=None):
     if "GRADS_LIKE_INPUTS" in fn.arg_names:  # the tables' and the model's inputs are contiguous
         consts["GRADS_LIKE_INPUTS"] = True
     if "DIAGONAL" in fn.arg_names:
-        consts["DIAGONAL"] = ps.dkdv_diagonal(d, DV, torch.bfloat16)
+        consts["DIAGONAL"] = tuning.dkdv_diagonal(d, DV, torch.bfloat16)
         consts["PAIRS_TOGETHER"] = 1  # the grid's own order; --constexprs PAIRS_TOGETHER=16 for another
     consts.update({k: v for k, v in (options or {}).items() if k in fn.arg_names})
     if "STEPS" in fn.arg_names:  # the deltas' passes: blocks per program and load stages in the tile
@@ -211,7 +210,7 @@ def main():
             DV = 2 * d if variant == "diff_v1" else d
             for kernel in KERNELS:
                 blocks_of = "norm_delta" if kernel == "delta" and variant == "diff_v1" else kernel  # V1's subln
-                tiles = [ps.blocks(blocks_of, d, DV, torch.bfloat16, variant == "diff_v2")]
+                tiles = [tuning.blocks(blocks_of, d, DV, torch.bfloat16, variant == "diff_v2")]
                 tiles += [t for k, t in extra if k == kernel and t not in tiles]
                 for tile in tiles:
                     for tma in ((False, True) if "TMA" in KERNELS[kernel][0].arg_names else (False,)):

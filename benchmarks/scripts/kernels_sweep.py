@@ -1,14 +1,14 @@
 """Block-shape and launch-option sweep for the paired-softmax Triton kernels (input to
-paired_softmax.TUNED / OPTIONS).
+paired/tuning.py's TUNED and KernelOptions defaults).
 
     PYTHONPATH=. python benchmarks/scripts/kernels_sweep.py [--lengths 2048,8192] [--options tma=0/tma=1] [--out DIR]
 
 For each L and (variant, d) of the kernel table at B*L = 16k tokens, bf16: times the forward kernel
 and the whole backward (delta + dK/dV + dQ) under each candidate (BLOCK_M, BLOCK_N, warps, stages)
 of one kernel at a time, the others at their defaults, and under each set of launch options
-(paired_softmax.OPTIONS). The launchers are called directly, as the ops' eager path calls them:
+(KernelOptions). The launchers are called directly, as the ops' eager path calls them:
 with torch's wrap_triton dispatch off (its higher-order-op path costs the host ~0.5 ms a launch,
-which at L <= 2k outlasts the kernels and made earlier sweeps time the host; docs/kernels.md).
+which at L <= 2k outlasts the kernels, so the sweep would time the host; docs/kernels.md).
 Each result is compared with the first option set's defaults (relative error), so a wrong tile
 shows up. Prints one JSON line per candidate, then the fastest candidate per
 (variant, d, L, kernel) against the tile that kernel uses now under the first option set.
@@ -21,56 +21,27 @@ import time
 import torch
 from triton.testing import do_bench
 
-from diffattn.backends.cuda.ops import paired_softmax as ps
-from benchmarks._common import gpu_clocks, warm_gpu
-from kernels_table import rel  # this script's folder is on sys.path when it runs
+from benchmarks._common import gpu_clocks, kernel_options, warm_gpu
+from backends.cuda.ops.paired import launch as ps
+from backends.cuda.ops.paired import tuning
+from backends.cuda.ops.paired.tuning import KernelOptions
+from diffattn.numerics import rel_error as rel
 
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
             (64, 64, 4, 4), (128, 32, 8, 3), (64, 32, 4, 3)],
-    # sweep 4 (h200_kernels_sweep_2e8ae89.json) also ran (32, 128, 4, 3), (16, 64, 4, 3) and the fewest-spill
-    # tiles (32, 64, 8, 2/3): 1.2x to 3x slower at every L, V1 and V2
+    # (32, 128, 4, 3), (16, 64, 4, 3) and the fewest-spill tiles (32, 64, 8, 2/3) ran 1.2x to 3x slower
+    # at every L, V1 and V2
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
     "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
            (64, 64, 8, 3)],
 }
-DEFAULT_OPTIONS = dict(ps.OPTIONS)
 SHAPES = [("diff_v1", 64), ("diff_v2", 64), ("diff_v1", 128), ("diff_v2", 128)]
 
 
-def parse_options(text):
-    """'tma=0+diagonal=last' -> a complete paired_softmax.OPTIONS dict (unnamed options keep their defaults;
-    1 / 0 are booleans, other whole numbers ints, the rest strings). An option paired_softmax does
-    not have is an error."""
-    given = {k: {"1": True, "0": False}.get(v, int(v) if v.isdigit() else v)
-             for k, v in (item.split("=") for item in text.split("+"))}
-    unknown = sorted(set(given) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise SystemExit(f"unknown kernel option(s) {unknown}, expected {tuple(DEFAULT_OPTIONS)}")
-    return {**DEFAULT_OPTIONS, **given}
-
-
-def apply_options(text):
-    """Sets paired_softmax.OPTIONS from 'KEY=VALUE+...' (parse_options) for the rest of the process:
-    the tables' --kernel-options. Empty text changes nothing."""
-    if text:
-        ps.OPTIONS.update(parse_options(text))
-
-
-def apply_tiles(text):
-    """Sets paired_softmax.OVERRIDES (16-bit inputs) from 'KERNEL:D:DV=BM,BN,warps,stages+...' for the
-    rest of the process: the tables' --tiles, to A/B a tile against TUNED's in one call. Empty text
-    changes nothing."""
-    for item in filter(None, text.split("+")):
-        try:
-            key, tile = item.split("=")
-            kernel, D, DV = key.split(":")
-            cfg = tuple(int(x) for x in tile.split(","))
-            assert kernel in CANDIDATES and len(cfg) == 4
-        except (ValueError, AssertionError):
-            raise SystemExit(f"bad tile {item!r}, expected KERNEL:D:DV=BM,BN,warps,stages with KERNEL in "
-                             f"{tuple(CANDIDATES)}, e.g. dkdv:64:128=32,128,8,3")
-        ps.OVERRIDES[(kernel, int(D), int(DV), 2)] = cfg
+def parse_options(text) -> KernelOptions:
+    """'tma=0+diagonal=last' -> KernelOptions; a bad option stops the script."""
+    return kernel_options(text, "")
 
 
 def main():
@@ -111,31 +82,28 @@ def _main():
         lam = torch.tensor(0.6, device="cuda").expand(B, L, H) if v1 else torch.rand(B, L, H, device="cuda", dtype=dt)
         do = torch.randn(B, L, H, DV, device="cuda", dtype=dt)
         ks, shared = (2, False) if v1 else (1, True)
-        ps.OVERRIDES.clear()
-        ps.OPTIONS.update(option_sets[0])
-        out, o2, lse = ps.forward(q, k, v, lam, ks, shared)
-        grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
+        first = option_sets[0]
+        out, o2, lse = ps.forward(q, k, v, lam, ks, shared, options=first)
+        grads = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared, options=first)[:3]
         flop_fwd = B * H * (6 if v1 else 4) * L * L * d
-        tiles = {kn: [ps.blocks(kn, d, DV, dt, shared)] if a.default_tiles else given.get(kn, CANDIDATES[kn])
+        tiles = {kn: [tuning.blocks(kn, d, DV, dt, shared, first)] if a.default_tiles else given.get(kn, CANDIDATES[kn])
                  for kn in a.kernels.split(",")}
         jobs = [(kn, cfg, opts) for kn in a.kernels.split(",") for cfg in tiles[kn] for opts in option_sets]
         for kernel, cfg, opts in jobs:
             if time.time() - start > a.budget_s:
                 break
-            ps.OVERRIDES.clear()
-            ps.OVERRIDES[(kernel, d, DV, 2)] = cfg
-            ps.OPTIONS.update(opts)
-            row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg, options=opts)
+            o = opts.with_tiles({(kernel, d, DV, 2): cfg})
+            row = dict(variant=variant, d=d, L=L, kernel=kernel, cfg=cfg, options=opts.text())
             try:
                 if kernel == "fwd":
-                    o = ps.forward(q, k, v, lam, ks, shared)[0]
-                    row["err"] = rel(o, out.float())
-                    row["ms"] = do_bench(lambda: ps.forward(q, k, v, lam, ks, shared), return_mode="median")
+                    y = ps.forward(q, k, v, lam, ks, shared, options=o)[0]
+                    row["err"] = rel(y, out.float())
+                    row["ms"] = do_bench(lambda: ps.forward(q, k, v, lam, ks, shared, options=o), return_mode="median")
                     row["tflops"] = flop_fwd / row["ms"] / 1e9
                 else:
-                    g = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared)[:3]
+                    g = ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared, options=o)[:3]
                     row["err"] = max(rel(a, b.float()) for a, b in zip(g, grads))
-                    row["ms"] = do_bench(lambda: ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared),
+                    row["ms"] = do_bench(lambda: ps.backward(do, q, k, v, lam, out, o2, lse, ks, shared, options=o),
                                          return_mode="median")
                     row["tflops"] = 2.5 * flop_fwd / row["ms"] / 1e9
             except Exception as e:  # out of shared memory / registers for this tile
@@ -143,23 +111,21 @@ def _main():
             row.update(gpu_clocks())  # right after the timing: a slow row at a held clock reads as such
             print(json.dumps(row), flush=True)
             results.append(row)
-    ps.OVERRIDES.clear()
-    ps.OPTIONS.update(DEFAULT_OPTIONS)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels_sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print_best(results, option_sets[0])
+    print_best(results, option_sets[0].text())
 
 
 def print_best(results, first_options):
     """One line per (variant, d, L, kernel): the fastest candidate against the tile the kernel uses now
-    (paired_softmax.blocks) under the first option set, or against the first candidate if that was not run."""
+    (tuning.blocks) under the first option set, or against the first candidate if that was not run."""
     groups = {}
     for r in results:
         if "ms" in r and r["err"] < 2e-2:
             groups.setdefault((r["variant"], r["d"], r["L"], r["kernel"]), []).append(r)
     for (variant, d, L, kernel), rows in groups.items():
-        now = ps.blocks(kernel, d, 2 * d if variant == "diff_v1" else d, torch.bfloat16, variant == "diff_v2")
+        now = tuning.blocks(kernel, d, 2 * d if variant == "diff_v1" else d, torch.bfloat16, variant == "diff_v2")
         base = next((r for r in rows if r["cfg"] == now and r["options"] == first_options), rows[0])
         best = min(rows, key=lambda r: r["ms"])
         print(variant, d, L, kernel, "now" if base["cfg"] == now else "first", base["cfg"], base["options"],

@@ -38,11 +38,13 @@ import time
 import torch
 
 from benchmarks import _common
-from diffattn.backends.cuda.ops import diff_v1_attention, diff_v2_attention
+from diffattn.config import ModelConfig
+from diffattn.numerics import rel_error as rel
+from backends.cuda.ops import diff_v1_attention, diff_v2_attention
 
 TOKENS, HEADS = 16384, 16
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
-SUBLN_EPS = 1e-5
+SUBLN_EPS = ModelConfig().norm_eps  # the model's subln eps: the config's norm_eps (its default)
 OPS = {"diff_v1": diff_v1_attention, "diff_v2": diff_v2_attention}
 
 
@@ -68,11 +70,13 @@ def make_inputs(variant, B, L, d, device, seed, subln=False):
     return x, randn(B, L, H, d)
 
 
-def call(op, x, impl):
-    """op on the inputs x; V1's subln weight, where x carries one, as the op's norm."""
+def call(op, x, impl, options=None):
+    """op on the inputs x (the fused kernels launched with options, KernelOptions or None for the
+    defaults); V1's subln weight, where x carries one, as the op's norm."""
     x = dict(x)
     w = x.pop("subln_w", None)
-    return op(**x, impl=impl) if w is None else op(**x, impl=impl, norm=(w, SUBLN_EPS))
+    kw = {"options": options} if impl == "fused" and options is not None else {}
+    return op(**x, impl=impl, **kw) if w is None else op(**x, impl=impl, norm=(w, SUBLN_EPS), **kw)
 
 
 def float32_input(variant, name):
@@ -80,10 +84,10 @@ def float32_input(variant, name):
     return variant == "diff_v1" and name in ("lam", "subln_w")
 
 
-def impls(variant, device):
-    """name -> fn(**inputs) for every implementation to time."""
+def impls(variant, device, options=None):
+    """name -> fn(**inputs) for every implementation to time, the fused kernels under options."""
     op = OPS[variant]
-    out = {"fused": lambda **x: call(op, x, "fused"), "naive": lambda **x: call(op, x, "naive")}
+    out = {"fused": lambda **x: call(op, x, "fused", options), "naive": lambda **x: call(op, x, "naive")}
     if device != "cuda":
         out["composed"] = lambda **x: call(op, x, "composed")
         out["composed+compile"] = compiled_composed(variant)
@@ -112,8 +116,8 @@ def sdpa_calls(variant):
     at cuDNN's own rate, so the fused row's ratio to it is the kernel's rate per FLOP against cuDNN's.
     Forward+backward: autograd also scatters the q / k slices' gradients into whole tensors (eager
     copies the compiled path fuses), so there it is no floor."""
-    from diffattn.backends.cuda.ops.diff_v1 import composed as v1
-    from diffattn.backends.cuda.ops.diff_v2 import composed as v2
+    from backends.cuda.ops.diff_v1 import composed as v1
+    from backends.cuda.ops.diff_v2 import composed as v2
 
     def calls(q, k, v, **_):
         return v1.maps(q, k, v) if variant == "diff_v1" else (v2.maps(q, k, v),)
@@ -134,7 +138,7 @@ def compiled_composed(variant):
 def reference(variant, x, do):
     """Float32 composed output and gradients (memory-efficient SDPA: IEEE float32, no tf32). That
     kernel takes no grouped heads, so V2's k/v heads are repeated for it (inside autograd)."""
-    from diffattn.backends.cuda.ops.vanilla.composed import sdpa
+    from backends.cuda.ops.vanilla.composed import sdpa
     x = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
     with _sdpa_backend(x["q"].device, "efficient"):
         if variant == "diff_v1":
@@ -153,10 +157,6 @@ def _sdpa_backend(device, name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([{"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                          "flash": SDPBackend.FLASH_ATTENTION}[name]])
-
-
-def rel(a, b):
-    return ((a.float() - b).norm() / b.norm()).item()
 
 
 def bench(fn, grad_to_none):
@@ -222,7 +222,7 @@ def measure(fn, variant, x32, do32, dtype, mode, ref, graph=False):
     return dict(**timed, peak_mib=peak, **errs)
 
 
-def run(variants, dims, lengths, modes, device, dtype, log, subln=False):
+def run(variants, dims, lengths, modes, device, dtype, log, subln=False, options=None):
     rows = []
     for variant in variants:
         for d in dims:
@@ -234,7 +234,7 @@ def run(variants, dims, lengths, modes, device, dtype, log, subln=False):
                 do32 = do32.to(dtype).float()
                 ref = reference(variant, x32, do32)
                 for mode in modes:
-                    for name, fn in impls(variant, device).items():
+                    for name, fn in impls(variant, device, options).items():
                         row = dict(variant=variant, d=d, L=L, B=B, mode=mode, impl=name)
                         try:
                             # naive is timed by events only: its L x L tensors make graph capture costly
@@ -340,15 +340,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     ap.add_argument("--subln", action="store_true", help="V1 with its output RMSNorm on every path "
                     "(target 1's composed path: two SDPA calls + combine + subln)")
-    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
-                    "tuned ones (paired_softmax.OVERRIDES), e.g. dkdv:64:128=32,128,8,3 for an A/B")
-    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
-                    "(paired_softmax.OPTIONS, as kernels_sweep.py writes them), e.g. dq_ws=0 for an A/B")
+    _common.kernel_option_args(ap)
     a = ap.parse_args(argv)
-    if a.kernel_options or a.tiles:
-        from kernels_sweep import apply_options, apply_tiles  # this script's folder is on sys.path when it runs
-        apply_options(a.kernel_options)
-        apply_tiles(a.tiles)
+    options = _common.kernel_options(a.kernel_options, a.tiles)
     global TOKENS, HEADS
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -376,7 +370,7 @@ def main(argv=None):
     header["matmul_bf16_tflops"] = mm = _common.matmul_tflops() if device == "cuda" else float("nan")
     print(json.dumps(header), flush=True)
     rows = run(a.variants.split(","), dims, lengths, ("fwd", "fwd+bwd"), device, dtype,
-               lambda r: print(json.dumps(r), flush=True), subln=a.subln)
+               lambda r: print(json.dumps(r), flush=True), subln=a.subln, options=options)
     add_ratios(rows)
     checks = targets(rows, mm)
     # a composed+compile row that dynamo gave up on would have run eagerly under its name

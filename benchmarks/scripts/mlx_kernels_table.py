@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from diffattn.numerics import rel_error
+
 
 def timeit(fn, repeats, warmup=2):
     import mlx.core as mx
@@ -35,7 +37,7 @@ def timeit(fn, repeats, warmup=2):
 def attention_rows(lengths, dims, tokens, repeats):
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import diff_v1_composed, diff_v1_fused
+    from backends.mlx.ops import diff_v1_composed, diff_v1_fused
 
     rows = []
     for d in dims:
@@ -49,7 +51,7 @@ def attention_rows(lengths, dims, tokens, repeats):
             lam = mx.array(0.3)
             ref = diff_v1_composed(q, k, v, lam).astype(mx.float32)
             out = diff_v1_fused(q, k, v, lam).astype(mx.float32)
-            err = float(mx.linalg.norm(out - ref) / mx.linalg.norm(ref))
+            err = rel_error(out, ref)
             flops = B * H * 6 * L * L * d
             row = dict(d=d, L=L, B=B, H=H, check=err)
             for name, f in (("fused", diff_v1_fused), ("composed", diff_v1_composed)):
@@ -127,7 +129,7 @@ def main():
     args = ap.parse_args()
     import mlx.core as mx
 
-    from diffattn.backends.mlx.ops import gpu_dialect
+    from backends.mlx.ops import gpu_dialect
 
     mx.set_default_device(mx.gpu)
     try:

@@ -29,13 +29,11 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step_table import git_commit  # noqa: E402
-
-from diffattn.backends.cuda import create  # noqa: E402
-from diffattn.flops import train_flops_per_token  # noqa: E402
-from diffattn.config import preset  # noqa: E402
-from diffattn.params import init_params  # noqa: E402
+from backends.cuda import create
+from benchmarks.scripts.train_step_table import git_commit
+from diffattn.flops import train_flops_per_token
+from diffattn.config import preset
+from diffattn.params import init_params
 
 MODES = ("none", "ddp", "fsdp")
 

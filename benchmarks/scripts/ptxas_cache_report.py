@@ -14,7 +14,7 @@ import json
 import os
 import re
 
-from kernels_resources import ptxas_advice, wgmma_verdict  # this script's folder is on sys.path when it runs
+from benchmarks.scripts.kernels_resources import ptxas_advice, wgmma_verdict
 
 
 def main():

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffattn.numerics import rel_error as rel
 
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def main():

@@ -45,21 +45,23 @@ import numpy as np
 import torch
 
 from benchmarks import _common
-from diffattn.backends.cuda import create
-from diffattn.backends.cuda import train
+from backends.cuda import create
+from backends.cuda import train
 from diffattn import flops
 from diffattn.config import preset
 from diffattn.params import init_params
 
 
 def step_case(name, variant, seq_len, tokens, micro=1, compile=True, graphs=False, device="cuda",
-              dtype="bfloat16", kernels="auto", n_batches=4):
+              dtype="bfloat16", kernels="auto", n_batches=4, kernel_options=None):
     """The model (init seed 0) and random token batches of one row: `micro` micro-batches of
-    `tokens` tokens each per optimizer step. Returns (cfg, model, batches, batch size)."""
+    `tokens` tokens each per optimizer step, the fused kernels under kernel_options (KernelOptions,
+    None: the defaults). Returns (cfg, model, batches, batch size)."""
     cfg = preset(name, attention=variant)
     batch_size = max(1, tokens // seq_len)
     shape = (micro, batch_size, seq_len + 1) if micro > 1 else (batch_size, seq_len + 1)
-    backend = create(device=device, dtype=dtype, kernels=kernels, compile=compile, graphs=graphs)
+    backend = create(device=device, dtype=dtype, kernels=kernels, compile=compile, graphs=graphs,
+                     **({"kernel": kernel_options} if kernel_options is not None else {}))
     model = backend.build(cfg, init_params(cfg, seed=0))
     rng = np.random.default_rng(0)
     batches = [torch.from_numpy(rng.integers(0, cfg.vocab_size, shape)).to(device) for _ in range(n_batches)]
@@ -81,12 +83,13 @@ def host_ms(model, batch, reps=3, sleep_cycles=1_000_000_000):
     return min(times) * 1e3
 
 
-def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtype, kernels, warmup, steps, profile=None):
+def measure(name, variant, seq_len, tokens, micro, compile, graphs, device, dtype, kernels, warmup, steps, profile=None,
+            kernel_options=None):
     """One row: `micro` micro-batches of `tokens` tokens each per optimizer step. A variant written
     VARIANT:KERNELS (e.g. diff:composed) runs with those kernels instead of the run's."""
     attention, _, own = variant.partition(":")
     cfg, model, batches, batch_size = step_case(name, attention, seq_len, tokens, micro, compile, graphs,
-                                                device, dtype, own or kernels)
+                                                device, dtype, own or kernels, kernel_options=kernel_options)
     if graphs:  # the eager warm-up steps and the recording stay out of the clock
         warmup = max(warmup, train.StepGraph.STEPS_TO_STEADY)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -177,11 +180,7 @@ def main(argv=None):
     ap.add_argument("--inductor", default="", help="KEY=INT,...: Inductor options over train.COMPILE_OPTIONS "
                     "for this run's compiled rows (A/B of the defaults)")
     ap.add_argument("--graphs", default="off", help="off, on or off,on: the step replayed as a CUDA graph")
-    ap.add_argument("--tiles", default="", help="KERNEL:D:DV=BM,BN,warps,stages+...: bf16 tiles over the "
-                    "tuned ones (paired_softmax.OVERRIDES), e.g. dkdv:64:128=32,128,8,3 for an A/B")
-    ap.add_argument("--kernel-options", default="", help="KEY=VALUE+...: the fused kernels' launch options "
-                    "(paired_softmax.OPTIONS, as kernels_sweep.py writes them) for this run; one process per "
-                    "setting (compiled code keeps the options it was traced with)")
+    _common.kernel_option_args(ap)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this")
@@ -195,11 +194,7 @@ def main(argv=None):
     for kv in filter(None, a.inductor.split(",")):
         key, value = kv.split("=")
         train.COMPILE_OPTIONS[key] = int(value)
-    if a.kernel_options or a.tiles:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when imported as a module
-        from kernels_sweep import apply_options, apply_tiles
-        apply_options(a.kernel_options)
-        apply_tiles(a.tiles)
+    kernel_options = _common.kernel_options(a.kernel_options, a.tiles)
     device, dtype, kernels = ("cpu", "float32", "composed") if a.smoke else ("cuda", "bfloat16", "auto")
     if a.smoke:
         a.runs, a.compile, a.graphs, a.warmup, a.steps = "tiny:16:32,tiny:16:32:2", "off", "off", 1, 2
@@ -235,7 +230,7 @@ def main(argv=None):
                                                 f"{'_graphs' if graphs else ''}.txt")
                             if f"{name}:{variant}" in a.profile.split(",") and micro == 1 and not a.smoke else None)
                     r = measure(name, variant, int(seq_len), int(tokens), micro, compile, graphs, device, dtype, kernels,
-                                a.warmup, a.steps, prof)
+                                a.warmup, a.steps, prof, kernel_options)
                 except Exception as e:  # one failing row must not hide the others
                     notes.append(f"FAILED {row}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                     continue

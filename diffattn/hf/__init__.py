@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffattn.config import ConfigError, ModelConfig
+from diffattn.config import ConfigError, ModelConfig, model_config_from
 from diffattn.params import ParamsError, check_params, save_tensors
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -310,7 +310,7 @@ def read_run(run_dir) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
     from diffattn import harness
 
     params, _, manifest, _ = harness.load_checkpoint(run_dir)
-    return harness.model_config_from(manifest["model_config"]), params, manifest
+    return model_config_from(manifest["model_config"]), params, manifest
 
 
 def tokenizer_of(run_dir) -> Path | None:

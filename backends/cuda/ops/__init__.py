@@ -11,6 +11,8 @@ impl: "naive" (materialized softmax, the paper's form), "composed" (PyTorch SDPA
 "fused" (Triton; for vanilla, SDPA's own fused kernel: there is no DIFF-specific work to fuse).
 DIFF V1 takes norm=(weight (2d,), eps): the output then goes through RMSNorm over its last dim
 (the model's subln, weight already scaled by 1 - lambda_init); "fused" does it in the kernels.
+The DIFF ops take options: the fused kernels' KernelOptions (paired/tuning.py; None = the
+defaults), which the other impls ignore.
 
 The fused path also takes its q, k, v from one op, split_heads (rope.py): the qkv projection split
 into heads, q and k rotated, in a Triton kernel each way.
@@ -31,7 +33,7 @@ def vanilla_attention(q, k, v, impl="composed"):
     return _vanilla_composed.attention(q, k, v)
 
 
-def diff_v1_attention(q, k, v, lam, impl="composed", norm=None):
+def diff_v1_attention(q, k, v, lam, impl="composed", norm=None, options=None):
     check_impl(impl, q)
     if norm is not None:
         check_norm(norm, v)
@@ -40,19 +42,19 @@ def diff_v1_attention(q, k, v, lam, impl="composed", norm=None):
             raise ValueError("impl 'fused' implements DIFF V1's split layout (v of twice q's head dim); "
                              f"got q head dim {q.shape[-1]}, v {v.shape[-1]}: use 'composed' or 'naive'")
         from .diff_v1 import fused
-        return fused.attention(q, k, v, lam, norm)
+        return fused.attention(q, k, v, lam, norm, options or fused.DEFAULT)
     out = (_v1_naive if impl == "naive" else _v1_composed).attention(q, k, v, lam)
     return out if norm is None else rms_norm(out, *norm)
 
 
-def diff_v2_attention(q, k, v, lam, impl="composed"):
+def diff_v2_attention(q, k, v, lam, impl="composed", options=None):
     check_impl(impl, q)
     if impl == "naive":
         return _v2_naive.attention(q, k, v, lam)
     if impl == "composed":
         return _v2_composed.attention(q, k, v, lam)
     from .diff_v2 import fused
-    return fused.attention(q, k, v, lam)
+    return fused.attention(q, k, v, lam, options or fused.DEFAULT)
 
 
 def split_heads(qkv, cos, sin, q_heads, k_heads, v_heads, head_dim):

@@ -2,6 +2,9 @@
 import os
 
 IMPLS = ("naive", "composed", "fused")
+# whether the Triton kernels run in Triton's interpreter (on the CPU); Triton decides that at
+# @triton.jit time, so it is read once
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_impl(impl, q):
@@ -64,7 +67,7 @@ FUSED_DTYPES = ("float32", "bfloat16", "float16")
 
 def fused_inputs(q, k, v):
     """What the Triton kernels take: one 16/32-bit dtype and device for q, k, v; an even head_dim up
-    to 128 (other widths than 16/32/64/128 run zero-padded to the next one, see paired_op)."""
+    to 128 (other widths than 16/32/64/128 run zero-padded to the next one, see paired/op.py)."""
     if not (q.dtype == k.dtype == v.dtype) or str(q.dtype).replace("torch.", "") not in FUSED_DTYPES:
         raise ValueError(f"impl 'fused' wants q, k, v of one dtype among {', '.join(FUSED_DTYPES)}, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")

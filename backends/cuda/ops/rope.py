@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .paired_op import define
-from .paired_softmax import INTERPRETED, unit_last_stride
+from .triton_runtime import INTERPRETED, define, unit_last_stride
 
 BLOCK_ROWS = 64  # tokens a program; one head each: 64 x 64 bf16 = 8 KB in, 8 KB out
 
@@ -96,7 +95,7 @@ def split_heads_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: t
     return dqkv
 
 
-if INTERPRETED:  # opaque custom ops there (paired_op.define): their shapes
+if INTERPRETED:  # opaque custom ops there (triton_runtime.define): their shapes
     @split_heads_op.register_fake
     def _(qkv, cos, sin, q_heads, k_heads, v_heads, head_dim):
         B, L, C = qkv.shape

@@ -8,10 +8,10 @@ projections give it (strided views welcome):
 `impl` is "composed" (MLX's fused SDPA), "naive" (materialised softmax) or "fused" (our
 kernel; DIFF V1 only: the other variants are a single SDPA call already).
 """
-from diffattn.backends.mlx.ops.diff_v1.composed import diff_v1_composed, diff_v1_naive
-from diffattn.backends.mlx.ops.diff_v1.fused import diff_v1_fused, diff_v1_fused_forward, gpu_dialect
-from diffattn.backends.mlx.ops.diff_v2 import diff_v2_composed, diff_v2_naive
-from diffattn.backends.mlx.ops.vanilla import vanilla_composed, vanilla_naive
+from backends.mlx.ops.diff_v1.composed import diff_v1_composed, diff_v1_naive
+from backends.mlx.ops.diff_v1.fused import diff_v1_fused, diff_v1_fused_forward, gpu_dialect
+from backends.mlx.ops.diff_v2 import diff_v2_composed, diff_v2_naive
+from backends.mlx.ops.vanilla import vanilla_composed, vanilla_naive
 
 IMPLS = {
     "vanilla": {"composed": vanilla_composed, "naive": vanilla_naive, "fused": vanilla_composed},

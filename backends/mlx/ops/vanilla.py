@@ -3,7 +3,7 @@ import math
 
 import mlx.core as mx
 
-from diffattn.backends.mlx.ops.diff_v1.composed import causal_softmax
+from backends.mlx.ops.diff_v1.composed import causal_softmax
 
 
 def vanilla_composed(q, k, v):

@@ -1,6 +1,7 @@
-"""DIFF V1 attention, fused: one Triton pass over K/V for both maps (see ../paired_softmax.py)."""
+"""DIFF V1 attention, fused: one Triton pass over K/V for both maps (the paired-softmax op, ../paired/)."""
 from ..checks import diff_v1_heads, fused_inputs
-from ..paired_op import make_op
+from ..paired.op import make_op
+from ..paired.tuning import DEFAULT
 
 
 # named functions, not lambdas: torch.library.triton_op reads the op's source, helpers included
@@ -17,7 +18,7 @@ _op = make_op("diff_v1", k_step=2, shared_k=False, lam_rows=lam_rows, lam_grad=l
               with_norm=True)
 
 
-def attention(q, k, v, lam, norm=None):
+def attention(q, k, v, lam, norm=None, options=DEFAULT):
     diff_v1_heads(q, k, v, lam)
     fused_inputs(q, k, v)
-    return _op(q, k, v, lam, norm)
+    return _op(q, k, v, lam, norm, options)

@@ -10,8 +10,8 @@ import functools
 
 import mlx.core as mx
 
-from diffattn.backends.mlx.ops.diff_v1 import kernel
-from diffattn.backends.mlx.ops.diff_v1.composed import diff_v1_composed
+from backends.mlx.ops.diff_v1 import kernel
+from backends.mlx.ops.diff_v1.composed import diff_v1_composed
 
 
 def gpu_dialect() -> str | None:
