@@ -2,15 +2,20 @@
 import os
 
 IMPLS = ("naive", "composed", "fused")
-# whether the Triton kernels run in Triton's interpreter (on the CPU); Triton decides that at
-# @triton.jit time, so it is read once
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter (on the CPU), as the environment says
+    now. The kernels' modules read it once, when they are first imported (triton_runtime), since
+    Triton decides it at @triton.jit time; reading it at this module's import instead would fix
+    it before a caller (a test module, a script) has set TRITON_INTERPRET."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_impl(impl, q):
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    if impl == "fused" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "fused" and not q.is_cuda and not interpreted():
         raise ValueError("impl 'fused' needs a CUDA tensor (or TRITON_INTERPRET=1 for the Triton interpreter on CPU)")
 
 

@@ -12,8 +12,9 @@ import logging
 import torch
 import triton
 
-from .checks import INTERPRETED
+from .checks import interpreted
 
+INTERPRETED = interpreted()  # fixed for the process at the kernels' first import, as Triton's jit is
 MIN_TRITON = (3, 6)
 GLUON_TRITON = "3.6."  # the release the Gluon kernels are written, checked and timed on
 LOG2E = 1.4426950408889634  # the kernels take exp2 with the softmax scale folded in

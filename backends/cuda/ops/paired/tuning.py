@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from ..checks import INTERPRETED  # no Triton import: the cuda backend's options hold these
 
 KERNELS = ("fwd", "dkdv", "dq")  # the kernels a tile can be given for (the deltas' passes have fixed rules)
 
@@ -145,6 +144,8 @@ def blocks(kernel, D, DV, dtype, shared_k, options: KernelOptions = DEFAULT):
     tiles = dict(options.tiles)
     if (kernel, D, DV, dtype.itemsize) in tiles:  # before the interpreter's: tests give other tiles too
         return tiles[(kernel, D, DV, dtype.itemsize)]
+    from ..triton_runtime import INTERPRETED  # a launcher asks, so the kernels are imported already
+
     if INTERPRETED:  # the norm pass walks 2 blocks a program, so the loop is tested
         return (16, 2, 4, 2) if kernel == "norm_delta" else (16, 1, 4, 1) if kernel == "delta" else (16, 16, 4, 1)
     # the deltas' passes: (rows per block, blocks per program, warps, load stages)
