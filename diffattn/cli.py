@@ -67,7 +67,7 @@ def _run_options(p: argparse.ArgumentParser, backend_required: bool = True) -> N
                    help="torch (PyTorch, CPU or CUDA; also named cuda) | mlx | numpy")
     g.add_argument("--device", default=None, help="cpu | gpu | cuda (backend default if omitted)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float64 (backend default if omitted)")
-    g.add_argument("--kernels", default="auto", help="auto | fused | composed | naive")
+    g.add_argument("--kernels", default="auto", help="auto (fused where measured faster: docs/kernels.md) | fused | composed | naive")
     g.add_argument("--compile", action="store_true", help="cuda: torch.compile each block")
     g.add_argument("--cuda-graphs", action="store_true", help="cuda: replay each training step as one CUDA graph")
     g.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp"),

@@ -6,7 +6,8 @@ device  None: "cuda" if a GPU is visible, else "cpu" ("gpu" is read as "cuda").
 dtype   None or "float32": float32 throughout, TF32 off so float32 parity holds;
         "bfloat16": autocast bf16 with float32 master weights and optimizer state;
         "float64": for exact checks (naive and composed kernels only).
-kernels "auto": "fused" on CUDA, "composed" on the CPU; "naive" is the materialized softmax
+kernels "auto": per model, "fused" only where it was measured faster than composed at that shape
+        (ops/choice.py), else "composed"; "naive" is the materialized softmax
         (the paper's form); "fused" needs Triton (on the CPU only under TRITON_INTERPRET=1).
 options CudaOptions, this backend's own: compile (torch.compile each block's forward and
         backward), graphs (record the whole training step as a CUDA graph and replay it, CUDA only;
@@ -56,6 +57,18 @@ class CudaBackend:
         self.parallel, self.rank, self.world_size = parallel, rank, world_size
         self.is_writer = rank == 0  # the one process that writes run folders
 
+    def kernels_for(self, cfg: ModelConfig) -> str:
+        """The kernels a model of cfg runs: `kernels` as asked, "auto" resolved by ops/choice.py."""
+        if self.kernels != "auto":
+            return self.kernels
+        import torch
+
+        from backends.cuda.ops.choice import auto_kernels
+
+        cap = torch.cuda.get_device_capability(self.torch_device) if self.device == "cuda" else None
+        return auto_kernels(cfg, self.device, self.dtype, self.compile, cap,
+                            triton=importlib.util.find_spec("triton") is not None)
+
     def build(self, cfg: ModelConfig, params: dict[str, np.ndarray], optim: AdamWConfig = AdamWConfig(),
               muon: MuonConfig | None = None):
         from backends.cuda.train import CudaModel
@@ -65,7 +78,7 @@ class CudaBackend:
             from backends.cuda.parallel import MODELS
 
             model = MODELS[self.parallel]
-        return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels, self.compile, self.graphs,
+        return model(cfg, params, optim, self.torch_device, self.dtype, self.kernels_for(cfg), self.compile, self.graphs,
                      muon, kernel_options=self.options.kernel)
 
     def attention_vjp(self, cfg: ModelConfig, layer: int, params: dict[str, np.ndarray],
@@ -76,7 +89,7 @@ class CudaBackend:
         from backends.cuda.train import TORCH_DTYPES
 
         dt = TORCH_DTYPES[self.dtype]
-        attn = build_attention(cfg, layer, self.kernels, self.options.kernel).to(self.torch_device, dt)
+        attn = build_attention(cfg, layer, self.kernels_for(cfg), self.options.kernel).to(self.torch_device, dt)
         load_numpy(attn, params)
         xt = torch.tensor(np.asarray(x), dtype=dt, device=self.torch_device, requires_grad=True)
         go = torch.tensor(np.asarray(grad_out), dtype=dt, device=self.torch_device)
@@ -144,9 +157,9 @@ def create(device=None, dtype=None, kernels="auto", options: CudaOptions | None 
     if dtype not in DTYPES:
         raise BackendError(f"backend 'cuda' computes in {' / '.join(DTYPES)}, not {dtype!r} "
                            f"(float16 would need loss scaling, which is not implemented)")
-    if kernels == "auto":
-        kernels = "fused" if dev.type == "cuda" else "composed"
-    if kernels not in ("naive", "composed", "fused"):
+    if kernels == "auto" and dev.type == "cpu":  # on a GPU, resolved per model (kernels_for)
+        kernels = "composed"
+    if kernels not in ("auto", "naive", "composed", "fused"):
         raise BackendError(f"backend 'cuda': unknown kernels {kernels!r}, expected auto, naive, composed or fused")
     if kernels == "fused":
         if importlib.util.find_spec("triton") is None:

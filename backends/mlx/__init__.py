@@ -5,7 +5,8 @@
 
 kernels: "composed" runs attention through mx.fast.scaled_dot_product_attention, "naive"
 materialises the softmax, "fused" uses the DIFF V1 kernel of ops/diff_v1 (GPU only), "auto"
-is fused on a GPU and composed on the CPU. Parameters and optimizer state are float32 whatever
+picks per model: fused only where it was measured faster than composed (ops/choice.py), composed
+on the CPU. Parameters and optimizer state are float32 whatever
 the compute dtype (mixed precision with float32 master weights). No float64: MLX's fast
 ops (SDPA, RoPE, RMSNorm) compute in float32 whatever the input. parallel: data parallel over
 the processes mlx.launch started (parallel.py); None: "ddp" when it started several.
@@ -39,12 +40,12 @@ def create(device=None, dtype=None, kernels="auto", parallel=None):
     if dtype not in DTYPES:
         raise BackendError(f"backend 'mlx' computes in one of {DTYPES}, not {dtype}")
     on_gpu = mx.default_device() == mx.gpu and gpu_dialect() is not None
-    if kernels == "auto":
-        kernels = "fused" if on_gpu else "composed"
+    if kernels == "auto" and not on_gpu:  # on a GPU, resolved per model (MLXBackend.kernels_for)
+        kernels = "composed"
     elif kernels == "fused" and not on_gpu:
         raise BackendError("backend 'mlx': kernels='fused' needs a GPU (Metal or MLX's CUDA build); "
                            "use kernels='composed' on the CPU")
-    if kernels not in ("fused", "composed", "naive"):
+    if kernels not in ("auto", "fused", "composed", "naive"):
         raise BackendError(f"backend 'mlx': unknown kernels {kernels!r}, expected auto, fused, composed or naive")
     from backends.mlx.backend import MLXBackend
     from backends.mlx.parallel import DataParallelModel, init

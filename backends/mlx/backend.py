@@ -136,17 +136,26 @@ class MLXBackend:
         self.rank, self.world_size = (0, 1) if group is None else (group.rank(), group.size())
         self.is_writer = self.rank == 0  # the one process that writes run folders
 
+    def kernels_for(self, cfg) -> str:
+        """The kernels a model of cfg runs: `kernels` as asked, "auto" resolved by ops/choice.py."""
+        if self.kernels != "auto":
+            return self.kernels
+        from backends.mlx.ops import gpu_dialect
+        from backends.mlx.ops.choice import auto_kernels
+
+        return auto_kernels(cfg, self.device == "gpu" and gpu_dialect() is not None, self.dtype, gpu_dialect())
+
     def build(self, cfg, params, optim: AdamWConfig = AdamWConfig(), muon: MuonConfig | None = None):
         if self.group is not None:
-            return self.parallel_model(self.group, cfg, params, optim, self.dtype, self.kernels, muon)
-        return MLXModel(cfg, params, optim, self.dtype, self.kernels, muon)
+            return self.parallel_model(self.group, cfg, params, optim, self.dtype, self.kernels_for(cfg), muon)
+        return MLXModel(cfg, params, optim, self.dtype, self.kernels_for(cfg), muon)
 
     def attention_vjp(self, cfg, layer, params, x, grad_out):
         shapes = attention_shapes(cfg)
         for k, s in shapes.items():
             if k not in params or tuple(np.shape(params[k])) != s:
                 raise ParamsError(f"attention params: tensor {k!r} missing or not of shape {s}")
-        attn = Attention(cfg, layer, self.kernels)
+        attn = Attention(cfg, layer, self.kernels_for(cfg))
         dtype = MX_DTYPES[self.dtype]
         attn.update(tree_unflatten(list(to_mx({k: params[k] for k in shapes}).items())))
 
