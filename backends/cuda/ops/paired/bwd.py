@@ -199,8 +199,9 @@ def paired_attention_bwd_dkdv(Q, K, V, DO, LAM, LSE, DELTA, DK, DV_,
             dk1, dk2, dv = _dkdv_diagonal(k1, k2, v, dk1, dk2, dv, q_base, do_base, lse_base, delta_base, lam_base,
                                           sql, sqh, sdl, sll, diag, offs_n, L, qk_scale, D, DV, SHARED_K, BLOCK_M,
                                           BLOCK_N, PREC, SCALAR_LAM, False)
-    # with the loads' offsets ptxas allocates the main loop as before v5b: V2 d64 fwd+bwd ~4% faster than
-    # with offsets of the gradients' own (runs 21-23, docs/kernels.md v8)
+    # gradients laid out as the inputs store through the loads' offsets: the main loop then compiles
+    # to fewer instructions and less stack, and V2 d64 fwd+bwd ran 4-5% faster at 4k-16k than with
+    # offsets from the gradients' own strides (docs/kernels-log.md, GRADS_LIKE_INPUTS)
     if GRADS_LIKE_INPUTS:
         dk_off, dk_head, dv_off = k_off, skh, v_off
     else:
