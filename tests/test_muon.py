@@ -224,5 +224,9 @@ def test_gpu_muon_step_replayed_as_a_cuda_graph_is_the_eager_step():
         le, lg = float(eager.train_step(b, lr)), float(graphed.train_step(b, lr))
         assert abs(lg - le) <= 1e-5 * le, i
     (pe, se), (pg, sg) = eager.state(), graphed.state()
+    # Parameters to float32's 1e-5. The first moment averages gradients, and the lambda entries of
+    # a gradient (~1e-6) are sums with heavy cancellation whose float32 summation order differs
+    # between the two launches (2.7e-5 relative measured on an H100): 1e-4 for the moment, which a
+    # stale lr, caught at 1e-5 in the parameters, does not need.
     for n in pe:
-        assert rel_err(pg[n], pe[n]) <= 1e-5 and rel_err(sg["m"][n], se["m"][n]) <= 1e-5, n
+        assert rel_err(pg[n], pe[n]) <= 1e-5 and rel_err(sg["m"][n], se["m"][n]) <= 1e-4, n
