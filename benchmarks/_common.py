@@ -3,7 +3,7 @@
 Rules every benchmark here keeps:
 - `params` are literals, the same on every machine. What a machine lacks (a framework, a GPU, a
   kernel) is a skip: `setup` raises NotImplementedError, which asv records as skipped (NaN).
-- Module level imports only the standard library, numpy and diffattn: asv spawns one process per
+- Module level imports only the standard library and numpy (and diffattn.flops, by its path): asv spawns one process per
   benchmark and parameter combination, and frameworks are imported in `setup` only.
 - Timed bodies end with `Runtime.sync(...)`: torch.cuda.synchronize() on CUDA, mx.eval(...) on
   MLX; lazy or asynchronous work is never left outside the clock.
@@ -27,8 +27,21 @@ import time
 # torch in setup, after this module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# the FLOP counts live in diffattn.flops, one convention for asv, `train` and the tables
-from diffattn.flops import FWD_BWD_FACTOR, attention_forward_flops, train_flops_per_token  # noqa: F401
+
+def _suite_flops():
+    """diffattn/flops.py of the tree this suite belongs to, loaded by its path: one FLOP convention
+    for asv, `train` and the tables, and the same one for every commit asv measures (the history
+    puts an older commit's diffattn first on the path, which may predate diffattn.flops)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffattn", "flops.py")
+    spec = importlib.util.spec_from_file_location("_diffattn_suite_flops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flops = _suite_flops()
+FWD_BWD_FACTOR, attention_forward_flops, train_flops_per_token = (
+    flops.FWD_BWD_FACTOR, flops.attention_forward_flops, flops.train_flops_per_token)
 
 BACKENDS = ("mlx", "torch")  # the two stacks; "torch" is diffattn.backend.load("cuda", ...)
 REGISTRY_NAME = {"mlx": "mlx", "torch": "cuda"}

@@ -22,7 +22,6 @@ refused (a failure, no number) where the loop's own wall clock disagrees with th
 the samples' noise, or, on a CPU, where other processes held the cores (_common.median_seconds); `diffattn report` cross-checks it against
 time_train_step, which asv measures in other processes (docs/benchmarks.md, "Trusting a figure").
 """
-from diffattn import flops
 
 from . import _common as C
 
@@ -108,7 +107,7 @@ def _measure(backend, variant, preset):
     seconds = C.median_seconds(case.step, lambda _: None, budget_s=2.0, max_reps=30, on_cpu=not rt.gpu)
     out = {"tokens_per_second": case.tokens_per_step / seconds, "device_peak_bytes": rt.peak_memory()}
     try:
-        out["mfu"] = flops.mfu(case.cfg, case.seqlen, out["tokens_per_second"], rt.peak_flops())
+        out["mfu"] = C.flops.mfu(case.cfg, case.seqlen, out["tokens_per_second"], rt.peak_flops())
     except C.Skip as e:
         out["mfu_skip"] = str(e)
     return out
