@@ -4,7 +4,6 @@ import importlib.util
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from diffattn import data, harness

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from diffattn import data, probes
-from diffattn.config import preset
 
 
 class Induction:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from backends.mlx.model import Attention, Transformer, mean_loss, token_losses
 from backends.mlx.train import flat, init_opt, make_train_step

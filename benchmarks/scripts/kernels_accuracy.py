@@ -9,7 +9,6 @@ in IEEE precision (no tf32). Acceptance: <= 1e-5 relative in float32, <= 2e-2 in
 """
 import argparse
 import importlib.util
-import json
 import os
 import sys
 

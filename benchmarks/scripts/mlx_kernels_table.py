@@ -10,7 +10,6 @@ as 6 L^2 d forward and 3.5x that forward+backward (FlashAttention's convention).
 the fused output is checked against the composed one at each shape.
 """
 import argparse
-import math
 import os
 import platform
 import subprocess

@@ -78,7 +78,7 @@ def main(argv=None):
             sync()
             t0 = time.perf_counter()
             for i in range(a.steps):
-                loss = models[mode].train_step(on_device[i % 4], 1e-4)
+                models[mode].train_step(on_device[i % 4], 1e-4)
             sync()
             times[mode].append((time.perf_counter() - t0) / a.steps)
     last_loss = {m: float(models[m].train_step(on_device[0], 1e-4)) for m in MODES}

@@ -29,7 +29,7 @@ def main():
                     with sdpa_kernel(backend):
                         out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True)
                     err = f"{rel(out, ref):9.2e}"
-                except RuntimeError as e:
+                except RuntimeError:
                     err = "refused"
                 print(f"B{B} L{L} Hq{Hq} G{G} d{d}".ljust(34), f"{backend.name[:10]:10s} {str(contiguous):>10s} {err:>9s}")
         out = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True, enable_gqa=True)
