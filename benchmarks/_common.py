@@ -40,8 +40,7 @@ def _suite_flops():
 
 
 flops = _suite_flops()
-FWD_BWD_FACTOR, attention_forward_flops, train_flops_per_token = (
-    flops.FWD_BWD_FACTOR, flops.attention_forward_flops, flops.train_flops_per_token)
+FWD_BWD_FACTOR, attention_forward_flops = flops.FWD_BWD_FACTOR, flops.attention_forward_flops
 
 BACKENDS = ("mlx", "torch")  # the two stacks; "torch" is diffattn.backend.load("cuda", ...)
 REGISTRY_NAME = {"mlx": "mlx", "torch": "cuda"}
@@ -123,8 +122,6 @@ class Runtime:
         """The MFU denominator, diffattn.flops.peak_flops: a GPU's datasheet figure by name (NVIDIA,
         Apple M-series), else this framework's measured matmul rate (CPUs); a GPU with no entry is a
         skip, so GPU MFU is always against a datasheet."""
-        from diffattn import flops
-
         peak, source = flops.peak_flops(self.device_name, self.dtype, FRAMEWORK[self.backend], self.gpu)
         if self.gpu and source.startswith("measured"):
             raise Skip(f"{self.backend}: no datasheet peak for {self.device_name!r} in {self.dtype}, so no MFU")
