@@ -174,6 +174,13 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, 
     train("numpy", out, pydoc, resume_from=out)  # released: the folder is free again
 
 
+def checkpointed_step(out) -> int:
+    try:
+        return json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet (its replace is atomic; guard anyway)
+        return -1
+
+
 @pytest.mark.slow
 def test_two_processes_on_one_folder_one_is_refused_and_a_killed_holder_frees_it(tmp_path, capsys):
     out = tmp_path / "run"
@@ -182,8 +189,10 @@ def test_two_processes_on_one_folder_one_is_refused_and_a_killed_holder_frees_it
                                "1000000", "--ckpt-every", "2", *SMALL, "--out", str(out)], env=env,
                               stderr=subprocess.PIPE, text=True)
     try:
+        # Wait for latest.json to name step 4 or later (written under the lock, after metrics). Not for
+        # step_000004 itself: pruning keeps the last two, so a fast holder deletes it within milliseconds.
         deadline = time.time() + 120
-        while not (out / "checkpoints" / "step_000004").exists():  # written under the lock, after metrics
+        while checkpointed_step(out) < 4:
             assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() else "slow"
             time.sleep(0.05)
         for argv in ([*CLI_RUN, "--out", out], ["train", "--backend", "numpy", "--out", out, "--resume", "--no-progress"]):
