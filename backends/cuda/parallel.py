@@ -122,7 +122,9 @@ class DDPModel(_Parallel):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.module, device_ids=ids)
+        # gradients as views into the all-reduce buckets: backward writes them where the reduction
+        # reads, with no copy in and out of the buckets each step
+        return DistributedDataParallel(self.module, device_ids=ids, gradient_as_bucket_view=True)
 
     def _micro_batch(self, last: bool):
         return contextlib.nullcontext() if last else self.step_module.no_sync()
@@ -140,8 +142,12 @@ class FSDPModel(_Parallel):
             raise BackendError(f"backend 'cuda': --parallel fsdp shards every matrix, and {self.optimizer_name}'s "
                                "Newton-Schulz orthogonalises whole ones: use --parallel ddp or --optimizer adamw")
 
-        for block in self.module.layers:
-            fully_shard(block)
+        # A block frees its gathered parameters after its forward and gathers them again for its
+        # backward, which saves memory only where a shard is smaller than the whole: on one rank
+        # nothing is resharded. The last block's backward follows its forward at once: kept gathered.
+        last = len(self.module.layers) - 1
+        for i, block in enumerate(self.module.layers):
+            fully_shard(block, reshard_after_forward=self.world > 1 and i < last)
         fully_shard(self.module)
         return self.module
 
