@@ -30,19 +30,12 @@ def test_cuda_table_is_the_committed_kernel_table(key):
         assert cuda_choice.MEASURED[key][L] == pytest.approx(ratio, abs=5e-4), (key, L)
 
 
-def test_mlx_table_is_the_committed_mlx_table():
+def test_mlx_table_measured_the_kernels_in_the_tree():
     mlx_choice = pytest.importorskip("backends.mlx.ops.choice")  # its package imports mlx
-    text = (RESULTS / "mlx_kernels_table.md").read_text()
-    attn = {}
-    for m in re.finditer(r"^\| (\d+) \| (\d+) \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \|",
-                         text, re.M):
-        d, L, fused, composed = int(m[1]), int(m[2]), float(m[3]), float(m[4])
-        attn.setdefault(("diff", d, "bfloat16", "cuda"), {})[L] = composed / fused
-    step = {m[2]: float(m[3]) for m in re.finditer(r"^\| diff \| (float32) \| (fused|composed) \| \d+ \| ([\d.]+) \|", text, re.M)}
-    attn[("diff", 32, "float32", "cuda")] = {256: step["composed"] / step["fused"]}
-    assert attn.keys() == mlx_choice.MEASURED.keys()
-    for key, ratios in attn.items():
-        assert mlx_choice.MEASURED[key] == pytest.approx(ratios, rel=1e-12), key
+    from backends.mlx.ops.diff_v1 import kernel
+
+    # a table is valid for the kernels it measured; the matrix-unit kernels are not measured yet
+    assert not mlx_choice.MEASURED or mlx_choice.MEASURED_FOR == kernel.fingerprint()
 
 
 def test_unmeasured_or_slower_is_composed_faster_is_fused():
@@ -75,7 +68,7 @@ def test_cuda_auto_on_the_presets():
 def test_mlx_auto_on_the_presets():
     mlx_choice = pytest.importorskip("backends.mlx.ops.choice")
     assert mlx_choice.auto_kernels(preset("stage1", attention="diff"), True, "bfloat16", "cuda") == "composed"
-    assert mlx_choice.auto_kernels(preset("small", attention="diff"), True, "float32", "cuda") == "fused"
+    assert mlx_choice.auto_kernels(preset("small", attention="diff"), True, "float32", "cuda") == "composed"  # not measured since the kernels changed
     assert mlx_choice.auto_kernels(preset("small", attention="diff"), True, "float32", "metal") == "composed"
     assert mlx_choice.auto_kernels(preset("small", attention="diff"), False, "float32", None) == "composed"
     assert mlx_choice.auto_kernels(preset("small", attention="vanilla"), True, "float32", "cuda") == "composed"

@@ -18,11 +18,11 @@ mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[ml
 
 from backends.mlx.ops import (diff_v1_composed, diff_v1_fused, diff_v1_fused_forward,  # noqa: E402
                                        diff_v1_naive, gpu_dialect)
-from backends.mlx.ops.diff_v1 import kernel  # noqa: E402
+from backends.mlx.ops.diff_v1 import emulate, kernel  # noqa: E402
 
 DIALECT = gpu_dialect()
 SHAPES = [  # B, L, H, G, d: L = 1, below, above and not a multiple of every block size
-    (1, 1, 2, 1, 16), (2, 37, 4, 2, 64), (1, 100, 2, 1, 128), (1, 129, 4, 4, 32), (2, 19, 2, 2, 8)]
+    (1, 1, 2, 1, 16), (2, 37, 4, 2, 64), (1, 100, 2, 1, 128), (1, 129, 4, 4, 32), (2, 19, 2, 2, 16)]
 
 
 def oracle(q, k, v, lam):
@@ -53,22 +53,81 @@ rel = rel_error  # ||a - ref|| / ||ref||
 
 # ---- everywhere ------------------------------------------------------------------------------
 
-def test_kernel_body_is_dialect_neutral():
-    for token in ("threadgroup", "simd_", "metal::", "__syncthreads", "__shfl", "threadIdx", "blockIdx", "__shared__"):
-        assert token not in kernel.BODY, token
-    metal_header, metal_src = kernel.source("metal")
-    cuda_header, cuda_src = kernel.source("cuda")
-    assert metal_src.endswith(kernel.BODY) and cuda_src.endswith(kernel.BODY)
-    for macro in ("SHARED", "BARRIER()", "WARP_SYNC()", "SHFL_XOR(", "EXP2(", "LOG2(", "idx_t"):
-        assert macro in metal_header and macro in cuda_header, macro
+def test_kernel_bodies_are_dialect_neutral():
+    for name, body in kernel.BODIES.items():
+        for token in ("threadgroup", "simd", "metal::", "__syncthreads", "__shfl", "threadIdx", "blockIdx",
+                      "__shared__", "wmma", "std::"):
+            assert token not in body, (name, token)
+        for dialect in ("metal", "cuda", "cpu"):
+            header, src = kernel.source(name, dialect)
+            assert src.endswith(body)
+            for macro in ("SHARED", "BARRIER()", "WARP_SYNC()", "EXP2(", "LOG2(", "idx_t", "acc_mma", "acc_store"):
+                assert macro in header, (dialect, macro)
 
 
-@pytest.mark.parametrize("dialect,budget", [("metal", 32768), ("cuda", 49152)])
-def test_tiles_fit_the_shared_memory_budget(dialect, budget):
-    for d in (8, 16, 32, 64, 128):
-        bq, nw = kernel.tile_config(d, dialect)
-        floats = bq * 2 * d + 2 * 16 * (d + 1) + bq * 38
-        assert floats * 4 <= budget and bq % nw == 0
+@pytest.mark.parametrize("dialect,itemsize", [("metal", 4), ("cuda", 2), ("cuda", 4)])
+@pytest.mark.parametrize("name", sorted(kernel.BODIES))
+def test_tiles_fit_the_shared_memory_budget(dialect, itemsize, name):
+    for d in (16, 32, 64) + ((128,) if dialect == "cuda" and itemsize == 2 else ()):  # float32 d128: composed
+        nw, bk = kernel.tile_config(name, d, dialect, itemsize)
+        tn = kernel.TILE[dialect]
+        assert bk % tn == 0 and kernel.shared_bytes(name, d, nw, bk, tn, 4 if dialect == "metal" else itemsize) \
+            <= kernel.BUDGET[dialect]
+    with pytest.raises(ValueError, match="multiple of"):
+        kernel.tile_config(name, kernel.TILE[dialect] + 4, dialect, itemsize)
+
+
+def torch_grads(q, k, v, lam, dout):
+    """float64 autograd of DIFF V1 from the definition: (dq, dk, dv, dlam)."""
+    torch = pytest.importorskip("torch")
+    t = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (q, k, v)]
+    lt = torch.tensor(float(lam), dtype=torch.float64, requires_grad=True)
+    Q, K, V = (x.transpose(1, 2) for x in t)
+    L, d, rep = Q.shape[2], Q.shape[3], (Q.shape[1] // 2) // (K.shape[1] // 2)
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    o = [torch.softmax((Q[:, m::2] @ K[:, m::2].repeat_interleave(rep, 1).transpose(-1, -2) / d ** 0.5)
+                       .masked_fill(~mask, -torch.inf), -1) @ V.repeat_interleave(rep, 1) for m in (0, 1)]
+    ((o[0] - lt * o[1]).transpose(1, 2) * torch.tensor(np.asarray(dout, np.float64))).sum().backward()
+    return [x.grad.numpy() for x in t] + [lt.grad.item()]
+
+
+def close(a, ref, tol):
+    """rel_error, or the absolute norm where the reference is zero (L = 1: dq, dk vanish)."""
+    n = np.linalg.norm(ref)
+    return (rel(a, ref) if n > 0 else np.linalg.norm(np.asarray(a, np.float64))) <= tol
+
+
+EMULATED = [(1, 1, 2, 1, 16), (2, 37, 4, 2, 32), (1, 50, 4, 1, 16), (1, 33, 2, 2, 48)]
+
+
+@pytest.mark.skipif(not emulate.available(), reason="needs g++ (C++20) to build the CPU emulation")
+@pytest.mark.parametrize("tn", [8, 16], ids=["metal-tile", "cuda-tile"])
+@pytest.mark.parametrize("shape", EMULATED, ids=lambda s: "B{}L{}H{}G{}d{}".format(*s))
+def test_emulated_kernels_match_float64(shape, tn):
+    """The three bodies on CPU threads against float64: output, lse and every gradient to float32's
+    1e-5 (they compute in float32; observed ~2e-7), causal, GQA/MQA, L not a multiple of a tile."""
+    rng = np.random.default_rng(0)
+    q, k, v = (t.astype(np.float32) for t in (np.asarray(x) for x in inputs(*shape)[:3]))
+    dout = rng.standard_normal(q.shape[:2] + (q.shape[2] // 2, 2 * q.shape[3])).astype(np.float32)
+    ref, ref_lse = oracle(q, k, v, 0.37)
+    out, lse = emulate.forward(q, k, v, 0.37, tn=tn)
+    assert rel(out, ref) <= 1e-5 and rel(lse, ref_lse) <= 1e-5
+    *grads, dlam = emulate.backward(q, k, v, 0.37, dout, lse, tn=tn)
+    *ref_grads, ref_dlam = torch_grads(q, k, v, 0.37, dout)
+    for g, rg in zip(grads, ref_grads):
+        assert close(g, rg, 1e-5)
+    assert dlam == pytest.approx(ref_dlam, rel=1e-5)
+
+
+@pytest.mark.skipif(not emulate.available(), reason="needs g++ (C++20) to build the CPU emulation")
+def test_emulated_kernels_read_strided_views_and_fewer_warps():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal(s).astype(np.float32).swapaxes(1, 2) for s in ((1, 4, 21, 16), (1, 2, 21, 16), (1, 1, 21, 32)))
+    out, lse = emulate.forward(q, k, v, 0.5, nw=1, bk=16)
+    assert rel(out, oracle(q, k, v, 0.5)[0]) <= 1e-5
+    dout = rng.standard_normal((1, 21, 2, 32)).astype(np.float32)
+    for g, rg in zip(emulate.backward(q, k, v, 0.5, dout, lse, nw=1, bk=16)[:3], torch_grads(q, k, v, 0.5, dout)):
+        assert rel(g, rg) <= 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
@@ -82,23 +141,30 @@ def test_composed_and_naive_match_the_oracle(shape):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA build is compiled on the GPU only")
-@pytest.mark.parametrize("dtype,d", [("float", 8), ("__nv_bfloat16", 128)])
-def test_cuda_build_compiles_with_nvcc(tmp_path, dtype, d):
-    """The signature MLX's cuda_kernel generates around the body (mlx/backend/cuda/custom_kernel.cpp),
-    with its Shape/Strides types, compiled for sm_90: catches a body that is not valid CUDA."""
-    header, source = kernel.source("cuda")
-    bq, nw = kernel.tile_config(d, "cuda")
+@pytest.mark.parametrize("dtype,d", [("float", 16), ("__nv_bfloat16", 128)])
+@pytest.mark.parametrize("name", sorted(kernel.BODIES))
+def test_cuda_build_compiles_with_nvcc(tmp_path, dtype, d, name):
+    """The signature MLX's cuda_kernel generates around a body (mlx/backend/cuda/custom_kernel.cpp),
+    with its Shape/Strides types, compiled for sm_90: catches a body or prelude that is not valid CUDA
+    (wmma included). Where MLX's NVRTC finds mma.h is checked only on the GPU."""
+    header, source = kernel.source(name, "cuda")
+    nw, bk = kernel.tile_config(name, d, "cuda", 4 if dtype == "float" else 2)
+    params = []
+    for arg in kernel.INPUTS[name]:
+        params.append(f"const {'float' if arg in ('lam', 'lse', 'delta') else dtype}* {arg}")
+        if f"{arg}_shape" in kernel.BODIES[name]:
+            params.append(f"const __grid_constant__ Shape {arg}_shape")
+        if f"{arg}_strides" in kernel.BODIES[name]:
+            params.append(f"const __grid_constant__ Strides {arg}_strides")
+    params += [f"{'float' if arg in ('lse', 'delta') else dtype}* {arg}" for arg in kernel.OUTPUTS[name]]
     src = tmp_path / "k.cu"
-    src.write_text(f"""#include <cuda_bf16.h>
-#include <cuda/std/array>
+    src.write_text(f"""#include <cuda/std/array>
 using Shape = cuda::std::array<int32_t, 10>;
 using Strides = cuda::std::array<int64_t, 10>;
 {header}
-__global__ void k(const {dtype}* q, const __grid_constant__ Shape q_shape, const __grid_constant__ Strides q_strides,
-    const {dtype}* k, const __grid_constant__ Shape k_shape, const __grid_constant__ Strides k_strides,
-    const {dtype}* v, const __grid_constant__ Strides v_strides, const float* lam, {dtype}* out, float* lse) {{
+__global__ void k({", ".join(params)}) {{
   using T = {dtype};
-  constexpr int D = {d}; constexpr int BQ = {bq}; constexpr int NW = {nw};
+  constexpr int D = {d}; constexpr int NW = {nw}; constexpr int BK = {bk};
 {source}
 }}
 """)
