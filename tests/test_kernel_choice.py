@@ -3,7 +3,6 @@
 The ratio tables in each backend's ops/choice.py are read back from the result files they cite, so
 a table that drifts from its measurement fails here; the rule is checked on the presets."""
 import json
-import re
 from pathlib import Path
 
 import pytest
