@@ -56,25 +56,16 @@ def available() -> bool:
     return shutil.which("g++") is not None
 
 
-def _params(name: str) -> list[tuple[str, str]]:
-    """(C type, name) of each parameter, as MLX derives them: an input's _shape / _strides only
-    where the body names them."""
-    body, out = kernel.BODIES[name], []
-    for arg in kernel.INPUTS[name]:
-        out.append(("const float*", arg))
-        if f"{arg}_shape" in body:
-            out.append(("const int*", f"{arg}_shape"))
-        if f"{arg}_strides" in body:
-            out.append(("const long long*", f"{arg}_strides"))
-    return out + [("float*", arg) for arg in kernel.OUTPUTS[name]]
+C_TYPES = {"input": "const float*", "shape": "const int*", "strides": "const long long*", "output": "float*"}
 
 
 def _build(name: str, head_dim: int, nw: int, bk: int, tn: int):
     header, src = kernel.source(name, "cpu")
-    params = _params(name)
+    params = kernel.parameters(name)
+    declared = ", ".join(f"{C_TYPES[role]} {pname}" for pname, role in params)
     text = (f"#define TN {tn}\n{header}\nconstexpr int D = {head_dim}, NW = {nw}, BK = {bk};\nusing T = float;\n"
-            f"static void program({', '.join(f'{t} {n}' for t, n in params)}) {{\n{src}\n}}\n"
-            + _LAUNCHER.format(params=", ".join(f"{t} {n}" for t, n in params), args=", ".join(n for _, n in params)))
+            f"static void program({declared}) {{\n{src}\n}}\n"
+            + _LAUNCHER.format(params=declared, args=", ".join(pname for pname, _ in params)))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DIFFATTN_EMULATE_CACHE", Path(tempfile.gettempdir()) / "diffattn-emulate"))
     lib = cache / f"{name}-{key}.so"
@@ -97,16 +88,14 @@ def _run(name: str, arrays: dict, outputs: dict, grid_fn, tn: int, nw: int | Non
         nw, bk = kernel.tile_config(name, head_dim, "cpu", 4, tn=tn, budget=kernel.BUDGET["cuda"])
     launch, params = _build(name, head_dim, nw, bk, tn)
     keep, args = [], []
-    for ctype, pname in params:
-        if pname.endswith("_shape"):
-            a = np.asarray(arrays[pname[:-6]].shape, np.int32)
-        elif pname.endswith("_strides"):
-            src = arrays[pname[:-8]]
+    for pname, role in params:
+        if role == "shape":
+            a = np.asarray(arrays[pname.removesuffix("_shape")].shape, np.int32)
+        elif role == "strides":
+            src = arrays[pname.removesuffix("_strides")]
             a = np.asarray([s // src.itemsize for s in src.strides], np.int64)
-        elif pname in outputs:
-            a = outputs[pname]
         else:
-            a = arrays[pname]
+            a = (outputs if role == "output" else arrays)[pname]
         keep.append(a)
         args.append(a.ctypes.data_as(ctypes.c_void_p))
     launch.argtypes = [ctypes.c_void_p] * len(args) + [ctypes.c_int] * 3

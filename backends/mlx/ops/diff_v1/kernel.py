@@ -241,6 +241,26 @@ const float qk_scale = 1.4426950408889634f / SQRT(float(D));   // log2(e) / sqrt
     acc_mma<false, true>(a, Qs + warp * RW * 2 * D + (m) * D, 2 * D, KVs + ((m) * BK + n * TN) * D, D, D); \\
     acc_store(a, Ss + (warp * 2 + (m)) * RW * BK + n * TN, BK); \\
   }
+// T (16 x BK) = this warp's dO rows against the V tile, into Ts
+#define DOV(Ts, dOs, KVs) \\
+  for (int n = 0; n < BK / TN; ++n) { \\
+    Acc a; \\
+    acc_zero(a); \\
+    acc_mma<false, true>(a, dOs + warp * RW * DV, DV, KVs + n * TN * DV, DV, DV); \\
+    acc_store(a, Ts + warp * RW * BK + n * TN, BK); \\
+  }
+"""
+# Where the query-side bodies (fwd, dq) stand: one program a block of BQ query rows of one head.
+QUERY_BLOCK = """
+const int nqb = (L + BQ - 1) / BQ;
+const int q0 = (nqb - 1 - BLOCK_X) * BQ;   // longest (most keys) blocks are scheduled first
+const int h = BLOCK_Y;
+const int b = BLOCK_Z;
+const int g = h / (H / G);             // GQA: the kv head this DIFF head reads
+const int w0 = q0 + warp * RW;         // this warp's first row
+const int sm = lane / 16, sr = lane % 16;   // statistics: lane = (map, row) of this warp
+const int crow_s = (w0 + sr < L ? w0 + sr : L - 1);   // padding rows act as the last row
+const int n_keys = (q0 + BQ < L ? q0 + BQ : L);       // causal: keys up to the block's last row
 """
 UNDEF = """
 #undef LOAD_Q
@@ -248,6 +268,7 @@ UNDEF = """
 #undef LOAD_V
 #undef LOAD_DO
 #undef SCORES
+#undef DOV
 """
 
 FWD_BODY = COMMON + """
@@ -260,16 +281,7 @@ SHARED ALIGN32 float Os[NW * RW * TN]; // per warp: one output tile on its way o
 SHARED float Ms[BQ * 2];               // per row and map: max score
 SHARED float Ls[BQ * 2];               // per row and map: 1 / sum
 
-const int nqb = (L + BQ - 1) / BQ;
-const int q0 = (nqb - 1 - BLOCK_X) * BQ;   // longest (most keys) blocks are scheduled first
-const int h = BLOCK_Y;
-const int b = BLOCK_Z;
-const int g = h / (H / G);             // GQA: the kv head this DIFF head reads
-const int w0 = q0 + warp * RW;         // this warp's first row
-const int sm = lane / 16, sr = lane % 16;   // statistics: lane = (map, row) of this warp
-const int crow_s = (w0 + sr < L ? w0 + sr : L - 1);   // padding rows act as the last row
-const int n_keys = (q0 + BQ < L ? q0 + BQ : L);       // causal: keys up to the block's last row
-
+""" + QUERY_BLOCK + """
 LOAD_Q(Qs, q0, BQ)
 float mx = NEG_BIG, sum = 0.0f;
 for (int k0 = 0; k0 < n_keys; k0 += BK) {   // pass 1: each row's max and sum per map
@@ -351,16 +363,7 @@ SHARED ALIGN32 float Os[NW * RW * TN];
 SHARED float LSE2[BQ * 2];             // per row and map: lse in the exp2 domain
 SHARED float DEL[BQ * 2];              // per row and map: delta
 
-const int nqb = (L + BQ - 1) / BQ;
-const int q0 = (nqb - 1 - BLOCK_X) * BQ;
-const int h = BLOCK_Y;
-const int b = BLOCK_Z;
-const int g = h / (H / G);
-const int w0 = q0 + warp * RW;
-const int sm = lane / 16, sr = lane % 16;
-const int crow_s = (w0 + sr < L ? w0 + sr : L - 1);
-const int n_keys = (q0 + BQ < L ? q0 + BQ : L);
-
+""" + QUERY_BLOCK + """
 LOAD_Q(Qs, q0, BQ)
 LOAD_DO(dOs, q0, BQ)
 for (int e = TID; e < BQ * 2; e += NT) {
@@ -381,12 +384,7 @@ for (int k0 = 0; k0 < n_keys; k0 += BK) {   // pass 1: delta = rowsum(P * (dO V^
   LOAD_V(KVs, k0, BK)
   BARRIER();
   if (live) {
-    for (int n = 0; n < BK / TN; ++n) {
-      Acc a;
-      acc_zero(a);
-      acc_mma<false, true>(a, dOs + warp * RW * DV, DV, KVs + n * TN * DV, DV, DV);
-      acc_store(a, Ts + warp * RW * BK + n * TN, BK);
-    }
+    DOV(Ts, dOs, KVs)
     WARP_SYNC();
     const float l2 = LSE2[(warp * RW + sr) * 2 + sm];
     for (int j = 0; j < BK; ++j) {
@@ -406,12 +404,7 @@ for (int k0 = 0; k0 < n_keys; k0 += BK) {   // pass 2: dQ_m += dS_m K_m
   LOAD_V(KVs, k0, BK)
   BARRIER();
   if (live) {
-    for (int n = 0; n < BK / TN; ++n) {
-      Acc a;
-      acc_zero(a);
-      acc_mma<false, true>(a, dOs + warp * RW * DV, DV, KVs + n * TN * DV, DV, DV);
-      acc_store(a, Ts + warp * RW * BK + n * TN, BK);
-    }
+    DOV(Ts, dOs, KVs)
   }
   BARRIER();
   LOAD_K(KVs, k0, BK)
@@ -561,6 +554,16 @@ OUTPUTS = {"fwd": ["out", "lse"], "dq": ["dq", "delta"], "dkdv": ["dk", "dv"]}
 TILE = {"metal": 8, "cuda": 16}         # TN = TK of each dialect's tile interface
 BUDGET = {"metal": 32768, "cuda": 49152}   # threadgroup memory / static shared memory, bytes
 _SHARED = re.compile(r"SHARED (?:ALIGN32 )?(MT|float) (\w+)\[([^\]]+)\];")
+
+
+def parameters(name: str) -> list[tuple[str, str]]:
+    """(parameter, role) of kernel `name` as MLX's custom kernels derive them: each input ("input"),
+    its _shape ("shape") and _strides ("strides") where the body names them, then each output."""
+    body, out = BODIES[name], []
+    for arg in INPUTS[name]:
+        out.append((arg, "input"))
+        out += [(f"{arg}_{role}", role) for role in ("shape", "strides") if f"{arg}_{role}" in body]
+    return out + [(arg, "output") for arg in OUTPUTS[name]]
 
 
 def shared_bytes(name: str, head_dim: int, nw: int, bk: int, tn: int, mt_bytes: int) -> int:
