@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from attention_oracles import diff_v1_oracle
 from diffattn.numerics import rel_error
 
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
@@ -77,20 +78,6 @@ def test_tiles_fit_the_shared_memory_budget(dialect, itemsize, name):
         kernel.tile_config(name, kernel.TILE[dialect] + 4, dialect, itemsize)
 
 
-def torch_grads(q, k, v, lam, dout):
-    """float64 autograd of DIFF V1 from the definition: (dq, dk, dv, dlam)."""
-    torch = pytest.importorskip("torch")
-    t = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (q, k, v)]
-    lt = torch.tensor(float(lam), dtype=torch.float64, requires_grad=True)
-    Q, K, V = (x.transpose(1, 2) for x in t)
-    L, d, rep = Q.shape[2], Q.shape[3], (Q.shape[1] // 2) // (K.shape[1] // 2)
-    mask = torch.ones(L, L, dtype=torch.bool).tril()
-    o = [torch.softmax((Q[:, m::2] @ K[:, m::2].repeat_interleave(rep, 1).transpose(-1, -2) / d ** 0.5)
-                       .masked_fill(~mask, -torch.inf), -1) @ V.repeat_interleave(rep, 1) for m in (0, 1)]
-    ((o[0] - lt * o[1]).transpose(1, 2) * torch.tensor(np.asarray(dout, np.float64))).sum().backward()
-    return [x.grad.numpy() for x in t] + [lt.grad.item()]
-
-
 def close(a, ref, tol):
     """rel_error, or the absolute norm where the reference is zero (L = 1: dq, dk vanish)."""
     n = np.linalg.norm(ref)
@@ -112,11 +99,11 @@ def test_emulated_kernels_match_float64(shape, tn):
     ref, ref_lse = oracle(q, k, v, 0.37)
     out, lse = emulate.forward(q, k, v, 0.37, tn=tn)
     assert rel(out, ref) <= 1e-5 and rel(lse, ref_lse) <= 1e-5
-    *grads, dlam = emulate.backward(q, k, v, 0.37, dout, lse, tn=tn)
-    *ref_grads, ref_dlam = torch_grads(q, k, v, 0.37, dout)
-    for g, rg in zip(grads, ref_grads):
-        assert close(g, rg, 1e-5)
-    assert dlam == pytest.approx(ref_dlam, rel=1e-5)
+    dq, dk, dv, dlam = emulate.backward(q, k, v, 0.37, dout, lse, tn=tn)
+    ref_grads = diff_v1_oracle(q, k, v, 0.37, dout)
+    for g, name in ((dq, "q"), (dk, "k"), (dv, "v")):
+        assert close(g, ref_grads[name], 1e-5), name
+    assert dlam == pytest.approx(float(ref_grads["lam"]), rel=1e-5)
 
 
 @pytest.mark.skipif(not emulate.available(), reason="needs g++ (C++20) to build the CPU emulation")
@@ -126,8 +113,9 @@ def test_emulated_kernels_read_strided_views_and_fewer_warps():
     out, lse = emulate.forward(q, k, v, 0.5, nw=1, bk=16)
     assert rel(out, oracle(q, k, v, 0.5)[0]) <= 1e-5
     dout = rng.standard_normal((1, 21, 2, 32)).astype(np.float32)
-    for g, rg in zip(emulate.backward(q, k, v, 0.5, dout, lse, nw=1, bk=16)[:3], torch_grads(q, k, v, 0.5, dout)):
-        assert rel(g, rg) <= 1e-5
+    ref_grads = diff_v1_oracle(q, k, v, 0.5, dout)
+    for g, name in zip(emulate.backward(q, k, v, 0.5, dout, lse, nw=1, bk=16)[:3], "qkv"):
+        assert rel(g, ref_grads[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
@@ -149,14 +137,12 @@ def test_cuda_build_compiles_with_nvcc(tmp_path, dtype, d, name):
     (wmma included). Where MLX's NVRTC finds mma.h is checked only on the GPU."""
     header, source = kernel.source(name, "cuda")
     nw, bk = kernel.tile_config(name, d, "cuda", 4 if dtype == "float" else 2)
-    params = []
-    for arg in kernel.INPUTS[name]:
-        params.append(f"const {'float' if arg in ('lam', 'lse', 'delta') else dtype}* {arg}")
-        if f"{arg}_shape" in kernel.BODIES[name]:
-            params.append(f"const __grid_constant__ Shape {arg}_shape")
-        if f"{arg}_strides" in kernel.BODIES[name]:
-            params.append(f"const __grid_constant__ Strides {arg}_strides")
-    params += [f"{'float' if arg in ('lse', 'delta') else dtype}* {arg}" for arg in kernel.OUTPUTS[name]]
+    def declare(arg, role):
+        element = "float" if arg in ("lam", "lse", "delta") else dtype
+        return {"input": f"const {element}* {arg}", "output": f"{element}* {arg}",
+                "shape": f"const __grid_constant__ Shape {arg}", "strides": f"const __grid_constant__ Strides {arg}"}[role]
+
+    params = [declare(arg, role) for arg, role in kernel.parameters(name)]
     src = tmp_path / "k.cu"
     src.write_text(f"""#include <cuda/std/array>
 using Shape = cuda::std::array<int32_t, 10>;
