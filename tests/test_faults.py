@@ -176,8 +176,8 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, 
 
 def checkpointed_step(out) -> int:
     try:
-        return json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet (its replace is atomic; guard anyway)
+        return runfolder.step_of(runfolder.find_checkpoint(out))
+    except runfolder.CheckpointError:  # latest.json not written yet
         return -1
 
 
