@@ -10,7 +10,7 @@ export PYTHONPATH=${PYTHONPATH:-}:. PYTHONUNBUFFERED=1
 export MLX_ENABLE_TF32=0   # float32 GEMMs in float32 (the backend sets this too, if unset)
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), "cuda:", mx.cuda.is_available())'
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_mlx_kernels.py -rs 2>&1 | tail -25 | tee "$out/mlx_kernel_tests.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mlx_kernels.py -rs 2>&1 | tail -25 | tee "$out/mlx_kernel_tests.txt"
 python3 - <<'PY'
 import sys; sys.path.insert(0, "tests")
 import reference_modules as r
