@@ -70,8 +70,9 @@ def config_dict(cfg) -> dict:
 RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches")
 
 
-def environment(backend) -> dict:
-    """Versions, device and code commit, for manifests."""
+def environment(backend, cfg: ModelConfig | None = None) -> dict:
+    """Versions, device and code commit, for manifests; with cfg, the kernels its model runs
+    (`kernels="auto"` resolved) as backend.kernels_used."""
     info = {"python": platform.python_version(), "numpy": np.__version__, "diffattn": diffattn.__version__,
             "platform": platform.platform(), "git_commit": git_commit()}
     try:
@@ -80,6 +81,8 @@ def environment(backend) -> dict:
     except ImportError:  # pragma: no cover - a hard dependency
         pass
     info["backend"] = backend.describe()
+    if cfg is not None and hasattr(backend, "kernels_for"):
+        info["backend"]["kernels_used"] = backend.kernels_for(cfg)
     return info
 
 
@@ -226,7 +229,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, data, backend, out_dir=None, *,
     elif out_dir is not None:
         runfolder.check_out_dir(out_dir, resume_from is not None)  # the writer's lock is not "in use" here
     data_info = data.describe()
-    env = environment(backend)
+    env = environment(backend, cfg)
     start_step, opt_state, elapsed_train, prior_tokens = 0, None, 0.0, 0
     out = Path(out_dir) if out_dir is not None else None
     ckpt = manifest = None

@@ -105,6 +105,7 @@ def test_paired_prints_deltas_and_records_byte_identical_init(tmp_path):
     assert s["summary"]["val_loss"]["mean"] == one["delta"]["val_loss"] and s["summary"]["val_loss"]["t_interval"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not have("cuda"), reason="needs the cuda backend (PyTorch, here on the CPU)")
 def test_multi_seed_paired_then_eval_reproduces_a_twins_last_val_loss(tmp_path):
     out = tmp_path / "p"
@@ -169,8 +170,10 @@ def test_report_is_delegated_or_a_clear_error():
 
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------
 
-@pytest.fixture
-def bad_inputs(tmp_path):
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """One folder for every bad-input case: each case asserts it writes nothing into it."""
+    tmp_path = tmp_path_factory.mktemp("bad_inputs")
     (tmp_path / "short.txt").write_bytes(b"too short")
     data.write_shard(tmp_path / "big_ids.bin", np.array([1, 2, 300] * 200), vocab_size=256)
     # a real run whose checkpoint is then damaged or mismatched
@@ -282,6 +285,7 @@ def test_torch_names_the_pytorch_backend_and_its_device_and_the_run_ends_with_it
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = json.loads((out / "run.json").read_text())
     assert run["env"]["backend"]["backend"] == "cuda"  # the registry name: checkpoints resume under either name
+    assert run["env"]["backend"]["kernels_used"] == "composed"  # what "auto" resolved to: composed off a GPU
 
 
 def test_paired_run_ends_with_both_arms_loss_plot(tmp_path):

@@ -248,6 +248,7 @@ def test_kernel_table_runs_under_given_kernel_options_and_records_them(tmp_path)
     assert bogus.returncode != 0 and "unknown kernel option(s) ['bogus']" in bogus.stderr
 
 
+@pytest.mark.slow
 def test_kernel_table_with_subln_normalizes_every_v1_path(tmp_path):
     """--subln gives every V1 implementation the output RMSNorm (target 1's composed path: two SDPA
     calls + combine + subln), the torch.compile'd composed path included; every row meets the normed

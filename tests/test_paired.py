@@ -62,6 +62,7 @@ def test_parse_seeds():
             paired.parse_seeds(bad)
 
 
+@pytest.mark.slow
 def test_seeds_drive_init_and_data_order_and_the_summary_is_over_seeds(tmp_path, pydoc):
     r = paired.run_paired(cfg(), tcfg(), pydoc, numpy_backend(), tmp_path, seeds=SEEDS, progress=False)
     assert [p["seed"] for p in r["per_seed"]] == SEEDS and [p["data_seed"] for p in r["per_seed"]] == SEEDS
@@ -96,6 +97,7 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_killed_multi_seed_run_resumes_to_the_uninterrupted_result(tmp_path, pydoc):
     straight = paired.run_paired(cfg(), tcfg(), pydoc, numpy_backend(), tmp_path / "a", seeds=SEEDS, progress=False)
     out = tmp_path / "b"

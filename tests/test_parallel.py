@@ -96,6 +96,7 @@ def mlx_one(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torch_two_processes_match_one(mode, torch_one, tmp_path):
     out = tmp_path / "run"
@@ -110,6 +111,7 @@ def test_torch_two_processes_match_one(mode, torch_one, tmp_path):
         assert_same_losses(losses(again), losses(torch_one), range(10, STEPS))
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two(torch_one, tmp_path):
     out = tmp_path / "run"
     launch(torchrun(2), *RUN, "--backend", "cuda", "--parallel", "ddp", "--out", out,
@@ -117,6 +119,7 @@ def test_one_process_checkpoint_resumes_on_two(torch_one, tmp_path):
     assert_same_losses(losses(out), losses(torch_one), range(10, STEPS))
 
 
+@pytest.mark.slow
 def test_mlx_two_processes_match_one_and_resume_on_one(mlx_one, tmp_path):
     out = tmp_path / "run"
     r = launch(mlx_launch(2), *RUN, "--backend", "mlx", "--out", out)
@@ -171,6 +174,7 @@ def test_a_launched_world_without_parallel_is_refused(monkeypatch):
 MUON_STEPS = 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
 def test_muon_over_two_processes_matches_one(backend, tmp_path):
     """Muon orthogonalises the gradient averaged over the ranks (DDP's all-reduce, MLX's all_sum
@@ -188,6 +192,7 @@ def test_muon_over_two_processes_matches_one(backend, tmp_path):
     assert_same_losses(losses(two), losses(one), range(MUON_STEPS))
 
 
+@pytest.mark.slow
 def test_fsdp_refuses_muon(tmp_path):
     pytest.importorskip("torch")
     r = subprocess.run([*torchrun(1), sys.executable, "-m", "diffattn.cli", *RUN, "--backend", "cuda",

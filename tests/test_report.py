@@ -7,7 +7,6 @@ numbers computed here, not copied from its output.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,108 @@
+"""MLX's CUDA build for one GPU architecture, small enough to travel with one device call.
+
+    python benchmarks/scripts/mlx_cuda_pack.py [--version 0.32.4] [--arch 90] [--out .device/mlx-cuda.tar.xz]
+
+The mlx-cuda-13 wheel is ~90 MB because libmlx.so carries its CUDA kernels for six
+architectures (sm_75 ... sm_121a), each fatbin entry compressed. An H100 / H200 loads only the
+sm_90a entries, so this script zeroes the payload of every other entry (headers kept, so the
+driver still parses the fatbin and picks the sm_90a one) and packs the mlx and mlx-cuda-13 wheels'
+files as one tar.xz: ~22 MB instead of two calls carrying halves of the wheel.
+
+On the GPU machine, from the repository root (the CUDA libraries come from torch's nvidia/ tree,
+where libmlx.so's rpath, $ORIGIN/../../nvidia/..., looks for them):
+
+    mkdir -p /tmp/mlx && tar -xJf .device/mlx-cuda.tar.xz -C /tmp/mlx \\
+      && ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" /tmp/mlx/nvidia \\
+      && export PYTHONPATH=/tmp/mlx:$PYTHONPATH CUDA_HOME=/usr/local/cuda
+"""
+import argparse
+import io
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+FATBIN_MAGIC = 0xBA55ED50  # a fatbin container's header; its entries follow it
+ELF_KIND = 2               # entry kinds: 1 PTX, 2 ELF (SASS)
+
+
+def section(lib: bytes, name: bytes) -> tuple[int, int]:
+    """(file offset, size) of an ELF64 section by name."""
+    shoff, = struct.unpack_from("<Q", lib, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", lib, 0x3A)
+    def header(i):
+        return struct.unpack_from("<IIQQQQ", lib, shoff + i * shentsize)  # name, type, flags, addr, offset, size
+    strtab = header(shstrndx)[4]
+    for i in range(shnum):
+        h = header(i)
+        end = lib.index(b"\0", strtab + h[0])
+        if lib[strtab + h[0]:end] == name:
+            return h[4], h[5]
+    raise SystemExit(f"no {name.decode()} section: not a CUDA library")
+
+
+def keep_one_arch(lib: bytearray, arch: int) -> tuple[int, int]:
+    """Zero every fatbin entry's payload but arch's SASS; (bytes kept, bytes zeroed)."""
+    start, size = section(bytes(lib[:]), b".nv_fatbin")
+    pos, end, kept, zeroed = start, start + size, 0, 0
+    while pos < end - 16:
+        magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", lib, pos)
+        if magic != FATBIN_MAGIC:  # containers are 8-byte aligned, padding between them
+            pos += 8
+            continue
+        entry, container_end = pos + header_size, pos + header_size + fat_size
+        while entry < container_end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", lib, entry)
+            entry_arch, = struct.unpack_from("<I", lib, entry + 28)
+            body = entry + entry_header
+            if kind == ELF_KIND and entry_arch == arch:
+                kept += payload
+            else:
+                lib[body:body + payload] = bytes(payload)
+                zeroed += payload
+            entry = body + payload
+        pos = container_end
+    if not kept:
+        raise SystemExit(f"libmlx.so holds no sm_{arch} code")
+    return kept, zeroed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", default="0.32.4")
+    ap.add_argument("--arch", type=int, default=90, help="the SASS to keep: 90 for H100 / H200")
+    ap.add_argument("--out", default=".device/mlx-cuda.tar.xz")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp",
+                        "--platform", "manylinux_2_35_x86_64", "--platform", "manylinux_2_28_x86_64",
+                        "-d", tmp, f"mlx=={args.version}", f"mlx-cuda-13=={args.version}"], check=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))  # mlx-..., then mlx_cuda_13-...
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out, "w:xz", preset=6) as tar:
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as z:
+                    for info in z.infolist():
+                        if info.is_dir():
+                            continue
+                        data = z.read(info)
+                        if info.filename == "mlx/lib/libmlx.so":
+                            lib = bytearray(data)
+                            kept, zeroed = keep_one_arch(lib, args.arch)
+                            data = bytes(lib)
+                            print(f"libmlx.so: kept {kept / 2**20:.1f} MiB of sm_{args.arch} code, "
+                                  f"zeroed {zeroed / 2**20:.1f} MiB of other architectures")
+                        member = tarfile.TarInfo(info.filename)
+                        member.size, member.mode = len(data), (info.external_attr >> 16) or 0o644
+                        tar.addfile(member, io.BytesIO(data))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); install on the GPU machine as this script's docstring says")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
