@@ -5,8 +5,9 @@
 #   .whl/                 asv, asv_runner and their dependencies as py3.12 wheels
 #   .device/asv/          repo.bundle (git bundle of main) and commit (the hash the tree is at),
 #                         for machines where the copy of the tree has no .git
-#   MLX (optional)        MLX's CUDA build: /root/mlxw/part_aa + the mlx wheel from a first call
-#                         carrying .device/mlx-a, and .device/mlx-b now (../shared/tools/mlx-cuda-wheels.sh)
+#   MLX (optional)        MLX's CUDA build: .device/mlx-cuda.tar.xz (benchmarks/scripts/mlx_cuda_pack.py), or
+#                         /root/mlxw/part_aa + the mlx wheel from a first call carrying .device/mlx-a, and
+#                         .device/mlx-b now (../shared/tools/mlx-cuda-wheels.sh)
 # The suite runs in parts (BENCHES, space-separated regexes), each a separate `asv run` that adds
 # to the same results file, so a part cut short by DEADLINE_S loses only itself. Results land in
 # benchmarks/asv_results/$MACHINE and are copied to $OUT after every part.
@@ -20,7 +21,11 @@ OUT=${OUT:-/tmp/asv_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-if [ -f /root/mlxw/part_aa ] && [ -d .device/mlx-b ]; then
+if [ -f .device/mlx-cuda.tar.xz ]; then
+    mkdir -p /tmp/mlx && tar -xJf .device/mlx-cuda.tar.xz -C /tmp/mlx \
+        && ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" /tmp/mlx/nvidia
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+elif [ -f /root/mlxw/part_aa ] && [ -d .device/mlx-b ]; then
     cat /root/mlxw/part_aa .device/mlx-b/part_ab > /root/mlxw/"$(cat .device/mlx-b/name)" && rm /root/mlxw/part_aa \
         && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mlx /root/mlxw/*.whl
 fi

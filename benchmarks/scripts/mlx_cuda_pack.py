@@ -3,10 +3,11 @@
     python benchmarks/scripts/mlx_cuda_pack.py [--version 0.32.4] [--arch 90] [--out .device/mlx-cuda.tar.xz]
 
 The mlx-cuda-13 wheel is ~90 MB because libmlx.so carries its CUDA kernels for six
-architectures (sm_75 ... sm_121a), each fatbin entry compressed. An H100 / H200 loads only the
-sm_90a entries, so this script zeroes the payload of every other entry (headers kept, so the
-driver still parses the fatbin and picks the sm_90a one) and packs the mlx and mlx-cuda-13 wheels'
-files as one tar.xz: ~22 MB instead of two calls carrying halves of the wheel.
+architectures (sm_75 ... sm_121a) and PTX, each fatbin entry compressed. An H100 / H200 loads
+only the sm_90a entries, so this script fills every other entry with a copy of the smallest
+sm_90a entry (headers and architecture tags kept, so the fatbin stays well formed and the driver
+still picks the sm_90a code, byte-identical to the wheel's) and packs the mlx and mlx-cuda-13
+wheels' files as one tar.xz: ~21 MB instead of two calls carrying halves of the wheel.
 
 On the GPU machine, from the repository root (the CUDA libraries come from torch's nvidia/ tree,
 where libmlx.so's rpath, $ORIGIN/../../nvidia/..., looks for them):
@@ -44,10 +45,12 @@ def section(lib: bytes, name: bytes) -> tuple[int, int]:
     raise SystemExit(f"no {name.decode()} section: not a CUDA library")
 
 
-def keep_one_arch(lib: bytearray, arch: int) -> tuple[int, int]:
-    """Zero every fatbin entry's payload but arch's SASS; (bytes kept, bytes zeroed)."""
-    start, size = section(bytes(lib[:]), b".nv_fatbin")
-    pos, end, kept, zeroed = start, start + size, 0, 0
+def entries(lib: bytearray):
+    """(header offset, kind, arch, payload offset, payload bytes) of every entry of every fatbin
+    container in the .nv_fatbin section. An entry's header holds, at byte 16, its compressed size
+    and, at byte 56, its uncompressed size; its payload is padded to the size at byte 8."""
+    start, size = section(bytes(lib), b".nv_fatbin")
+    pos, end = start, start + size
     while pos < end - 16:
         magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", lib, pos)
         if magic != FATBIN_MAGIC:  # containers are 8-byte aligned, padding between them
@@ -56,18 +59,35 @@ def keep_one_arch(lib: bytearray, arch: int) -> tuple[int, int]:
         entry, container_end = pos + header_size, pos + header_size + fat_size
         while entry < container_end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", lib, entry)
-            entry_arch, = struct.unpack_from("<I", lib, entry + 28)
-            body = entry + entry_header
-            if kind == ELF_KIND and entry_arch == arch:
-                kept += payload
-            else:
-                lib[body:body + payload] = bytes(payload)
-                zeroed += payload
-            entry = body + payload
+            arch, = struct.unpack_from("<I", lib, entry + 28)
+            yield entry, kind, arch, entry + entry_header, payload
+            entry += entry_header + payload
         pos = container_end
+
+
+def keep_one_arch(lib: bytearray, arch: int) -> tuple[int, int]:
+    """Replace every entry's payload but arch's SASS (and those smaller still) with the smallest kept entry's (compressed
+    payload and sizes copied, the rest zeros): the container stays well formed, every entry still
+    decompresses (cuobjdump reads them all), and what no sm_<arch> GPU loads compresses to nothing.
+    Returns (bytes kept, bytes replaced)."""
+    found = list(entries(lib))
+    kept = [e for e in found if e[1] == ELF_KIND and e[2] == arch]
     if not kept:
         raise SystemExit(f"libmlx.so holds no sm_{arch} code")
-    return kept, zeroed
+    donor = min(kept, key=lambda e: struct.unpack_from("<Q", lib, e[0] + 16)[0])
+    compressed, = struct.unpack_from("<Q", lib, donor[0] + 16)
+    blob, sizes = bytes(lib[donor[3]:donor[3] + compressed]), (bytes(lib[donor[0] + 16:donor[0] + 24]),
+                                                               bytes(lib[donor[0] + 56:donor[0] + 64]))
+    replaced = 0
+    for head, kind, entry_arch, body, payload in found:
+        if (kind, entry_arch) == (ELF_KIND, arch):
+            continue
+        if payload < compressed:  # smaller than the donor: a few hundred bytes, kept as they are
+            continue
+        lib[body:body + payload] = blob + bytes(payload - compressed)
+        lib[head + 16:head + 24], lib[head + 56:head + 64] = sizes
+        replaced += payload
+    return sum(e[4] for e in kept), replaced
 
 
 def main() -> int:
@@ -96,7 +116,7 @@ def main() -> int:
                             kept, zeroed = keep_one_arch(lib, args.arch)
                             data = bytes(lib)
                             print(f"libmlx.so: kept {kept / 2**20:.1f} MiB of sm_{args.arch} code, "
-                                  f"zeroed {zeroed / 2**20:.1f} MiB of other architectures")
+                                  f"replaced {zeroed / 2**20:.1f} MiB of other architectures'")
                         member = tarfile.TarInfo(info.filename)
                         member.size, member.mode = len(data), (info.external_attr >> 16) or 0o644
                         tar.addfile(member, io.BytesIO(data))
