@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 machine=${MACHINE:?set MACHINE to this machine\'s results folder name, e.g. cpu-2core}
 commits=${1:?usage: MACHINE=name bash benchmarks/asv_history.sh COMMITS_FILE}
 deadline=$(( $(date +%s) + ${DEADLINE_S:-2400} ))
-asv machine --machine "$machine" --yes > /dev/null
+python3 benchmarks/scripts/asv_machine.py "$machine" > /dev/null  # with its details, not blank ones
 tmp=$(mktemp -d)
 cleanup() { for w in "$tmp"/*; do [ -d "$w" ] && git worktree remove --force "$w"; done; rm -rf "$tmp"; }
 trap cleanup EXIT

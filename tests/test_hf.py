@@ -19,6 +19,7 @@ from diffattn import backend, diagnostics, hf, spec  # noqa: E402
 from diffattn.cli import main  # noqa: E402
 from diffattn.config import ConfigError, preset  # noqa: E402
 from diffattn.hf import convert  # noqa: E402
+from diffattn.numerics import rel_error  # noqa: E402
 from diffattn.params import init_params  # noqa: E402
 
 TOL = 1e-5
@@ -52,8 +53,7 @@ def hf_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.double().numpy()
 
 
-def rel(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+rel = rel_error  # ||a - b|| / ||b||
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 24))

@@ -37,7 +37,7 @@ fi
 export ASV_PYTHONPATH=$PWD:$PYTHONPATH  # asv drops PYTHONPATH in benchmark processes
 python3 -c 'import torch, sys; print("torch", torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")' || exit 1
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())' || echo "mlx: not installed (its benchmarks skip)"
-python3 -m asv machine --machine "$MACHINE" --yes >/dev/null
+python3 benchmarks/scripts/asv_machine.py "$MACHINE" >/dev/null  # with its details, not blank ones
 for bench in $BENCHES; do
     if [ "$SECONDS" -gt "$DEADLINE_S" ]; then echo "deadline: part '$bench' not run" | tee -a "$OUT/asv_run.log"; continue; fi
     echo "== part '$bench' at ${SECONDS}s" | tee -a "$OUT/asv_run.log"
