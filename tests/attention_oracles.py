@@ -46,6 +46,24 @@ def diff_v1_oracle(q, k, v, lam, do):
                 lam=np.array(-np.sum(do * o2)))
 
 
+def diff_v1_forward_oracle(q, k, v, lam):
+    """(out (B, L, H, 2d), lse (B, L, H, 2)): DIFF V1's output and each map's natural-log
+    log-sum-exp of its causal scaled scores, what the fused kernels save for their backward."""
+    q, k, v = map(_hf, (q, k, v))
+    group = q.shape[1] // 2 // v.shape[1]
+    scale, L = 1 / math.sqrt(q.shape[-1]), q.shape[2]
+    vr = spec.repeat_kv(v, group)
+    outs, lses = [], []
+    for m in (0, 1):
+        qm, km = q[:, m::2], spec.repeat_kv(k[:, m::2], group)
+        o, _ = spec.causal_attention(qm, km, vr, scale)
+        s = np.where(np.triu(np.ones((L, L), bool), 1), -np.inf, qm @ km.transpose(0, 1, 3, 2) * scale)
+        top = s.max(-1, keepdims=True)
+        outs.append(o)
+        lses.append((np.log(np.exp(s - top).sum(-1, keepdims=True)) + top)[..., 0])
+    return _lf(outs[0] - lam * outs[1]), np.stack(lses, -1).transpose(0, 2, 1, 3)
+
+
 def diff_v2_oracle(q, k, v, lam, do):
     """out_i = a_{2i} - lam_i a_{2i+1}, query head j on kv head j // (2H / G)."""
     q, k, v, do = map(_hf, (q, k, v, do))

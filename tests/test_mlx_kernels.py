@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from attention_oracles import diff_v1_oracle
+from attention_oracles import diff_v1_forward_oracle, diff_v1_oracle
 from diffattn.numerics import rel_error
 
 mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install 'diffattn[mlx]')")
@@ -26,20 +26,7 @@ SHAPES = [  # B, L, H, G, d: L = 1, below, above and not a multiple of every blo
     (1, 1, 2, 1, 16), (2, 37, 4, 2, 64), (1, 100, 2, 1, 128), (1, 129, 4, 4, 32), (2, 19, 2, 2, 16)]
 
 
-def oracle(q, k, v, lam):
-    """float64 numpy: out (B,L,H,2d) and lse (B,L,H,2) of DIFF V1, from (B,L,heads,dim) inputs."""
-    q, k, v = (np.asarray(t, np.float64).transpose(0, 2, 1, 3) for t in (q, k, v))
-    B, H2, L, d = q.shape
-    rep = (H2 // 2) // (k.shape[1] // 2)
-    mask = np.tril(np.ones((L, L), bool))
-    outs, lses = [], []
-    for m in (0, 1):
-        s = q[:, m::2] @ np.repeat(k[:, m::2], rep, axis=1).transpose(0, 1, 3, 2) / np.sqrt(d)
-        s = np.where(mask, s, -np.inf)
-        lse = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
-        outs.append(np.exp(s - lse[..., None]) @ np.repeat(v, rep, axis=1))
-        lses.append(lse)
-    return (outs[0] - lam * outs[1]).transpose(0, 2, 1, 3), np.stack(lses, -1).transpose(0, 2, 1, 3)
+oracle = diff_v1_forward_oracle  # float64: (out, lse)
 
 
 def inputs(B, L, H, G, d, dtype=mx.float32, seed=0):
