@@ -249,6 +249,16 @@ const float qk_scale = 1.4426950408889634f / SQRT(float(D));   // log2(e) / sqrt
     acc_mma<false, true>(a, dOs + warp * RW * DV, DV, KVs + n * TN * DV, DV, DV); \\
     acc_store(a, Ts + warp * RW * BK + n * TN, BK); \\
   }
+// One accumulator tile (16 rows from r0, TN columns) out to global memory through this warp's Os
+// staging tile: DST is the destination element of (row, c), written as T(value * scale).
+#define STORE_TILE(acc, r0, DST, scale) \\
+  acc_store(acc, Os + warp * RW * TN, TN); \\
+  WARP_SYNC(); \\
+  for (int e = lane; e < RW * TN; e += 32) { \\
+    const int row = (r0) + e / TN, c = e % TN; \\
+    if (row < L) DST = T(Os[warp * RW * TN + e] * (scale)); \\
+  } \\
+  WARP_SYNC();
 """
 # Where the query-side bodies (fwd, dq) stand: one program a block of BQ query rows of one head.
 QUERY_BLOCK = """
@@ -269,6 +279,7 @@ UNDEF = """
 #undef LOAD_DO
 #undef SCORES
 #undef DOV
+#undef STORE_TILE
 """
 
 FWD_BODY = COMMON + """
@@ -341,13 +352,7 @@ for (int k0 = 0; k0 < n_keys; k0 += BK) {   // pass 2: out += (P1 - lam P2) V
   }
 }
 for (int t = 0; t < DV / TN; ++t) {
-  acc_store(O[t], Os + warp * RW * TN, TN);
-  WARP_SYNC();
-  for (int e = lane; e < RW * TN; e += 32) {
-    const int row = w0 + e / TN;
-    if (row < L) out[((idx_t(b) * L + row) * H + h) * DV + t * TN + e % TN] = T(Os[warp * RW * TN + e]);
-  }
-  WARP_SYNC();
+  STORE_TILE(O[t], w0, out[((idx_t(b) * L + row) * H + h) * DV + t * TN + c], 1.0f)
 }
 """ + UNDEF
 
@@ -436,13 +441,7 @@ for (int k0 = 0; k0 < n_keys; k0 += BK) {   // pass 2: dQ_m += dS_m K_m
 const float inv_sqrt_d = 1.0f / SQRT(float(D));
 for (int t = 0; t < 2 * D / TN; ++t) {
   const int m = t / (D / TN), c0 = (t % (D / TN)) * TN;
-  acc_store(dQ[t], Os + warp * RW * TN, TN);
-  WARP_SYNC();
-  for (int e = lane; e < RW * TN; e += 32) {
-    const int row = w0 + e / TN;
-    if (row < L) dq[((idx_t(b) * L + row) * 2 * H + 2 * h + m) * D + c0 + e % TN] = T(Os[warp * RW * TN + e] * inv_sqrt_d);
-  }
-  WARP_SYNC();
+  STORE_TILE(dQ[t], w0, dq[((idx_t(b) * L + row) * 2 * H + 2 * h + m) * D + c0 + c], inv_sqrt_d)
 }
 """ + UNDEF
 
@@ -528,22 +527,12 @@ for (int hh = 0; hh < H / G; ++hh) {    // GQA: every query head that reads this
   }
 }
 // Qt held q * log2(e) / sqrt(D): dK = dS^T q / sqrt(D) = (dS^T Qt) * ln 2
-for (int t = 0; t < DV / TN + 2 * D / TN; ++t) {
-  const bool is_v = t < DV / TN;
-  acc_store(is_v ? dV[t] : dK[t - DV / TN], Os + warp * RW * TN, TN);
-  WARP_SYNC();
-  for (int e = lane; e < RW * TN; e += 32) {
-    const int key = kw0 + e / TN, c = e % TN;
-    if (key >= L) continue;
-    const float val = Os[warp * RW * TN + e];
-    if (is_v) {
-      dv[((idx_t(b) * L + key) * G + g) * DV + t * TN + c] = T(val);
-    } else {
-      const int tk = t - DV / TN, m = tk / (D / TN), c0 = (tk % (D / TN)) * TN;
-      dk[((idx_t(b) * L + key) * 2 * G + 2 * g + m) * D + c0 + c] = T(val * 0.6931471805599453f);
-    }
-  }
-  WARP_SYNC();
+for (int t = 0; t < DV / TN; ++t) {   // rows of these tiles are keys
+  STORE_TILE(dV[t], kw0, dv[((idx_t(b) * L + row) * G + g) * DV + t * TN + c], 1.0f)
+}
+for (int t = 0; t < 2 * D / TN; ++t) {
+  const int m = t / (D / TN), c0 = (t % (D / TN)) * TN;
+  STORE_TILE(dK[t], kw0, dk[((idx_t(b) * L + row) * 2 * G + 2 * g + m) * D + c0 + c], 0.6931471805599453f)
 }
 """ + UNDEF
 
