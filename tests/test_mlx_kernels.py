@@ -219,3 +219,25 @@ def test_fused_gradients_match_float64(dialect, shape, dtype, tol):
     ref = diff_v1_oracle(f32[0], f32[1], f32[2], 0.37, f32[3])
     for g, name in zip(grads, ("q", "k", "v", "lam")):
         assert rel(g.astype(mx.float32), ref[name]) <= tol, name
+
+
+def test_the_gpu_table_writes_every_row_kind():
+    """mlx_kernels_table.py's markdown (run only on a GPU): a measured row with its ratios and
+    errors, a shape whose fused kernel failed, and training rows, so a GPU call never dies formatting."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "scripts" / "mlx_kernels_table.py"
+    spec = importlib.util.spec_from_file_location("mlx_kernels_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    flops = 4 * 16 * 6 * 2048 ** 2 * 64
+    att = [dict(d=64, L=2048, B=8, H=16, out_err=3e-3, grad_err=5e-3, flops=flops, fused=(2e-3, 8e-3), composed=(3e-3, 9e-3)),
+           dict(d=128, L=4096, B=4, H=8, error="head_dim=128 does not fit")]
+    train = [dict(preset="small", batch=16, seq=256, attention="diff", dtype="bfloat16", kernels="fused", tps=1e5, ms=41.0)]
+    meta = dict(device="GPU", mlx="0", dialect="cuda", commit="abc", command="cmd", steps=20)
+    text = table.markdown(att, train, meta)
+    rows = [line for line in text.splitlines() if line.startswith("| 64 |") or line.startswith("| 128 |")]
+    assert len(rows) == 2 and rows[0].count("|") == rows[1].count("|") == 15
+    assert "| 1.50x |" in rows[0] and f"| {flops / 2e-3 / 1e12:.1f} |" in rows[0] and "fused fails: head_dim=128" in rows[1]
+    assert "| small | 16 x 256 | diff | bfloat16 | fused | 100000 | 41.00 |" in text
