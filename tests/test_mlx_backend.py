@@ -190,6 +190,25 @@ def test_auto_is_composed_on_cpu_and_fused_is_refused():
         load("mlx", device="cpu", kernels="fused")
 
 
+@pytest.mark.parametrize("dialect,head_dim,dtype,match", [
+    ("cuda", 8, "float32", "multiple of 16"),       # the wmma tile is 16 wide
+    ("cuda", 128, "float32", "does not fit"),       # the backward's float32 tiles exceed 48 KB
+    ("metal", 128, "bfloat16", "does not fit"),     # Metal stages operands as float in 32 KB
+    ("cuda", 64, "bfloat16", None)])
+def test_fused_refuses_a_model_its_tiles_cannot_take_before_building(monkeypatch, dialect, head_dim, dtype, match):
+    import backends.mlx.ops as ops
+    from backends.mlx.backend import MLXBackend
+
+    monkeypatch.setattr(ops, "gpu_dialect", lambda: dialect)  # as on that GPU: only the tile rule is consulted
+    cfg = preset("tiny", d_model=4 * 2 * head_dim, n_heads=4)
+    if match is None:
+        assert MLXBackend(dtype, "fused").kernels_for(cfg) == "fused"
+        return
+    with pytest.raises(BackendError, match=match) as e:
+        MLXBackend(dtype, "fused").kernels_for(cfg)
+    assert "--kernels composed" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kw,match", [(dict(dtype="float64"), "computes in"), (dict(device="tpu"), "unknown device")])
 def test_bad_arguments_are_one_line_errors(kw, match):
     with pytest.raises(BackendError, match=match) as e:

@@ -137,10 +137,22 @@ class MLXBackend:
         self.is_writer = self.rank == 0  # the one process that writes run folders
 
     def kernels_for(self, cfg) -> str:
-        """The kernels a model of cfg runs: `kernels` as asked, "auto" resolved by ops/choice.py."""
+        """The kernels a model of cfg runs: `kernels` as asked, "auto" resolved by ops/choice.py.
+        kernels="fused" for a DIFF V1 model whose head_dim / dtype the kernels' tiles cannot take
+        is refused here, before any weight is built, with the reason."""
+        from backends.mlx.ops import gpu_dialect
+
+        if self.kernels == "fused" and cfg.attention == "diff" and gpu_dialect() is not None:
+            from backends.mlx.ops.diff_v1 import kernel
+
+            try:
+                for name in kernel.BODIES:
+                    kernel.tile_config(name, cfg.head_dim, gpu_dialect(), MX_DTYPES[self.dtype].size)
+            except ValueError as e:
+                raise BackendError(f"backend 'mlx': kernels='fused' cannot run this model in {self.dtype}: {e}; "
+                                   "use --kernels composed") from None
         if self.kernels != "auto":
             return self.kernels
-        from backends.mlx.ops import gpu_dialect
         from backends.mlx.ops.choice import auto_kernels
 
         return auto_kernels(cfg, self.device == "gpu" and gpu_dialect() is not None, self.dtype, gpu_dialect())
