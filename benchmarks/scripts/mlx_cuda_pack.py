@@ -30,7 +30,7 @@ FATBIN_MAGIC = 0xBA55ED50  # a fatbin container's header; its entries follow it
 ELF_KIND = 2               # entry kinds: 1 PTX, 2 ELF (SASS)
 
 
-def section(lib: bytes, name: bytes) -> tuple[int, int]:
+def section(lib: bytearray, name: bytes) -> tuple[int, int]:
     """(file offset, size) of an ELF64 section by name."""
     shoff, = struct.unpack_from("<Q", lib, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", lib, 0x3A)
@@ -49,7 +49,7 @@ def entries(lib: bytearray):
     """(header offset, kind, arch, payload offset, payload bytes) of every entry of every fatbin
     container in the .nv_fatbin section. An entry's header holds, at byte 16, its compressed size
     and, at byte 56, its uncompressed size; its payload is padded to the size at byte 8."""
-    start, size = section(bytes(lib), b".nv_fatbin")
+    start, size = section(lib, b".nv_fatbin")
     pos, end = start, start + size
     while pos < end - 16:
         magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", lib, pos)
@@ -66,10 +66,10 @@ def entries(lib: bytearray):
 
 
 def keep_one_arch(lib: bytearray, arch: int) -> tuple[int, int]:
-    """Replace every entry's payload but arch's SASS (and those smaller still) with the smallest kept entry's (compressed
-    payload and sizes copied, the rest zeros): the container stays well formed, every entry still
-    decompresses (cuobjdump reads them all), and what no sm_<arch> GPU loads compresses to nothing.
-    Returns (bytes kept, bytes replaced)."""
+    """Replace the payload of every entry but arch's SASS with the smallest arch entry's (its compressed
+    payload and sizes copied, the rest zeros; entries smaller than it stay as they are): the container
+    stays well formed, every entry still decompresses (cuobjdump reads them all), and what no
+    sm_<arch> GPU loads compresses to nothing. Returns (bytes kept, bytes replaced)."""
     found = list(entries(lib))
     kept = [e for e in found if e[1] == ELF_KIND and e[2] == arch]
     if not kept:
@@ -113,10 +113,10 @@ def main() -> int:
                         data = z.read(info)
                         if info.filename == "mlx/lib/libmlx.so":
                             lib = bytearray(data)
-                            kept, zeroed = keep_one_arch(lib, args.arch)
+                            kept, replaced = keep_one_arch(lib, args.arch)
                             data = bytes(lib)
                             print(f"libmlx.so: kept {kept / 2**20:.1f} MiB of sm_{args.arch} code, "
-                                  f"replaced {zeroed / 2**20:.1f} MiB of other architectures'")
+                                  f"replaced {replaced / 2**20:.1f} MiB of other architectures'")
                         member = tarfile.TarInfo(info.filename)
                         member.size, member.mode = len(data), (info.external_attr >> 16) or 0o644
                         tar.addfile(member, io.BytesIO(data))

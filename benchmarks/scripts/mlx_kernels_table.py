@@ -14,14 +14,16 @@ Writes mlx_kernels_table.md and .json (the ratios backends/mlx/ops/choice.py's M
 import argparse
 import json
 import os
-import sys
 import platform
 import subprocess
+import sys
 import time
 
 import numpy as np
 
 from diffattn.numerics import rel_error
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))  # the oracles
 
 
 def timeit(fn, repeats, warmup=2):
@@ -41,7 +43,6 @@ def oracle_errors(q, k, v, lam, do):
     """(out, grad) relative errors of the fused bf16 op against float64 on one row, two DIFF heads."""
     import mlx.core as mx
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
     from attention_oracles import diff_v1_oracle
     from backends.mlx.ops import diff_v1_fused
 
